@@ -1,0 +1,178 @@
+"""Token-by-token generation with a KV cache: greedy or sampled, streamed, cancellable.
+
+The loop is written out (rather than ``model.generate``) so that each token can be
+streamed as text, a cancel from another thread stops it before the next forward pass,
+and the stop reason is always known. Generation stops at EOS id 2, the token that ended
+every training answer; the released ``config.json`` says eos=1, and following it makes
+every answer run to the token limit.
+"""
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from transformers import DynamicCache
+
+from .errors import PromptError
+from .tokenizer import EOS_ID, RadFMTokenizer, StreamDecoder
+
+
+@dataclass
+class GenerationSettings:
+    """How to pick tokens. ``temperature == 0`` is greedy (the default, as RadFM was evaluated)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise PromptError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.temperature < 0:
+            raise PromptError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PromptError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise PromptError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise PromptError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # new tokens, including EOS when the model produced it
+    text: str
+    stop_reason: str  # "eos", "length" or "cancelled"
+    prompt_tokens: int
+    time_to_first_token_s: float | None
+    total_s: float
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        decode_s = self.total_s - (self.time_to_first_token_s or 0.0)
+        return (len(self.token_ids) - 1) / decode_s if len(self.token_ids) > 1 and decode_s > 0 else 0.0
+
+
+def pick_token(
+    logits: torch.Tensor, settings: GenerationSettings, history: torch.Tensor, generator: torch.Generator | None
+) -> int:
+    """Next token from ``logits [V]`` (float32); ``history`` holds the ids seen so far."""
+    if settings.repetition_penalty != 1.0 and history.numel():
+        seen = logits[history]
+        logits = logits.clone()
+        logits[history] = torch.where(seen < 0, seen * settings.repetition_penalty, seen / settings.repetition_penalty)
+    if settings.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / settings.temperature
+    if settings.top_k:
+        kth = torch.topk(logits, min(settings.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if settings.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= settings.top_p  # keep the token crossing top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class Generation:
+    """One answer being generated. Iterate for text deltas; ``result`` once finished.
+
+    ``cancel()`` may be called from any thread: no further forward pass starts after it.
+    """
+
+    def __init__(
+        self,
+        lang_model,
+        tokenizer: RadFMTokenizer,
+        prompt_ids: torch.Tensor,
+        embeds: torch.Tensor,
+        settings: GenerationSettings,
+        max_positions: int,
+    ):
+        self._lm = lang_model
+        self._tokenizer = tokenizer
+        self._prompt_ids = prompt_ids
+        self._embeds = embeds
+        self.settings = settings
+        self._budget = min(settings.max_new_tokens, max_positions - prompt_ids.shape[1])
+        if self._budget < 1:
+            raise PromptError(
+                f"the prompt has {prompt_ids.shape[1]} tokens; the model's context holds {max_positions}"
+            )
+        self._cancel = threading.Event()
+        self.result: GenerationResult | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def token_ids(self) -> Iterator[int]:
+        """The raw loop: yields each new token id; sets ``self.result`` at the end."""
+        device = self._embeds.device
+        generator = None
+        if self.settings.seed is not None and self.settings.temperature > 0:
+            generator = torch.Generator(device=device).manual_seed(self.settings.seed)
+        history = self._prompt_ids[0][self._prompt_ids[0] < self._tokenizer.vocab_size].to(device)
+        ids: list[int] = []
+        start = time.perf_counter()
+        first_token_s = None
+        stop = "cancelled"
+        cache = DynamicCache()
+        with torch.inference_mode():
+            if not self._cancel.is_set():
+                out = self._lm(inputs_embeds=self._embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            while not self._cancel.is_set():
+                token = pick_token(out.logits[0, -1].float(), self.settings, history, generator)
+                first_token_s = first_token_s or time.perf_counter() - start
+                ids.append(token)
+                yield token
+                if token == EOS_ID:
+                    stop = "eos"
+                    break
+                if len(ids) >= self._budget:
+                    stop = "length"
+                    break
+                if self._cancel.is_set():
+                    break
+                history = torch.cat([history, torch.tensor([token], device=device)])
+                out = self._lm(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
+        self.result = GenerationResult(
+            token_ids=ids,
+            text=self._tokenizer.decode([i for i in ids if i != EOS_ID]),
+            stop_reason=stop,
+            prompt_tokens=int(self._prompt_ids.shape[1]),
+            time_to_first_token_s=first_token_s,
+            total_s=time.perf_counter() - start,
+        )
+
+    def __iter__(self) -> Iterator[str]:
+        """Text deltas that concatenate to ``result.text``."""
+        decoder = StreamDecoder(self._tokenizer)
+        for token in self.token_ids():
+            delta = decoder.push(token) if token != EOS_ID else ""
+            if delta:
+                yield delta
+        tail = decoder.finish()
+        if tail:
+            yield tail
+
+    def run(self, on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """Generate to the end, passing each delta to ``on_text``."""
+        for delta in self:
+            if on_text:
+                on_text(delta)
+        return self.result
