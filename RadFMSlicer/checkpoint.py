@@ -240,12 +240,16 @@ def _open_torch_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def llama_config(files: CheckpointFiles, dims: RadFMDims) -> LlamaConfig:
-    """The LLaMA config from ``Language_files/config.json``, checked against the weights.
+    return build_llama_config(read_json(files.config, "LLaMA config"), dims, files.config)
+
+
+def build_llama_config(raw: dict, dims: RadFMDims, source: "Path | str") -> LlamaConfig:
+    """A LlamaConfig from the ``config.json`` contents ``raw``, checked against the weights.
 
     The released config says bos=0, eos=1; RadFM was trained with BOS 1 and answers end
     with EOS 2, so those are set here (generation stops at 2).
     """
-    raw = read_json(files.config, "LLaMA config")
+    raw = dict(raw)
     expected = {
         "hidden_size": dims.llm_dim,
         "vocab_size": dims.vocab_size,
@@ -255,12 +259,12 @@ def llama_config(files: CheckpointFiles, dims: RadFMDims) -> LlamaConfig:
     for field, value in expected.items():
         if raw.get(field) != value:
             raise CheckpointError(
-                f"{files.config} says {field}={raw.get(field)} but the weights have {value}: "
+                f"{source} says {field}={raw.get(field)} but the weights have {value}: "
                 f"config.json and the weight file come from different models"
             )
     heads = raw.get("num_attention_heads")
     if not isinstance(heads, int) or heads <= 0 or dims.llm_dim % heads:
-        raise CheckpointError(f"{files.config}: num_attention_heads must divide hidden_size {dims.llm_dim}")
+        raise CheckpointError(f"{source}: num_attention_heads must divide hidden_size {dims.llm_dim}")
     raw.update(bos_token_id=1, eos_token_id=2, pad_token_id=None, torch_dtype=None)
     raw.pop("dtype", None)
     config = LlamaConfig(**raw)

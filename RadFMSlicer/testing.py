@@ -1,0 +1,101 @@
+"""Tiny random-weight RadFM checkpoints in the official layout, for tests, demos and self-tests.
+
+They exercise every code path of the real model (same key names, same patch and token
+layout) at a width a laptop CPU runs in a second. Their answers are noise: a pipeline
+check, never a medical answer.
+"""
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import LANGUAGE_FILES, OFFICIAL_WEIGHTS, build_llama_config
+from .model import RadFMDims, RadFMModel
+
+TINY_DIMS = dict(
+    llm_dim=64, llm_layers=2, llm_intermediate=128,
+    vision_dim=48, vision_layers=2, vision_inner=64, vision_mlp=96,
+    h_patches=16, w_patches=16, d_patches=128,
+    perceiver_layers=2, perceiver_inner=64, perceiver_ff=96, num_latents=32,
+)
+
+# Text the demo tokenizer is trained on when no real RadFM tokenizer is at hand.
+_DEMO_CORPUS = """\
+Please write a radiology report for this scan. Findings: the lungs are clear. No pleural effusion.
+Impression: no acute abnormality. What modality is used to take this image? CT, MRI, X-ray, ultrasound.
+Is there cardiomegaly? Yes. No. What disease can be diagnosed from these radiological images and what
+specific features are typically observed on the images? Pneumonia with consolidation in the right lower lobe.
+The heart size is normal. Mediastinal contours are unremarkable. There is a nodule in the left upper lobe.
+Patient history: 58-year-old male with cough and fever. Compare the current study with the prior study.
+The marked region measures 23 x 18 x 15 mm, volume 3.2 mL, in the right side of the scan.
+"""
+
+
+def train_demo_tokenizer(out_file: Path, vocab_size: int = 400) -> Path:
+    """A small sentencepiece model with LLaMA's special ids (unk 0, bos 1, eos 2) and byte fallback."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_DEMO_CORPUS.splitlines() * 20),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    out_file.write_bytes(model.getvalue())
+    return out_file
+
+
+def _llama_config(dims: RadFMDims) -> dict:
+    """A config.json as released: note the quirky bos=0 / eos=1 / pad=-1."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": dims.vocab_size, "hidden_size": dims.llm_dim,
+        "intermediate_size": dims.llm_intermediate, "num_hidden_layers": dims.llm_layers,
+        "num_attention_heads": 4, "hidden_act": "silu", "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6, "initializer_range": 0.02, "tie_word_embeddings": False,
+        "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": -1, "use_cache": True,
+    }
+
+
+def make_tiny_checkpoint(folder: "str | Path", tokenizer_model: "str | Path | None" = None, seed: int = 0,
+                         **overrides) -> Path:
+    """Write a random RadFM checkpoint (``pytorch_model.bin`` + ``Language_files/``) to ``folder``.
+
+    ``tokenizer_model``: a real RadFM ``tokenizer.model`` to copy; without one, a small
+    demo tokenizer is trained so the checkpoint is self-contained.
+    """
+    import sentencepiece as spm
+
+    folder = Path(folder)
+    lang = folder / LANGUAGE_FILES
+    lang.mkdir(parents=True, exist_ok=True)
+    if tokenizer_model is not None:
+        shutil.copyfile(tokenizer_model, lang / "tokenizer.model")
+    else:
+        train_demo_tokenizer(lang / "tokenizer.model")
+    vocab = spm.SentencePieceProcessor(model_file=str(lang / "tokenizer.model")).GetPieceSize()
+    dims = RadFMDims(vocab_size=vocab, **{**TINY_DIMS, **overrides})
+    (lang / "config.json").write_text(json.dumps(_llama_config(dims), indent=2))
+    (lang / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "", "eos_token": "", "unk_token": "", "tokenizer_class": "LlamaTokenizer"})
+    )
+
+    torch.manual_seed(seed)
+    model = RadFMModel(dims, build_llama_config(_llama_config(dims), dims, "tiny checkpoint"))
+    for name, param in model.named_parameters():
+        if name.endswith(("latents", "figure_token_weight")) or param.ndim == 2 and "embed" in name:
+            nn.init.normal_(param, std=0.5 if "embed" not in name else 1.0)
+    state = model.state_dict()
+    state["embedding_layer.weight"] = state["lang_model.model.embed_tokens.weight"]  # shared, as released
+    torch.save(state, folder / OFFICIAL_WEIGHTS)
+    return folder
+

@@ -1,0 +1,54 @@
+"""Shared test fixtures: the parity fixture made with the official RadFM code, loaded engines.
+
+The fixture lives at ``../shared/fixtures/radfm-tiny`` beside the project (CI has it there
+too). If it is missing the tests fail loudly: skipping would hide a parity regression.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+PROJECT = Path(__file__).resolve().parents[1]
+FIXTURE = Path(os.environ.get("RADFM_FIXTURE", PROJECT.parent / "shared" / "fixtures" / "radfm-tiny"))
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    if not (FIXTURE / "pytorch_model.bin").is_file() or not (FIXTURE / "cases.pt").is_file():
+        pytest.fail(
+            f"parity fixture not found at {FIXTURE}: the RadFM tests need ../shared/fixtures/radfm-tiny "
+            f"beside the project (or RADFM_FIXTURE=<folder>)",
+            pytrace=False,
+        )
+    return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def fixture_cases(fixture_dir) -> dict:
+    return torch.load(fixture_dir / "cases.pt", weights_only=False)
+
+
+@pytest.fixture(scope="session")
+def engine(fixture_dir):
+    from RadFMSlicer.engine import RadFMEngine
+
+    return RadFMEngine.load(fixture_dir, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, fixture_dir) -> Path:
+    """A small random checkpoint with the real tokenizer: fast enough for 512x512 volumes."""
+    from RadFMSlicer.testing import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), tokenizer_model=fixture_dir / "Language_files" / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint):
+    from RadFMSlicer.engine import RadFMEngine
+
+    return RadFMEngine.load(tiny_checkpoint)

@@ -1,0 +1,171 @@
+"""Streaming, cancellation, stop reasons, sampling and the image encoding cache."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from RadFMSlicer.errors import ImageError, PromptError
+from RadFMSlicer.generation import GenerationSettings, pick_token
+from RadFMSlicer.tokenizer import EOS_ID, StreamDecoder
+
+
+def report_prompt(engine):
+    return engine.image_tag(0) + "Please write a radiology report for this scan."
+
+
+@pytest.fixture
+def image():
+    torch.manual_seed(0)
+    return torch.rand(3, 64, 64, 8)
+
+
+def test_streamed_deltas_concatenate_to_the_answer(engine, image):
+    generation = engine.stream(report_prompt(engine), [image], GenerationSettings(max_new_tokens=40))
+    deltas = list(generation)
+    assert len(deltas) > 5
+    assert "".join(deltas) == generation.result.text
+    assert generation.result.stop_reason == "length" and len(generation.result.token_ids) == 40
+
+
+def test_stream_decoder_never_splits_characters_and_keeps_spaces(engine):
+    text = "Pleural effusion — 肺结节 of 12 mm, naïve  reader."
+    ids = engine.tokenizer.sp.EncodeAsIds(text)
+    decoder = StreamDecoder(engine.tokenizer)
+    deltas = [decoder.push(i) for i in ids] + [decoder.finish()]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_cancel_from_another_thread_stops_within_one_token(engine, image):
+    generation = engine.stream(report_prompt(engine), [image], GenerationSettings(max_new_tokens=500))
+    seen = []
+    cancelled_at = []
+
+    def consume():
+        for token in generation.token_ids():
+            seen.append(token)
+            if len(seen) == 5:
+                canceller = threading.Thread(target=lambda: (generation.cancel(), cancelled_at.append(len(seen))))
+                canceller.start()
+                canceller.join()
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    worker.join(timeout=60)
+    assert generation.result.stop_reason == "cancelled"
+    assert len(seen) <= cancelled_at[0] + 1
+
+
+def test_cancel_before_start_generates_nothing(engine, image):
+    generation = engine.stream(report_prompt(engine), [image], GenerationSettings(max_new_tokens=10))
+    generation.cancel()
+    assert generation.run().stop_reason == "cancelled" and generation.result.token_ids == []
+
+
+def test_stops_at_eos_2_not_the_configs_eos(engine, image, monkeypatch):
+    """Force the model to say EOS at the third step: generation must stop there, reason eos."""
+    lm = engine.model.lang_model
+    real_forward = lm.forward
+    calls = []
+
+    def forward(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            out.logits[..., EOS_ID] = 1e4
+        return out
+
+    monkeypatch.setattr(lm, "forward", forward)
+    result = engine.answer(report_prompt(engine), [image], GenerationSettings(max_new_tokens=50))
+    assert result.stop_reason == "eos" and result.token_ids[-1] == EOS_ID and len(result.token_ids) == 3
+
+
+def test_sampling_is_reproducible_with_a_seed(engine, image):
+    def sample(seed):
+        settings = GenerationSettings(max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=seed)
+        return engine.answer(report_prompt(engine), [image], settings).token_ids
+
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_repetition_penalty_demotes_tokens_already_said():
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0])
+    said = torch.tensor([1, 3])
+    assert pick_token(logits, GenerationSettings(), said, None) == 1
+    assert pick_token(logits, GenerationSettings(repetition_penalty=1.2), said, None) == 2
+
+
+def test_top_k_and_top_p_only_sample_the_head():
+    logits = torch.tensor([5.0, 4.9, -3.0, -4.0, -5.0])
+    generator = torch.Generator().manual_seed(0)
+    for settings in (GenerationSettings(temperature=5.0, top_k=2), GenerationSettings(temperature=5.0, top_p=0.5)):
+        picks = {pick_token(logits, settings, torch.tensor([], dtype=torch.long), generator) for _ in range(200)}
+        assert picks <= {0, 1}
+
+
+@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-1)])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(PromptError):
+        GenerationSettings(**bad)
+
+
+def test_follow_up_question_skips_the_vision_encoder(engine, image, monkeypatch):
+    engine.cache.clear()
+    calls = []
+    real = engine.model.encode_images
+    monkeypatch.setattr(engine.model, "encode_images", lambda x: calls.append(x.shape) or real(x))
+    engine.answer(report_prompt(engine), [image], GenerationSettings(max_new_tokens=2))
+    engine.answer(engine.image_tag(0) + "Is there a pleural effusion?", [image.clone()], GenerationSettings(max_new_tokens=2))
+    assert len(calls) == 1 and engine.cache.hits >= 1
+
+
+def test_cache_is_bounded_and_evicts_the_oldest(engine):
+    engine.cache.clear()
+    old_capacity, engine.cache.capacity = engine.cache.capacity, 2
+    try:
+        images = [torch.full((3, 32, 32, 4), v) for v in (0.1, 0.2, 0.3)]
+        for img in images:
+            engine.encode_images([img])
+        assert len(engine.cache) == 2
+        misses = engine.cache.misses
+        engine.encode_images([images[2]])
+        assert engine.cache.misses == misses  # newest kept
+        engine.encode_images([images[0]])
+        assert engine.cache.misses == misses + 1  # oldest evicted
+    finally:
+        engine.cache.capacity = old_capacity
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [((3, 60, 64, 8), "multiples of 32"), ((3, 64, 64, 6), "multiple of 4"), ((1, 64, 64, 8), "[3, H, W, D]"),
+     ((3, 1024, 64, 8), "at most 512")],
+)
+def test_bad_image_shapes(engine, shape, message):
+    with pytest.raises(ImageError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        engine.encode_images([torch.rand(shape)])
+
+
+def test_nan_image_is_refused(engine):
+    img = torch.rand(3, 32, 32, 4)
+    img[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ImageError, match="finite"):
+        engine.encode_images([img])
+
+
+def test_prompt_naming_more_images_than_given(engine, image):
+    with pytest.raises(PromptError, match="image 2"):
+        engine.answer(engine.image_tag(0) + engine.image_tag(1) + "Compare.", [image])
+
+
+def test_images_of_different_depth_in_one_prompt(engine):
+    """A prior study with another slice count: each image is encoded on its own."""
+    current, prior = torch.rand(3, 64, 64, 16), torch.rand(3, 64, 64, 8)
+    result = engine.answer(
+        engine.image_tag(0) + engine.image_tag(1) + "Compare the two scans.", [current, prior],
+        GenerationSettings(max_new_tokens=3),
+    )
+    assert len(result.token_ids) == 3
