@@ -23,6 +23,15 @@ NUM_IMAGE_PLACEHOLDERS = 3200  # <image0> .. <image3199> in the released vocabul
 _SPECIAL_PATTERN = re.compile(r"</?image\d*>")
 
 
+def image_tag(k: int, tokens_per_image: int = 32) -> str:
+    """The text that stands for image ``k`` (0-based) of a prompt: ``<image>`` + 32 slots + ``</image>``."""
+    if not 0 <= k < NUM_IMAGE_PLACEHOLDERS // tokens_per_image:
+        raise ValueError(f"image index {k} out of range: RadFM's vocabulary holds "
+                         f"{NUM_IMAGE_PLACEHOLDERS // tokens_per_image} images")
+    first = tokens_per_image * k
+    return IMAGE_START + "".join(f"<image{first + j}>" for j in range(tokens_per_image)) + IMAGE_END
+
+
 class RadFMTokenizer:
     """Sentencepiece plus RadFM's image tokens (ids ``vocab``, ``vocab+1``, ``vocab+2+t``)."""
 
@@ -39,17 +48,8 @@ class RadFMTokenizer:
             self.special_ids[f"<image{t}>"] = self.vocab_size + 2 + t
         self.special_text = {i: s for s, i in self.special_ids.items()}
 
-    @property
-    def max_images(self) -> int:
-        return NUM_IMAGE_PLACEHOLDERS // self.tokens_per_image
-
     def image_tag(self, k: int) -> str:
-        """The text that stands for image ``k`` (0-based) of a prompt."""
-        if not 0 <= k < self.max_images:
-            raise ValueError(f"image index {k} out of range: RadFM's vocabulary holds {self.max_images} images")
-        first = self.tokens_per_image * k
-        inner = "".join(f"<image{first + j}>" for j in range(self.tokens_per_image))
-        return IMAGE_START + inner + IMAGE_END
+        return image_tag(k, self.tokens_per_image)
 
     def _split(self, text: str) -> list[str]:
         """Text chunks and special tokens, whitespace next to special tokens stripped."""

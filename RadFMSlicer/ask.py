@@ -1,0 +1,238 @@
+"""From a request (scans, regions, task, question) to a prompt, model images and a session turn.
+
+The CLI, the batch runner, the worker and the Slicer module all ask through here, so an
+answer produced anywhere records the same provenance.
+"""
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .engine import RadFMEngine
+from .errors import ImageError, PromptError
+from .generation import Generation, GenerationResult, GenerationSettings
+from .imaging import ModelImage, Volume, load_volume, preprocess, volume_from_array
+from .preview import render_montage
+from .prompts import ORDINALS, PromptImage, build_prompt, task_question
+from .regions import load_mask, region_from_box, region_from_mask
+from .session import ImageRecord, Session, Turn
+
+ROLE_LABELS = {"current": "current study", "prior": "prior study"}
+
+
+@dataclass
+class ImageInput:
+    """A scan: a file path, or an array ``[k, j, i]`` with its IJK->RAS matrix (from Slicer)."""
+
+    path: str | None = None
+    array: np.ndarray | None = None
+    ijk_to_ras: list | None = None
+    name: str | None = None
+    role: str = "current"
+    window: object = None  # overrides the request's window for this image
+    series: str | None = None
+
+    @classmethod
+    def from_json(cls, item: "str | dict") -> "ImageInput":
+        """A path string, or ``{"path"| "array": file, "ijk_to_ras", "name", "role", "window"}``.
+
+        Arrays travel as ``.npy`` files written by the caller, never inside JSON.
+        """
+        if isinstance(item, str):
+            return cls(path=item)
+        if not isinstance(item, dict):
+            raise ImageError(f"an image must be a path or an object, got {item!r}")
+        item = dict(item)
+        array_file = item.pop("array", None)
+        if array_file is not None:
+            if not Path(array_file).is_file():
+                raise ImageError(f"array file not found: {array_file}")
+            item["array"] = np.load(array_file, mmap_mode="r", allow_pickle=False)
+            item.setdefault("name", Path(array_file).stem)
+        known = {"path", "array", "ijk_to_ras", "name", "role", "window", "series"}
+        unknown = set(item) - known
+        if unknown:
+            raise ImageError(f"unknown image field(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**item)
+
+    def load(self) -> Volume:
+        if self.array is not None:
+            if self.ijk_to_ras is None:
+                raise ImageError(f"image {self.name or 'array'}: an array needs its ijk_to_ras matrix")
+            return volume_from_array(np.asarray(self.array), np.asarray(self.ijk_to_ras, float),
+                                     name=self.name or "array")
+        if not self.path:
+            raise ImageError("an image needs a path or an array")
+        return load_volume(self.path, series=self.series)
+
+
+@dataclass
+class RegionInput:
+    """A marked region of image ``image``: a label mask (file or array) or a box (RAS or IJK)."""
+
+    name: str = "region"
+    image: int = 0
+    mask: "str | np.ndarray | None" = None
+    label: int | None = None
+    box_ras: list | None = None  # [[x0, y0, z0], [x1, y1, z1]]
+    box_ijk: list | None = None  # [[i0, j0, k0], [i1, j1, k1]] of the original grid
+    margin_mm: float = 10.0
+
+    @classmethod
+    def from_json(cls, item: dict) -> "RegionInput":
+        if not isinstance(item, dict):
+            raise ImageError(f"a region must be an object, got {item!r}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(item) - known
+        if unknown:
+            raise ImageError(f"unknown region field(s) {sorted(unknown)}; known: {sorted(known)}")
+        region = cls(**item)
+        if isinstance(region.mask, str) and region.mask.endswith(".npy"):
+            if not Path(region.mask).is_file():
+                raise ImageError(f"region mask file not found: {region.mask}")
+            region.mask = np.load(region.mask, allow_pickle=False)
+        return region
+
+    def locate(self, volume: Volume):
+        if self.mask is not None:
+            mask = load_mask(self.mask, volume) if isinstance(self.mask, (str, Path)) else np.asarray(self.mask)
+            return region_from_mask(volume, mask, label=self.label, margin_mm=self.margin_mm, name=self.name)
+        if self.box_ras is not None:
+            return region_from_box(volume, self.box_ras[0], self.box_ras[1], margin_mm=self.margin_mm, name=self.name)
+        if self.box_ijk is not None:
+            return region_from_box(volume, ijk_min=self.box_ijk[0], ijk_max=self.box_ijk[1],
+                                   margin_mm=self.margin_mm, name=self.name)
+        raise ImageError(f"region {self.name!r} needs a mask, box_ras or box_ijk")
+
+
+@dataclass
+class AskRequest:
+    task: str = "vqa"
+    question: str | None = None
+    images: list[ImageInput] = field(default_factory=list)
+    regions: list[RegionInput] = field(default_factory=list)
+    history: str | None = None
+    window: object = None  # None = automatic; a preset name, "center,width", Window or dict
+    interpolation: str = "nearest"
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    include_previous_turns: bool = False
+    preview_dir: str | None = None  # write a montage PNG per image here (thumbnails, audits)
+
+
+@dataclass
+class PreparedAsk:
+    """Everything the model will be given, before generation starts."""
+
+    question: str
+    prompt: str
+    model_images: list[ModelImage]
+    records: list[ImageRecord]
+
+
+def prepare(request: AskRequest, session: Session | None = None, tokens_per_image: int = 32) -> PreparedAsk:
+    """Load, reorient, window and resample every image and region; write the prompt."""
+    if not request.images:
+        raise ImageError("no image given: RadFM answers about an image (--image PATH)")
+    question = task_question(request.task, request.question)
+    volumes, model_images, records, labels = [], [], [], []
+    for k, item in enumerate(request.images):
+        volume = item.load()
+        image = preprocess(volume, item.window if item.window is not None else request.window,
+                           interpolation=request.interpolation)
+        label = ROLE_LABELS.get(item.role, item.role)
+        volumes.append(volume)
+        model_images.append(image)
+        labels.append(PromptImage(label))
+        records.append(_record(image, item.role, item.name or Path(image.source).name, None))
+    for region_input in request.regions:
+        if not 0 <= region_input.image < len(volumes):
+            raise ImageError(f"region {region_input.name!r} refers to image {region_input.image + 1}, "
+                             f"but {len(volumes)} image(s) were given")
+        region = region_input.locate(volumes[region_input.image])
+        parent = model_images[region_input.image]
+        image = preprocess(region.volume, parent.window, interpolation=request.interpolation)
+        if len(labels) >= len(ORDINALS):
+            raise PromptError(f"at most {len(ORDINALS)} images and regions per question")
+        facts = region.facts(ORDINALS[len(labels)])
+        model_images.append(image)
+        labels.append(PromptImage(f'marked region "{region.name}"', facts))
+        records.append(_record(image, "region", region.name, facts, region.to_dict()))
+    previous = session.previous_turns() if (session and request.include_previous_turns) else None
+    prompt = build_prompt(request.task, labels, question, request.history, previous, tokens_per_image)
+    if request.preview_dir:
+        _write_previews(model_images, records, Path(request.preview_dir))
+    return PreparedAsk(question, prompt, model_images, records)
+
+
+def _record(image: ModelImage, role: str, label: str, facts: str | None, region: dict | None = None) -> ImageRecord:
+    info = image.to_dict()
+    if region:
+        info["notes"] = info["notes"] + [f"region: {region}"]
+    return ImageRecord(role=role, label=label, source=image.source, shape=info["tensor_shape"],
+                       window=info["window"], resample=info["resample"], crop_box=info["crop_box"],
+                       notes=info["notes"], facts=facts)
+
+
+def _write_previews(images: list[ModelImage], records: list[ImageRecord], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for k, (image, record) in enumerate(zip(images, records)):
+        out = folder / f"{stamp}-{k}-{record.role}.png"
+        record.preview_png = render_montage([image], out, titles=[record.label], tile=64)
+
+
+def start(engine: RadFMEngine, request: AskRequest, session: Session | None = None) -> tuple[PreparedAsk, Generation]:
+    """Prepare the inputs and encode the images; the returned generation has not run yet."""
+    prepared = prepare(request, session, engine.model.dims.num_latents)
+    generation = engine.stream(prepared.prompt, [m.tensor for m in prepared.model_images], request.settings)
+    return prepared, generation
+
+
+def make_turn(engine: RadFMEngine, request: AskRequest, prepared: PreparedAsk, result: GenerationResult,
+              prepare_s: float) -> Turn:
+    """The session turn for a finished generation, with its provenance."""
+    return Turn(
+        task=request.task,
+        question=prepared.question,
+        answer=result.text,
+        stop_reason=result.stop_reason,
+        prompt=_shorten_tags(prepared.prompt),
+        images=prepared.records,
+        provenance={
+            "model": engine.describe(),
+            "settings": request.settings.to_dict(),
+            "history": request.history,
+            "included_previous_turns": request.include_previous_turns,
+            "timing": {
+                "prepare_and_encode_s": round(prepare_s, 3),
+                "time_to_first_token_s": None if result.time_to_first_token_s is None
+                else round(result.time_to_first_token_s, 3),
+                "generate_s": round(result.total_s, 3),
+                "new_tokens": len(result.token_ids),
+                "prompt_tokens": result.prompt_tokens,
+                "tokens_per_s": round(result.tokens_per_s, 2),
+            },
+        },
+    )
+
+
+def ask(engine: RadFMEngine, request: AskRequest, session: Session | None = None, on_text=None) -> Turn:
+    """Answer one request to the end (streaming deltas to ``on_text``); add the turn to ``session``."""
+    t0 = time.perf_counter()
+    prepared, generation = start(engine, request, session)
+    prepare_s = time.perf_counter() - t0
+    result = generation.run(on_text)
+    turn = make_turn(engine, request, prepared, result, prepare_s)
+    if session is not None:
+        session.add_turn(turn)
+    return turn
+
+
+def _shorten_tags(prompt: str) -> str:
+    """The prompt as a reader wants it: each 34-token image tag shown as ``<image k>``."""
+    import re
+
+    counter = iter(range(1, 1000))
+    return re.sub(r"<image>(?:<image\d+>)+</image>", lambda m: f"<image {next(counter)}>", prompt)

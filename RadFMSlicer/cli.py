@@ -1,0 +1,338 @@
+"""The ``radfm`` command: ask, batch, preview, demo, convert.
+
+User errors (a missing file, an unreadable scan, a bad checkpoint, an empty region)
+print one line on stderr and exit with status 2, without a traceback.
+"""
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from . import __version__
+from .errors import RadFMError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+SCAN_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".png", ".jpg", ".jpeg")
+
+
+def quiet_third_party_logs() -> None:
+    """torchao and torch print import-time warnings that are noise to a user."""
+    for name in ("torchao", "torch.utils._pytree", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+# --- argument groups shared by subcommands ------------------------------------------------
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="RadFM folder: pytorch_model.bin + Language_files/")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--quantization", default=None, help="int8, int4 or nf4 weight-only quantization of the LLM")
+
+
+def add_image_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--image", action="append", required=required, default=[],
+                   help="scan file or DICOM folder; repeat for a prior study (first = current)")
+    p.add_argument("--series", default=None, help="DICOM series UID or description to pick in a folder")
+    p.add_argument("--region", action="append", default=[], metavar="MASK[:LABEL]",
+                   help="label map aligned with the (first) image; optional label value after ':'")
+    p.add_argument("--box", action="append", default=[], metavar="X0,Y0,Z0,X1,Y1,Z1",
+                   help="region box corners in RAS mm")
+    p.add_argument("--box-ijk", action="append", default=[], metavar="I0,J0,K0,I1,J1,K1",
+                   help="region box corners in voxel indices of the (first) image")
+    window = p.add_mutually_exclusive_group()
+    window.add_argument("--window", default=None, metavar="C,W", help="intensity window centre,width (e.g. 40,400)")
+    window.add_argument("--preset", default=None, help="soft_tissue, lung, bone, brain or percentile")
+    p.add_argument("--interpolation", default="nearest", choices=["nearest", "linear"])
+
+
+def add_question_arguments(p: argparse.ArgumentParser) -> None:
+    from .prompts import TASKS
+
+    p.add_argument("--task", choices=TASKS, default=None, help="default: vqa with --question, else report")
+    p.add_argument("--question", default=None, help="the question (vqa), or the finding (diagnosis)")
+    p.add_argument("--history", default=None, help="clinical history, e.g. '58 y, male, cough for 3 weeks'")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def _numbers(text: str, count: int, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != count:
+        raise RadFMError(f"{what} needs {count} comma-separated numbers, got {text!r}")
+    return values
+
+
+def regions_from_args(args):
+    from .ask import RegionInput
+
+    regions = []
+    for n, spec in enumerate(args.region, 1):
+        path, _, label = spec.partition(":") if not os.path.exists(spec) else (spec, "", "")
+        regions.append(RegionInput(name=f"region {n}", mask=path, label=int(label) if label else None))
+    for n, spec in enumerate(args.box, len(regions) + 1):
+        v = _numbers(spec, 6, "--box")
+        regions.append(RegionInput(name=f"box {n}", box_ras=[v[:3], v[3:]]))
+    for n, spec in enumerate(args.box_ijk, len(regions) + 1):
+        v = _numbers(spec, 6, "--box-ijk")
+        regions.append(RegionInput(name=f"box {n}", box_ijk=[v[:3], v[3:]]))
+    return regions
+
+
+def images_from_args(args, paths=None):
+    from .ask import ImageInput
+
+    paths = paths if paths is not None else args.image
+    return [ImageInput(path=p, role="current" if k == 0 else "prior", series=args.series) for k, p in enumerate(paths)]
+
+
+def request_from_args(args, image_paths=None, question=None, task=None):
+    from .ask import AskRequest
+    from .generation import GenerationSettings
+
+    question = question if question is not None else args.question
+    return AskRequest(
+        task=task or args.task or ("vqa" if question else "report"),
+        question=question,
+        images=images_from_args(args, image_paths),
+        regions=regions_from_args(args),
+        history=args.history,
+        window=args.window or args.preset,
+        interpolation=args.interpolation,
+        settings=GenerationSettings(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        ),
+        preview_dir=getattr(args, "preview_dir", None),
+    )
+
+
+def load_engine(args):
+    from .engine import RadFMEngine
+
+    dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
+    print(f"Loading {args.checkpoint} on {args.device} ({dtype}) ...", file=sys.stderr, flush=True)
+    return RadFMEngine.load(args.checkpoint, device=args.device, dtype=dtype, quantization=args.quantization)
+
+
+def turn_json(turn) -> dict:
+    data = turn.to_dict()
+    data["images"] = [dict(img, source=img["source"]) for img in data["images"]]
+    return data
+
+
+# --- subcommands ----------------------------------------------------------------------------
+def cmd_ask(args) -> int:
+    from .ask import ask
+    from .session import DISCLAIMER, Session
+
+    request = request_from_args(args)
+    session = Session.from_json(Path(args.session).read_text()) if args.session and Path(args.session).exists() else Session()
+    request.include_previous_turns = args.include_previous_turns
+    engine = load_engine(args)
+    stream = None if args.json else (lambda delta: print(delta, end="", flush=True))
+    turn = ask(engine, request, session, on_text=stream)
+    if args.session:
+        Path(args.session).write_text(session.to_json())
+    if args.json:
+        print(json.dumps(turn_json(turn), indent=2))
+    else:
+        print()
+        if turn.stop_reason != "eos":
+            print(f"[stopped: {turn.stop_reason}]", file=sys.stderr)
+        print(DISCLAIMER, file=sys.stderr)
+    return 0
+
+
+def batch_items(source: Path, args) -> list[dict]:
+    """Scans to answer: every scan file or DICOM folder in a folder, or the rows of a CSV.
+
+    CSV columns: ``image`` (required), optional ``id``, ``question``, ``task``, ``prior``.
+    """
+    if source.is_file() and source.suffix.lower() == ".csv":
+        with open(source, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if rows and "image" not in rows[0]:
+            raise RadFMError(f"{source} needs an 'image' column (found: {', '.join(rows[0])})")
+        base = source.parent
+        items = []
+        for row in rows:
+            images = [str(base / row["image"])] + ([str(base / row["prior"])] if row.get("prior") else [])
+            items.append({"id": row.get("id") or row["image"], "images": images,
+                          "question": row.get("question") or None, "task": row.get("task") or None})
+        return items
+    if not source.is_dir():
+        raise RadFMError(f"batch input not found: {source} (give a folder of scans or a CSV file)")
+    items = []
+    for entry in sorted(source.iterdir()):
+        is_scan = entry.is_file() and entry.name.lower().endswith(SCAN_SUFFIXES)
+        if is_scan or (entry.is_dir() and any(entry.iterdir())):
+            items.append({"id": entry.name, "images": [str(entry)], "question": None, "task": None})
+    if not items:
+        raise RadFMError(f"no scans found in {source} (looked for {', '.join(SCAN_SUFFIXES)} and DICOM folders)")
+    return items
+
+
+def finished_ids(out: Path) -> set[str]:
+    """Ids already answered in ``out`` (failed ones are retried; a torn last line is ignored)."""
+    done = set()
+    if out.exists():
+        for line in out.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if "answer" in record:
+                done.add(record["id"])
+    return done
+
+
+def cmd_batch(args) -> int:
+    from tqdm import tqdm
+
+    from .ask import ask
+
+    out = Path(args.out)
+    items = batch_items(Path(args.input), args)
+    done = finished_ids(out)
+    todo = [item for item in items if item["id"] not in done]
+    print(f"{len(items)} scans, {len(items) - len(todo)} already done, {len(todo)} to go -> {out}",
+          file=sys.stderr, flush=True)
+    if not todo:
+        return 0
+    engine = load_engine(args)
+    failures = 0
+    with open(out, "a") as f:
+        for item in tqdm(todo, unit="scan", file=sys.stderr):
+            record = {"id": item["id"], "images": item["images"]}
+            try:
+                request = request_from_args(args, item["images"], item["question"], item["task"])
+                record.update(turn_json(ask(engine, request)))
+            except RadFMError as exc:
+                failures += 1
+                record["error"] = str(exc)
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    print(f"done: {len(todo) - failures} answered, {failures} failed (rerun to retry them)", file=sys.stderr)
+    return 0 if not failures else 1
+
+
+def cmd_preview(args) -> int:
+    from .ask import prepare
+    from .preview import render_montage
+
+    request = request_from_args(args, task="report")
+    prepared = prepare(request)
+    titles = [f"{r.label} ({r.role})" for r in prepared.records]
+    path = render_montage(prepared.model_images, args.out, titles=titles)
+    for record in prepared.records:
+        print(f"{record.role}: {record.source} -> tensor {record.shape}", file=sys.stderr)
+    print(path)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The whole pipeline on pydicom's CT_small.dcm with a tiny random checkpoint."""
+    import pydicom.data
+
+    from .ask import AskRequest, ImageInput, RegionInput, ask
+    from .engine import RadFMEngine
+    from .generation import GenerationSettings
+    from .preview import render_montage
+    from .session import Session
+    from .testing import make_tiny_checkpoint
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="radfm-demo-"))
+    banner = "PIPELINE CHECK with a tiny RANDOM-WEIGHT model: the text below is noise, not a medical answer."
+    print(banner, file=sys.stderr)
+    scan = pydicom.data.get_testdata_file("CT_small.dcm")
+    checkpoint = make_tiny_checkpoint(work / "tiny-checkpoint")
+    print(f"scan: {scan}\ncheckpoint: {checkpoint} (random weights)", file=sys.stderr)
+    engine = RadFMEngine.load(checkpoint)
+    session = Session(title="RadFM demo (pipeline check, random weights)")
+    request = AskRequest(
+        task="report",
+        images=[ImageInput(path=scan)],
+        regions=[RegionInput(name="demo box", box_ijk=[[40, 40, 0], [80, 80, 0]])],
+        history="demo patient",
+        settings=GenerationSettings(max_new_tokens=args.max_new_tokens),
+        preview_dir=str(work / "previews"),
+    )
+    print("answer: ", end="", flush=True)
+    turn = ask(engine, request, session, on_text=lambda d: print(d, end="", flush=True))
+    print()
+    prepared_images = [f"{img.label}: tensor {img.shape}, window {img.window.get('preset') or img.window.get('mode')}"
+                       for img in turn.images]
+    print("the model saw:\n  " + "\n  ".join(prepared_images), file=sys.stderr)
+    (work / "session.json").write_text(session.to_json())
+    (work / "session.md").write_text(session.to_markdown())
+    print(f"previews: {', '.join(img.preview_png for img in turn.images)}", file=sys.stderr)
+    print(f"session: {work / 'session.md'}\n{banner}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="radfm", description="Ask the RadFM model about CT/MR scans (research use only).")
+    parser.add_argument("--version", action="version", version=f"radfm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ask", help="answer one question about one scan (streams the answer)")
+    add_model_arguments(p)
+    add_image_arguments(p)
+    add_question_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--session", default=None, help="JSON session file to append this turn to")
+    p.add_argument("--include-previous-turns", action="store_true",
+                   help="show the model earlier turns of --session (RadFM was not trained on dialogue)")
+    p.add_argument("--preview-dir", default=None, help="write a PNG of what the model saw per image here")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("batch", help="answer a folder or CSV of scans into JSON lines (resumable)")
+    add_model_arguments(p)
+    add_image_arguments(p, required=False)
+    add_question_arguments(p)
+    p.add_argument("--input", required=True, help="folder of scans, or CSV with an 'image' column")
+    p.add_argument("--out", required=True, help="JSON-lines file; rerunning skips finished scans")
+    p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("preview", help="PNG montage of exactly what the model receives")
+    add_image_arguments(p)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(func=cmd_preview, history=None, question=None, task=None, max_new_tokens=1, temperature=0.0,
+                   top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None)
+
+    p = sub.add_parser("demo", help="pipeline check on a real CT (pydicom's CT_small.dcm) with a random tiny model")
+    p.add_argument("--workdir", default=None, help="where to write the tiny checkpoint, previews and session")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    quiet_third_party_logs()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RadFMError as exc:
+        print(f"radfm: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\nradfm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
