@@ -124,7 +124,8 @@ def load_engine(args):
 
     dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
     print(f"Loading {args.checkpoint} on {args.device} ({dtype}) ...", file=sys.stderr, flush=True)
-    return RadFMEngine.load(args.checkpoint, device=args.device, dtype=dtype, quantization=args.quantization)
+    extra = {"quantization": args.quantization} if args.quantization else {}
+    return RadFMEngine.load(args.checkpoint, device=args.device, dtype=dtype, **extra)
 
 
 def turn_json(turn) -> dict:
@@ -186,9 +187,12 @@ def batch_items(source: Path, args) -> list[dict]:
 
 
 def finished_ids(out: Path) -> set[str]:
-    """Ids already answered in ``out`` (failed ones are retried; a torn last line is ignored)."""
+    """Ids already answered in ``out``; failed ones are retried, a torn last line is cut off."""
     done = set()
     if out.exists():
+        data = out.read_bytes()
+        if data and not data.endswith(b"\n"):  # interrupted mid-write
+            out.write_bytes(data[: data.rfind(b"\n") + 1])
         for line in out.read_text().splitlines():
             try:
                 record = json.loads(line)

@@ -90,8 +90,7 @@ def build_prompt(
     tags = "".join(image_tag(k, tokens_per_image) for k in range(len(images)))
     labels = []
     if len(images) > 1 or images[0].facts:
-        for k, img in enumerate(images):
-            labels.append(img.facts or f"The {ORDINALS[k]} image is the {img.label}.")
-    parts.append(tags + " ".join(labels))
-    parts.append(task_question(task, question))
-    return " ".join(p for p in parts if p)
+        labels = [img.facts or f"The {ORDINALS[k]} image is the {img.label}." for k, img in enumerate(images)]
+    # Tags directly before the text, as in training (whitespace beside them is dropped anyway).
+    parts.append(tags + " ".join([*labels, task_question(task, question)]))
+    return " ".join(parts)

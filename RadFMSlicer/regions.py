@@ -1,0 +1,209 @@
+"""Marked regions (segment masks, ROI boxes) -> a close-up image plus facts for the prompt.
+
+RadFM was not trained on region prompts, so a region is given as a second, cropped image
+(the region's bounding box plus a margin, windowed like the parent) and described in one
+sentence: size, mask volume and side.
+
+Coordinates: masks and IJK boxes refer to the volume's ORIGINAL grid, numpy ``[k, j, i]``
+(what Slicer's ``arrayFromSegmentBinaryLabelmap`` returns); ``crop_box`` and ``extent_mm``
+are in display order (slice, row, col) -- see :mod:`RadFMSlicer.imaging`.
+
+Side: the region centre's RAS x (+x = patient right) is compared with the volume's
+mid-sagittal plane (the middle of its right-left field of view); within
+``MIDLINE_MM`` it is "midline". A scan under 50 mm wide right-left (a sagittal slice or
+slab) has no usable middle, so x = 0 (scanner isocentre) is used instead.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import ImageError
+from .imaging import Volume, _read_info
+
+MIDLINE_MM = 10.0
+NARROW_FOV_MM = 50.0
+_AXIS_LABELS = ("RL", "AP", "SI")  # RAS x, y, z
+
+
+@dataclass
+class Region:
+    """A marked region: its close-up volume and the facts told to the model."""
+
+    name: str
+    # The crop (box + margin). preprocess(region.volume) uses the parent's automatic window;
+    # pass window=main_image.window to reuse whatever window the main image was given.
+    volume: Volume
+    crop_box: tuple  # ((s, r, c) min incl., (s, r, c) max excl.) in the parent's display index
+    extent_mm: tuple  # the region's own bounding box (no margin), display order
+    volume_ml: float | None  # masks only
+    center_ras: tuple
+    side: str  # "right", "left" or "midline"
+    axis_labels: tuple = ("SI", "AP", "RL")  # anatomical axis of each display axis
+    notes: list = field(default_factory=list)
+
+    @property
+    def extent_by_axis(self) -> dict:
+        return dict(zip(self.axis_labels, self.extent_mm))
+
+    def facts(self, ordinal: str = "second") -> str:
+        e = self.extent_by_axis
+        size = " x ".join(str(math.floor(e[k] + 0.5)) for k in _AXIS_LABELS)  # half up: 12.5 -> 13
+        parts = [f"about {size} mm (RL x AP x SI)"]
+        if self.volume_ml is not None:
+            parts.append(f"volume {_ml(self.volume_ml)} mL")
+        where = "near the midline of the scan" if self.side == "midline" else f"in the {self.side} side of the scan"
+        return (f'The {ordinal} image is a close-up of the marked region "{self.name}": '
+                f"{', '.join(parts)}, {where}.")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "crop_box": [list(self.crop_box[0]), list(self.crop_box[1])],
+                "extent_mm": self.extent_by_axis, "volume_ml": self.volume_ml,
+                "center_ras": list(self.center_ras), "side": self.side, "notes": list(self.notes)}
+
+
+def _ml(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 1 else f"{v:.2g}"
+
+
+def _axis_labels(vol: Volume) -> tuple:
+    return tuple(_AXIS_LABELS[int(np.argmax(np.abs(vol.display_to_ras[:3, d])))] for d in range(3))
+
+
+def _to_ras(vol: Volume, index) -> np.ndarray:
+    return (vol.display_to_ras @ np.append(np.asarray(index, dtype=float), 1.0))[:3]
+
+
+def _side(vol: Volume, x: float) -> str:
+    corners = [_to_ras(vol, c) for c in itertools.product(*[(-0.5, n - 0.5) for n in vol.shape])]
+    xs = [c[0] for c in corners]
+    mid = (max(xs) + min(xs)) / 2 if max(xs) - min(xs) >= NARROW_FOV_MM else 0.0
+    dx = x - mid
+    return "midline" if abs(dx) <= MIDLINE_MM else "right" if dx > 0 else "left"
+
+
+def _make_region(vol, lo, hi, center, name, margin_mm, volume_ml, notes) -> Region:
+    """Shared tail: region box ``[lo, hi]`` (inclusive display index) -> crop + facts."""
+    if not (isinstance(margin_mm, (int, float)) and math.isfinite(margin_mm) and margin_mm >= 0):
+        raise ImageError(f"Region margin must be a number of mm >= 0 (got {margin_mm!r}).")
+    spacing = np.asarray(vol.spacing_mm)
+    lo, hi = np.asarray(lo, dtype=int), np.asarray(hi, dtype=int)
+    pad = np.ceil(margin_mm / spacing).astype(int)
+    box_lo = np.maximum(lo - pad, 0)
+    box_hi = np.minimum(hi + 1 + pad, vol.shape)
+    crop = vol.crop(box_lo, box_hi, f"region {name}")
+    crop.notes.extend(notes)
+    center_ras = _to_ras(vol, center)
+    return Region(name=name, volume=crop, crop_box=crop.crop_box,
+                  extent_mm=tuple(float(v) for v in (hi - lo + 1) * spacing), volume_ml=volume_ml,
+                  center_ras=tuple(float(v) for v in center_ras), side=_side(vol, center_ras[0]),
+                  axis_labels=_axis_labels(vol), notes=list(notes))
+
+
+def region_from_mask(vol: Volume, mask_kji, label=None, margin_mm=10.0, name="region") -> Region:
+    """Region from a label/binary mask on the volume's original ``[k, j, i]`` grid.
+
+    ``label=None`` takes every nonzero voxel; the centre is the mask's centroid.
+    """
+    mask = vol.to_display(mask_kji)
+    sel = mask != 0 if label is None else mask == label
+    count = int(sel.sum())
+    if count == 0:
+        if label is None:
+            raise ImageError(f"The mask for region '{name}' is empty: paint at least one voxel.")
+        present = np.unique(mask[mask != 0])
+        shown = ", ".join(f"{v:g}" for v in present[:20]) or "none"
+        raise ImageError(f"Label {label} is not in the mask for region '{name}' (labels present: {shown}).")
+    idx = np.nonzero(sel)
+    lo = [int(i.min()) for i in idx]
+    hi = [int(i.max()) for i in idx]
+    center = [float(i.mean()) for i in idx]
+    ml = count * float(np.prod(vol.spacing_mm)) / 1000.0
+    return _make_region(vol, lo, hi, center, name, margin_mm, ml, [])
+
+
+def _corner(values, what, name):
+    try:
+        v = np.asarray(values, dtype=float).reshape(3)
+    except (TypeError, ValueError):
+        raise ImageError(f"Region '{name}': {what} must be 3 numbers (got {values!r}).") from None
+    if not np.isfinite(v).all():
+        raise ImageError(f"Region '{name}': {what} must be finite (got {values!r}).")
+    return v
+
+
+def region_from_box(vol: Volume, ras_min=None, ras_max=None, *, ijk_min=None, ijk_max=None,
+                    margin_mm=10.0, name="region") -> Region:
+    """Region from a box: corners in RAS mm, or inclusive voxel indices (i, j, k) of the original grid.
+
+    Every voxel the box touches is in the region; a box partly outside is clipped (noted).
+    """
+    if (ras_min is None) == (ijk_min is None) or (ras_min is None) != (ras_max is None) \
+            or (ijk_min is None) != (ijk_max is None):
+        raise ImageError(f"Region '{name}': give either ras_min and ras_max, or ijk_min and ijk_max.")
+    if ras_min is not None:
+        a, b = _corner(ras_min, "ras_min", name), _corner(ras_max, "ras_max", name)
+        corners_ras = [np.array(c) for c in itertools.product(*zip(a, b))]
+        what = f"RAS {np.round(np.minimum(a, b), 1).tolist()}..{np.round(np.maximum(a, b), 1).tolist()}"
+    else:
+        a, b = _corner(ijk_min, "ijk_min", name), _corner(ijk_max, "ijk_max", name)
+        to_ras = vol.ijk_to_ras
+        corners_ras = [(to_ras @ np.append(c, 1.0))[:3] for c in itertools.product(*zip(a, b))]
+        what = f"IJK {np.minimum(a, b).astype(int).tolist()}..{np.maximum(a, b).astype(int).tolist()}"
+    inv = np.linalg.inv(vol.display_to_ras)
+    idx = np.array([(inv @ np.append(c, 1.0))[:3] for c in corners_ras])
+    eps = 1e-6  # voxel n spans [n - 0.5, n + 0.5]: take every voxel the box overlaps
+    lo = np.floor(idx.min(axis=0) + 0.5 + eps).astype(int)
+    hi = np.ceil(idx.max(axis=0) - 0.5 - eps).astype(int)
+    hi = np.maximum(hi, lo)  # a box thinner than a voxel still holds the voxel it lies in
+    shape = np.asarray(vol.shape)
+    c_lo, c_hi = np.maximum(lo, 0), np.minimum(hi, shape - 1)
+    if (c_lo > c_hi).any():
+        raise ImageError(f"Box for region '{name}' ({what}) lies entirely outside the volume {vol.source}.")
+    notes = []
+    if (c_lo != lo).any() or (c_hi != hi).any():
+        notes.append(f"box {what} clipped to the volume")
+    return _make_region(vol, c_lo, c_hi, (c_lo + c_hi) / 2.0, name, margin_mm, None, notes)
+
+
+def load_mask(path, vol: Volume) -> np.ndarray:
+    """Read a label map and return it on the volume's ORIGINAL ``[k, j, i]`` grid.
+
+    Same size and geometry: used as is. Otherwise resampled (nearest neighbour) onto the
+    volume's grid, so a label map saved on another grid of the same patient still fits.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImageError(f"Label map not found: {path}")
+    _read_info(path)  # unreadable -> ImageError
+    image = sitk.ReadImage(path)
+    if image.GetDimension() == 4 and image.GetSize()[3] == 1:
+        image = image[:, :, :, 0]
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):
+        raise ImageError(f"Label map {path} must be a single-component 2D/3D image.")
+    if image.GetDimension() == 2:
+        image = sitk.JoinSeries(image)
+    grid = vol.grid
+    ref = sitk.Image(*grid.shape[::-1], image.GetPixelID())
+    m = grid.ijk_to_lps
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    ref.SetSpacing(spacing.tolist())
+    ref.SetOrigin(m[:3, 3].tolist())
+    ref.SetDirection((m[:3, :3] / spacing).ravel().tolist())
+    same = (image.GetSize() == ref.GetSize()
+            and np.allclose(image.GetSpacing(), ref.GetSpacing(), rtol=1e-4, atol=1e-4)
+            and np.allclose(image.GetOrigin(), ref.GetOrigin(), atol=1e-3)
+            and np.allclose(image.GetDirection(), ref.GetDirection(), atol=1e-4))
+    source = sitk.GetArrayFromImage(image)
+    if same:
+        return source
+    out = sitk.GetArrayFromImage(sitk.Resample(image, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    if source.any() and not out.any():
+        raise ImageError(f"Label map {path} does not overlap the volume {vol.source}: is it from the same scan?")
+    return out
