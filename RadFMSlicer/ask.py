@@ -4,6 +4,7 @@ The CLI, the batch runner, the worker and the Slicer module all ask through here
 answer produced anywhere records the same provenance.
 """
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,7 +233,5 @@ def ask(engine: RadFMEngine, request: AskRequest, session: Session | None = None
 
 def _shorten_tags(prompt: str) -> str:
     """The prompt as a reader wants it: each 34-token image tag shown as ``<image k>``."""
-    import re
-
     counter = iter(range(1, 1000))
     return re.sub(r"<image>(?:<image\d+>)+</image>", lambda m: f"<image {next(counter)}>", prompt)

@@ -128,12 +128,6 @@ def load_engine(args):
     return RadFMEngine.load(args.checkpoint, device=args.device, dtype=dtype, **extra)
 
 
-def turn_json(turn) -> dict:
-    data = turn.to_dict()
-    data["images"] = [dict(img, source=img["source"]) for img in data["images"]]
-    return data
-
-
 # --- subcommands ----------------------------------------------------------------------------
 def cmd_ask(args) -> int:
     from .ask import ask
@@ -148,7 +142,7 @@ def cmd_ask(args) -> int:
     if args.session:
         Path(args.session).write_text(session.to_json())
     if args.json:
-        print(json.dumps(turn_json(turn), indent=2))
+        print(json.dumps(turn.to_dict(), indent=2))
     else:
         print()
         if turn.stop_reason != "eos":
@@ -223,7 +217,7 @@ def cmd_batch(args) -> int:
             record = {"id": item["id"], "images": item["images"]}
             try:
                 request = request_from_args(args, item["images"], item["question"], item["task"])
-                record.update(turn_json(ask(engine, request)))
+                record.update(ask(engine, request).to_dict())
             except RadFMError as exc:
                 failures += 1
                 record["error"] = str(exc)
@@ -255,7 +249,7 @@ def cmd_demo(args) -> int:
     from .ask import AskRequest, ImageInput, RegionInput, ask
     from .engine import RadFMEngine
     from .generation import GenerationSettings
-    from .preview import render_montage
+    from .imaging import describe_window
     from .session import Session
     from .testing import make_tiny_checkpoint
 
@@ -278,9 +272,8 @@ def cmd_demo(args) -> int:
     print("answer: ", end="", flush=True)
     turn = ask(engine, request, session, on_text=lambda d: print(d, end="", flush=True))
     print()
-    prepared_images = [f"{img.label}: tensor {img.shape}, window {img.window.get('preset') or img.window.get('mode')}"
-                       for img in turn.images]
-    print("the model saw:\n  " + "\n  ".join(prepared_images), file=sys.stderr)
+    seen = [f"{img.label}: tensor {img.shape}, window {describe_window(img.window)}" for img in turn.images]
+    print("the model saw:\n  " + "\n  ".join(seen), file=sys.stderr)
     (work / "session.json").write_text(session.to_json())
     (work / "session.md").write_text(session.to_markdown())
     print(f"previews: {', '.join(img.preview_png for img in turn.images)}", file=sys.stderr)
