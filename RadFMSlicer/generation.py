@@ -7,6 +7,7 @@ every training answer; the released ``config.json`` says eos=1, and following it
 every answer run to the token limit.
 """
 
+import contextlib
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,8 +16,21 @@ from typing import Callable, Iterator
 import torch
 from transformers import DynamicCache
 
-from .errors import PromptError
+from .errors import PromptError, RadFMError
 from .tokenizer import EOS_ID, RadFMTokenizer, StreamDecoder
+
+
+@contextlib.contextmanager
+def explain_out_of_memory(what: str):
+    """Turn a CUDA out-of-memory error into an actionable RadFMError, freeing the cache."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        raise RadFMError(
+            f"GPU out of memory while {what}: use a lower precision (bfloat16, int8, int4), "
+            f"fewer slices, or close other GPU programs ({str(exc).splitlines()[0]})"
+        ) from exc
 
 
 @dataclass
@@ -132,7 +146,7 @@ class Generation:
         first_token_s = None
         stop = "cancelled"
         cache = DynamicCache()
-        with torch.inference_mode():
+        with torch.inference_mode(), explain_out_of_memory("generating"):
             if not self._cancel.is_set():
                 out = self._lm(inputs_embeds=self._embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
             while not self._cancel.is_set():

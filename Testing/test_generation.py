@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from RadFMSlicer.errors import ImageError, PromptError
+from RadFMSlicer.errors import ImageError, PromptError, RadFMError
 from RadFMSlicer.generation import GenerationSettings, pick_token
 from RadFMSlicer.tokenizer import EOS_ID, StreamDecoder
 
@@ -169,3 +169,12 @@ def test_images_of_different_depth_in_one_prompt(engine):
         GenerationSettings(max_new_tokens=3),
     )
     assert len(result.token_ids) == 3
+
+
+def test_gpu_out_of_memory_becomes_an_actionable_error(engine, image, monkeypatch):
+    def exhausted(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(engine.model.lang_model, "forward", exhausted)
+    with pytest.raises(RadFMError, match="out of memory while generating: use a lower precision"):
+        engine.answer(report_prompt(engine), [image], GenerationSettings(max_new_tokens=5))
