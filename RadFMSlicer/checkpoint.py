@@ -8,9 +8,11 @@ Two layouts are accepted:
   safetensors shards and ``Language_files/``.
 
 Loading builds the modules on the meta device, opens the weights memory-mapped, and
-casts/moves one tensor at a time to the target device and dtype, handing each source
-tensor's pages back to the OS right after it is copied: peak memory is the loaded
-model plus one tensor, never two copies of the checkpoint.
+casts/moves each tensor to the target device and dtype in chunks of ``COPY_CHUNK``
+bytes, handing each chunk's file pages back to the OS right after it is copied: peak
+memory is the loaded model plus one chunk, never two copies of the checkpoint (nor
+even one extra copy of the 650 MB embedding). With a quantization tier each linear
+layer is quantized as soon as it is loaded, so the 16-bit LLM never exists whole.
 """
 
 import ctypes
@@ -29,6 +31,7 @@ from transformers import LlamaConfig
 
 from .errors import CheckpointError
 from .model import RadFMDims, RadFMModel
+from .quantization import LinearQuantizer, check_device_memory, tier_name
 
 OFFICIAL_WEIGHTS = "pytorch_model.bin"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -44,6 +47,7 @@ TRAINING_ONLY_PREFIXES = (
 )
 # The official model shares this tensor with lang_model.model.embed_tokens.weight.
 TEXT_EMBEDDING_ALIAS = "embedding_layer.weight"
+COPY_CHUNK = 64 << 20  # bytes copied (and released) at a time while loading
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -212,14 +216,27 @@ class WeightSource:
         return self._shards[name]
 
     def load(self, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The tensor ``key`` as a fresh copy on ``device`` in ``dtype`` (floats only are cast)."""
+        """The tensor ``key`` as a fresh copy on ``device`` in ``dtype`` (floats only are cast).
+
+        Both layouts give a view of the memory-mapped file; it is copied straight to the
+        device chunk by chunk, each chunk's pages released once copied.
+        """
         if self.files.layout == "official":
             source = self._tensors[key]
         else:
             source = self._open_shard(self._key_to_shard[key]).get_tensor(key)
         target_dtype = dtype if source.is_floating_point() else source.dtype
-        out = source.to(device=device, dtype=target_dtype, copy=True)
-        _release_pages(source)
+        out = torch.empty(source.shape, dtype=target_dtype, device=device)
+        if not source.is_contiguous():
+            out.copy_(source)
+            _release_pages(source)
+            return out
+        flat_source, flat_out = source.reshape(-1), out.reshape(-1)
+        step = max(1, COPY_CHUNK // source.element_size())
+        for start in range(0, flat_source.numel(), step):
+            chunk = flat_source[start:start + step]
+            flat_out[start:start + step].copy_(chunk)
+            _release_pages(chunk)
         return out
 
 
@@ -300,21 +317,32 @@ def _materialise_buffers(model: RadFMModel, device: torch.device) -> None:
             setattr(model.get_submodule(parent_name), leaf, fresh.to(device))
 
 
-def assign_weights(model: nn.Module, source: WeightSource, device: torch.device, dtype: torch.dtype) -> None:
-    """Replace each meta parameter by its loaded tensor, one at a time."""
-    for name, _ in list(model.named_parameters()):
-        owner_name, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(owner_name)
-        owner.register_parameter(leaf, nn.Parameter(source.load(name, device, dtype), requires_grad=False))
+def assign_weights(model: nn.Module, source: WeightSource, device: torch.device, dtype: torch.dtype,
+                   finish=None) -> None:
+    """Replace each meta parameter by its loaded tensor, one at a time.
+
+    ``finish(model, name, module)`` runs as soon as a module's own parameters are in
+    (quantization works there, one layer at a time).
+    """
+    for module_name, module in list(model.named_modules()):
+        for leaf, _ in list(module.named_parameters(recurse=False)):
+            key = f"{module_name}.{leaf}" if module_name else leaf
+            module.register_parameter(leaf, nn.Parameter(source.load(key, device, dtype), requires_grad=False))
+        if finish is not None:
+            finish(model, module_name, module)
 
 
-def load_model(files: CheckpointFiles, device: torch.device, dtype: torch.dtype) -> RadFMModel:
+def load_model(files: CheckpointFiles, device: torch.device, dtype: torch.dtype,
+               quantization: str | None = None) -> RadFMModel:
+    """The model on ``device``; ``quantization`` (int8, int4, nf4) applies to the LLM's linear layers."""
     source = WeightSource(files)
     dims = RadFMDims.from_shapes(source.shapes)
     config = llama_config(files, dims)
+    check_device_memory(dims, device, tier_name(dtype, quantization))
+    finish = LinearQuantizer(quantization, device) if quantization else None
     with torch.device("meta"):
         model = RadFMModel(dims, config)
     check_keys(model, source.shapes)
-    assign_weights(model, source, device, dtype)
+    assign_weights(model, source, device, dtype, finish)
     _materialise_buffers(model, device)
     return model.eval()

@@ -2,7 +2,7 @@
 
 Low-level API (tests and benchmarks)::
 
-    eng = RadFMEngine.load(folder, device="cpu", dtype=torch.float32)
+    eng = RadFMEngine.load(folder, device="cpu", dtype=torch.float32)  # or quantization="int8"
     eng.tokenize(text) -> list[int]
     eng.image_tag(k) -> str
     eng.logits(input_ids, vision_x) -> FloatTensor[1, L, vocab]
@@ -14,7 +14,6 @@ tensors ``[3, H, W, D]`` (which may differ in depth) and returns a cancellable,
 iterable :class:`~RadFMSlicer.generation.Generation`.
 """
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -26,9 +25,10 @@ import torch
 
 from .checkpoint import CheckpointFiles, load_model, locate_checkpoint, resolve_device, resolve_dtype
 from .errors import CheckpointError, ImageError, RadFMError
-from .generation import Generation, GenerationResult, GenerationSettings
+from .generation import Generation, GenerationResult, GenerationSettings, explain_out_of_memory
 from .model import RadFMModel
 from .model.radfm import FRAME_PATCH_SIZE, PATCH_SIZE
+from .quantization import check_tier, choose_dtype
 from .tokenizer import RadFMTokenizer
 
 log = logging.getLogger(__name__)
@@ -75,19 +75,6 @@ class EncodingCache:
         return len(self._entries)
 
 
-@contextlib.contextmanager
-def explain_out_of_memory(what: str):
-    """Turn a CUDA out-of-memory error into an actionable RadFMError, freeing the cache."""
-    try:
-        yield
-    except torch.cuda.OutOfMemoryError as exc:
-        torch.cuda.empty_cache()
-        raise RadFMError(
-            f"GPU out of memory while {what}: use a lower precision (bfloat16, int8, int4), "
-            f"fewer slices, or close other GPU programs ({str(exc).splitlines()[0]})"
-        ) from exc
-
-
 class RadFMEngine:
     def __init__(
         self,
@@ -110,23 +97,35 @@ class RadFMEngine:
         cls,
         folder: "str | os.PathLike",
         device: "str | torch.device" = "cpu",
-        dtype: "str | torch.dtype" = torch.float32,
+        dtype: "str | torch.dtype | None" = None,
         cache_size: int = 8,
+        quantization: str | None = None,
     ) -> "RadFMEngine":
-        """Load a checkpoint folder (official ``pytorch_model.bin`` or converted safetensors)."""
+        """Load a checkpoint folder (official ``pytorch_model.bin`` or converted safetensors).
+
+        ``dtype`` unset ("auto"): float32 on CPU (the reference maths), bfloat16 on CUDA or
+        with ``quantization`` ("int8", "int4", "nf4": the LLM's linear layers, see
+        :mod:`RadFMSlicer.quantization`).
+        """
         files = locate_checkpoint(folder)
-        target_device, target_dtype = resolve_device(device), resolve_dtype(dtype)
+        target_device = resolve_device(device)
+        tier = check_tier(quantization)
+        asked = None if dtype in (None, "auto") else resolve_dtype(dtype)
+        target_dtype = choose_dtype(asked, target_device, tier)
         tokenizer = RadFMTokenizer(files.tokenizer_model)
         with explain_out_of_memory(f"loading {files.folder}"):
-            model = load_model(files, target_device, target_dtype)
+            model = load_model(files, target_device, target_dtype, tier)
         if tokenizer.vocab_size != model.dims.vocab_size:
             raise CheckpointError(
                 f"{files.tokenizer_model} has {tokenizer.vocab_size} pieces but the model's vocabulary has "
                 f"{model.dims.vocab_size}: wrong tokenizer folder (use Language_files/ from the RadFM release)"
             )
         tokenizer.tokens_per_image = model.dims.num_latents
-        log.info("loaded %s (%s layout) on %s as %s", files.folder, files.layout, target_device, target_dtype)
-        return cls(model, tokenizer, files, cache_size)
+        log.info("loaded %s (%s layout) on %s as %s%s", files.folder, files.layout, target_device, target_dtype,
+                 f", LLM linears {tier}" if tier else "")
+        engine = cls(model, tokenizer, files, cache_size)
+        engine.quantization = tier
+        return engine
 
     # --- text ---------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -218,9 +217,7 @@ class RadFMEngine:
 
     def answer(self, text: str, images: Sequence[torch.Tensor], settings: GenerationSettings | None = None,
                on_text=None) -> GenerationResult:
-        generation = self.stream(text, images, settings)
-        with explain_out_of_memory("generating"):
-            return generation.run(on_text)
+        return self.stream(text, images, settings).run(on_text)
 
     def describe(self) -> dict:
         """What produced an answer, for provenance."""

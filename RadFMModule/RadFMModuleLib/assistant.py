@@ -1,0 +1,246 @@
+"""What sits between the scene and the worker, shared by the chat panel and the module Logic.
+
+* ``Scene`` (protocol): what the assistant needs from the viewer. In Slicer it is
+  ``scene_adapters.SlicerScene``; in tests a plain Python object.
+* ``Assistant``: turns a selection (volumes, regions, window, history) into the worker's
+  ``ask`` arguments, writing big arrays to ``.npy`` files (they never travel in JSON);
+  starts, loads and restarts the worker; keeps the conversation and saves it in the scene.
+
+No Qt and no MRML here: ``build_ask`` reads the scene (call it on the GUI thread),
+``connect`` may block for minutes (the panel runs it on a thread through ``ConnectJob``).
+"""
+
+import os
+import queue
+import shutil
+import tempfile
+import threading
+from collections import namedtuple
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from .settings import ModelSettings
+
+TASK_TOKENS = {"report": 512, "rationale": 384, "vqa": 256, "diagnosis": 256, "modality": 32}
+WINDOW_AS_SHOWN = "view"  # use each volume's current window/level from the viewer
+
+# Shaped like the worker's events so the panel handles connection and answer alike.
+Note = namedtuple("Note", "kind text data", defaults=("", None))
+
+
+@dataclass
+class VolumeData:
+    name: str
+    array: np.ndarray  # [k, j, i], as slicer.util.arrayFromVolume gives it
+    ijk_to_ras: np.ndarray  # 4x4, world (RAS) coordinates
+    window: tuple | None  # (center, width) the viewer shows now
+    version: str = ""  # changes whenever voxels or geometry change
+
+
+@dataclass(frozen=True)
+class SceneItem:
+    id: str
+    name: str
+    kind: str  # "volume", "segment", "box" or "line"
+    detail: str = ""  # e.g. "23.4 mm" for a line
+
+
+class Scene(Protocol):
+    def volumes(self) -> list: ...  # SceneItem list
+    def regions(self) -> list: ...  # SceneItem list: segments, boxes and lines
+    def shown_volume_id(self) -> "str | None": ...
+    def volume(self, volume_id: str) -> VolumeData: ...
+    def segment_mask(self, segment_id: str, volume_id: str) -> np.ndarray: ...  # on the volume's grid
+    def box_ras(self, box_id: str) -> list: ...  # [[x0, y0, z0], [x1, y1, z1]]
+    def line_length_mm(self, line_id: str) -> float: ...
+    def load_session_json(self) -> "str | None": ...
+    def save_session_json(self, text: str) -> None: ...
+
+
+@dataclass
+class Selection:
+    """What the radiologist picked in the panel (or passed to the Logic)."""
+
+    volume_id: str | None = None
+    prior_id: str | None = None
+    region_ids: tuple = ()
+    window: object = WINDOW_AS_SHOWN  # WINDOW_AS_SHOWN, a preset name, or None (automatic)
+    history: str = ""
+
+
+def start_worker_client(python):
+    from RadFMSlicer.worker import WorkerClient  # imported on first use: keeps module import light
+
+    return WorkerClient.start(python=python)
+
+
+class Assistant:
+    def __init__(self, scene: Scene, start_client=start_worker_client, settings: ModelSettings | None = None):
+        self.scene = scene
+        self.settings = settings or ModelSettings()
+        self.start_client = start_client  # python path or None -> a started WorkerClient
+        self.client = None
+        self._loaded = None  # the settings the client was loaded with
+        self._closed = False
+        self._connecting = threading.Lock()  # one start/load at a time, whoever asks
+        self._session = None
+        self._files = tempfile.mkdtemp(prefix="radfm-slicer-")
+        self._volume_files = {}  # volume id -> (version, .npy path)
+
+    # ------------------------------------------------------------------ inputs
+    def build_ask(self, task: str, question: str, selection: Selection) -> dict:
+        """Keyword arguments for ``WorkerClient.ask``; reads the scene, writes ``.npy`` files."""
+        if not selection.volume_id:
+            raise ValueError("Choose the scan to ask about (no volume is selected).")
+        if question.strip() == "" and task == "vqa":
+            raise ValueError("Type a question first.")
+        if not self.settings.checkpoint_folder:
+            raise ValueError("Choose the RadFM checkpoint folder in Model settings first.")
+        as_shown = selection.window == WINDOW_AS_SHOWN
+        images = [self._image(selection.volume_id, "current", as_shown)]
+        if selection.prior_id and selection.prior_id != selection.volume_id:
+            images.append(self._image(selection.prior_id, "prior", as_shown))
+        known = {item.id: item for item in self.scene.regions()}
+        regions, lengths = [], []
+        for region_id in selection.region_ids:
+            item = known.get(region_id)
+            if item is None:
+                raise ValueError("A selected region is no longer in the scene; pick the regions again.")
+            if item.kind == "segment":
+                mask = np.asarray(self.scene.segment_mask(region_id, selection.volume_id)).astype(np.uint8)
+                if not mask.any():
+                    raise ValueError(f"Segment {item.name!r} is empty on {images[0]['name']}'s grid.")
+                path = self._new_file("mask")
+                np.save(path, mask)
+                regions.append({"mask": path, "label": None, "name": item.name, "image": 0})
+            elif item.kind == "box":
+                regions.append({"box_ras": self.scene.box_ras(region_id), "name": item.name, "image": 0})
+            elif item.kind == "line":
+                lengths.append(f"{item.name} {self.scene.line_length_mm(region_id):.1f} mm")
+        history = selection.history.strip()
+        if lengths:
+            history = "; ".join(filter(None, [history, "Measured: " + ", ".join(lengths)]))
+        return {
+            "task": task,
+            "question": question.strip(),
+            "images": images,
+            "regions": regions,
+            "history": history or None,
+            "window": None if as_shown else selection.window,
+            "max_new_tokens": TASK_TOKENS.get(task, 256),
+        }
+
+    def _image(self, volume_id: str, role: str, as_shown: bool) -> dict:
+        data = self.scene.volume(volume_id)
+        version, path = self._volume_files.get(volume_id, (None, None))
+        if version != data.version or not data.version:
+            path = self._new_file("volume")
+            np.save(path, np.ascontiguousarray(data.array))
+            self._volume_files[volume_id] = (data.version, path)
+        # "center,width": the spelling every window parser in RadFMSlicer accepts for one image.
+        window = f"{float(data.window[0])!r},{float(data.window[1])!r}" if (as_shown and data.window) else None
+        return {"array": path, "ijk_to_ras": np.asarray(data.ijk_to_ras, float).tolist(),
+                "name": data.name, "window": window, "role": role}
+
+    def _new_file(self, stem: str) -> str:
+        fd, path = tempfile.mkstemp(prefix=stem + "-", suffix=".npy", dir=self._files)
+        os.close(fd)
+        return path
+
+    # ------------------------------------------------------------------ worker
+    def connect(self, report=lambda text: None):
+        """A worker loaded with the current settings: reused, or (re)started. Blocks."""
+        with self._connecting:
+            return self._connect(report)
+
+    def _connect(self, report):
+        wanted = (self.settings.worker_python, self.settings.checkpoint_folder, tuple(self.settings.load_args().items()))
+        if self.client is not None:
+            if self._loaded == wanted and self._alive():
+                return self.client
+            self._drop_client()
+        report("Starting the model worker…")
+        self.client = self.start_client(self.settings.worker_python or None)
+        if self._closed:
+            self._drop_client()
+            raise RuntimeError("The RadFM panel was closed.")
+        args = self.settings.load_args()
+        report(f"Loading the model on {args['device']} ({self.settings.precision}); this can take a few minutes…")
+        self.client.load(self.settings.checkpoint_folder, **args)
+        self._loaded = wanted
+        return self.client
+
+    def _alive(self) -> bool:
+        try:
+            self.client.status()
+            return True
+        except Exception:  # a crashed or hung-up worker: start a fresh one
+            return False
+
+    def _drop_client(self):
+        client, self.client, self._loaded = self.client, None, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                pass
+
+    # ------------------------------------------------------------------ conversation
+    @property
+    def session(self):
+        if self._session is None:
+            self._session = self._new_session()
+        return self._session
+
+    @staticmethod
+    def _new_session(text: str | None = None):
+        from RadFMSlicer.session import Session  # imported on first use: keeps module import light
+
+        return Session.from_json(text) if text else Session()
+
+    def record(self, turn):
+        """Add a finished turn (dict or Turn) and save the conversation in the scene."""
+        turn = self.session.add_turn(turn)
+        self.scene.save_session_json(self.session.to_json())
+        return turn
+
+    def restore(self) -> list:
+        """Reload the conversation saved in the scene (if any); returns its turns."""
+        text = self.scene.load_session_json()
+        self._session = self._new_session(text) if text else None
+        return self._session.turns if self._session else []
+
+    def close(self):
+        self._closed = True
+        self._drop_client()
+        shutil.rmtree(self._files, ignore_errors=True)
+
+
+class ConnectJob:
+    """``Assistant.connect`` on a background thread; ``poll()`` like a worker request."""
+
+    def __init__(self, assistant: Assistant):
+        self._events = queue.Queue()
+        self._cancelled = False
+        threading.Thread(target=self._run, args=(assistant,), daemon=True, name="radfm-connect").start()
+
+    def _run(self, assistant):
+        try:
+            assistant.connect(lambda text: self._events.put(Note("status", text)))
+            self._events.put(Note("ready"))
+        except Exception as exc:  # WorkerError, a bad Python path, a missing folder...
+            self._events.put(Note("error", str(exc) or type(exc).__name__))
+
+    def poll(self) -> list:
+        if self._cancelled:
+            return []
+        events = []
+        while not self._events.empty():
+            events.append(self._events.get_nowait())
+        return events
+
+    def cancel(self):
+        """Stop reporting; a load in progress finishes and the worker is kept for next time."""
+        self._cancelled = True

@@ -1,0 +1,38 @@
+"""One import for Qt, so the panel runs both inside Slicer and under plain PySide6.
+
+Inside Slicer, PythonQt exposes every class in one flat ``qt`` module; outside, Qt.py
+over PySide6 splits them across QtWidgets/QtCore/QtGui. Both accept the old-style enum
+spelling (``QtCore.Qt.AlignTop``), which the panel uses throughout. PythonQt cannot
+declare new signals, so the panel reports to its owner through plain callbacks.
+"""
+
+try:
+    import qt  # PythonQt, only present inside Slicer
+
+    QtCore = QtGui = QtWidgets = qt
+    IN_SLICER = True
+except ImportError:
+    from Qt import QtCore, QtGui, QtWidgets
+
+    IN_SLICER = False
+
+
+def ask_save_path(parent, caption: str, name_filter: str) -> str:
+    """Save-file dialog; PySide returns ``(path, filter)`` where PythonQt returns the path."""
+    result = QtWidgets.QFileDialog.getSaveFileName(parent, caption, "", name_filter)
+    return result[0] if isinstance(result, tuple) else result
+
+
+def ask_existing_dir(parent, caption: str, start: str = "") -> str:
+    return QtWidgets.QFileDialog.getExistingDirectory(parent, caption, start)
+
+
+def ask_open_path(parent, caption: str, start: str = "") -> str:
+    result = QtWidgets.QFileDialog.getOpenFileName(parent, caption, start)
+    return result[0] if isinstance(result, tuple) else result
+
+
+def get(obj, name: str):
+    """Read a Qt property: PythonQt exposes it as an attribute, PySide as a getter method."""
+    value = getattr(obj, name)
+    return value() if callable(value) else value

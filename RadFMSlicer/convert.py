@@ -1,0 +1,123 @@
+"""``radfm convert``: the released fp32 ``pytorch_model.bin`` to sharded 16-bit safetensors.
+
+Why: the release is one 56 GB pickle. The converted folder is half the size (bfloat16),
+holds only what inference uses (training heads, the duplicate text embedding and rotary
+tables dropped), loads without unpickling, and every file is listed with its sha256 in
+``radfm_manifest.json`` so a copy can be checked. The layout is HuggingFace's
+(``model.safetensors.index.json`` + ``model-0000k-of-0000n.safetensors``), which
+``checkpoint.locate_checkpoint`` recognises. Memory: one shard plus one tensor.
+"""
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import (
+    LANGUAGE_FILES, SAFETENSORS_INDEX, WeightSource, check_keys, is_inference_key, llama_config,
+    locate_checkpoint, resolve_dtype,
+)
+from .errors import CheckpointError
+from .model import RadFMDims, RadFMModel
+
+MANIFEST = "radfm_manifest.json"
+DEFAULT_SHARD_GB = 2.0
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, shard_bytes: int) -> list[list[str]]:
+    """Keys grouped in file order into shards of at most ``shard_bytes`` (a larger tensor goes alone)."""
+    shards, size = [[]], 0
+    for key, shape in shapes.items():
+        nbytes = itemsize * int(torch.Size(shape).numel())
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def convert_checkpoint(src_folder, out_folder, dtype="bfloat16", shard_size_gb: float = DEFAULT_SHARD_GB,
+                       progress=None) -> Path:
+    """Write the inference weights of ``src_folder`` to ``out_folder`` as sharded safetensors.
+
+    ``out_folder`` must be new or empty. ``progress(message)`` is called once per shard.
+    """
+    from safetensors.torch import save_file
+
+    files = locate_checkpoint(src_folder)
+    store_dtype = resolve_dtype(dtype)
+    out = Path(out_folder).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} already exists and is not empty: choose a new folder for the converted checkpoint")
+    if shard_size_gb <= 0:
+        raise CheckpointError(f"shard size must be positive, got {shard_size_gb} GB")
+
+    source = WeightSource(files)
+    dims = RadFMDims.from_shapes(source.shapes)
+    with torch.device("meta"):
+        check_keys(RadFMModel(dims, llama_config(files, dims)), source.shapes)  # fail before writing gigabytes
+    keep = {k: s for k, s in source.shapes.items() if is_inference_key(k)}
+    shards = plan_shards(keep, store_dtype.itemsize, int(shard_size_gb * 1e9))
+
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for index, keys in enumerate(shards, 1):
+        name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {k: source.load(k, torch.device("cpu"), store_dtype) for k in keys}
+        save_file(tensors, str(out / name), metadata={"format": "pt"})
+        (out / name).chmod(0o644)  # safetensors writes 0600; a model folder is often shared
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(keys, name))
+        del tensors
+        if progress:
+            progress(f"wrote {name} ({(out / name).stat().st_size / 1e9:.2f} GB, {len(keys)} tensors)")
+    for path in sorted((files.folder / LANGUAGE_FILES).rglob("*")):  # contents only: the release may be read-only
+        if path.is_file():
+            copy = out / path.relative_to(files.folder)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, copy)
+    (out / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+    written = sorted(p for p in out.rglob("*") if p.is_file())
+    manifest = {
+        "format": "radfm-safetensors",
+        "dtype": str(store_dtype).replace("torch.", ""),
+        "created_by": f"RadFMSlicer {__version__}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"folder": str(files.folder.resolve()), "layout": files.layout, "fingerprint": files.fingerprint()},
+        "dropped_keys": sorted(set(source.shapes) - set(keep)),
+        "files": {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in written},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def add_convert_arguments(parser) -> None:
+    """The options of ``radfm convert``."""
+    parser.add_argument("--checkpoint", required=True, help="folder with pytorch_model.bin and Language_files/")
+    parser.add_argument("--out", required=True, help="new folder for the safetensors shards")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="precision stored on disk (default bfloat16: half the size, what GPUs load)")
+    parser.add_argument("--shard-size-gb", type=float, default=DEFAULT_SHARD_GB,
+                        help=f"largest shard in GB (default {DEFAULT_SHARD_GB}); converting needs about this much RAM")
+
+
+def run_convert(args) -> int:
+    started = time.perf_counter()
+    out = convert_checkpoint(args.checkpoint, args.out, args.dtype, args.shard_size_gb, progress=print)
+    print(f"converted {args.checkpoint} -> {out} ({args.dtype}) in {time.perf_counter() - started:.0f} s; "
+          f"load it with --checkpoint {out}")
+    return 0

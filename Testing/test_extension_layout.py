@@ -1,0 +1,180 @@
+"""The extension as Slicer's build and Extensions Index see it, and its first-use install.
+
+CMake lists are checked against the files on disk (so a new Python file cannot be left out
+of the package), the .s4ext against CMakeLists.txt, and the module's import is checked to
+stay light (no torch, no model code) and to need ``slicer`` only inside RadFMModule/.
+"""
+
+import re
+import struct
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+MODULE = PROJECT / "RadFMModule"
+sys.path.insert(0, str(MODULE))
+
+import slicer_standin  # noqa: E402
+
+
+def cmake_list(text: str, name: str) -> list:
+    """The entries of ``set(<name> ...)`` in a CMakeLists.txt."""
+    (body,) = re.findall(rf"set\({name}\s+(.*?)\)", text, re.S)
+    return body.split()
+
+
+def python_files(root: Path, under: str) -> list:
+    return sorted(str(p.relative_to(root)) for p in (root / under).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def cmake_variables() -> dict:
+    text = (PROJECT / "CMakeLists.txt").read_text()
+    return dict(re.findall(r'set\((EXTENSION_\w+)\s+"([^"]*)"\)', text))
+
+
+def s4ext_fields() -> dict:
+    lines = (PROJECT / "RadFMSlicer.s4ext").read_text().splitlines()
+    return dict(line.split(" ", 1) for line in lines if line.strip() and not line.startswith("#"))
+
+
+def png_size(path: Path) -> tuple:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_module_cmake_lists_every_python_file_it_ships():
+    text = (MODULE / "CMakeLists.txt").read_text()
+    module_scripts = [s.replace("${MODULE_NAME}", "RadFMModule") for s in cmake_list(text, "MODULE_PYTHON_SCRIPTS")]
+    assert sorted(module_scripts) == python_files(MODULE, "."), "update MODULE_PYTHON_SCRIPTS in RadFMModule/CMakeLists.txt"
+    assert sorted(cmake_list(text, "CORE_PYTHON_SCRIPTS")) == python_files(PROJECT, "RadFMSlicer"), \
+        "update CORE_PYTHON_SCRIPTS in RadFMModule/CMakeLists.txt"
+    for resource in cmake_list(text, "MODULE_PYTHON_RESOURCES"):
+        assert png_size(MODULE / resource.replace("${MODULE_NAME}", "RadFMModule")) == (128, 128)
+    assert "slicerMacroBuildScriptedModule(" in text and "SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR}/.." in text
+
+
+def test_top_level_cmake_is_a_slicer_extension():
+    text = (PROJECT / "CMakeLists.txt").read_text()
+    for statement in ("project(RadFMSlicer)", "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})",
+                      "add_subdirectory(RadFMModule)", "include(${Slicer_EXTENSION_GENERATE_CONFIG})",
+                      "include(${Slicer_EXTENSION_CPACK})"):
+        assert statement in text
+    variables = cmake_variables()
+    for name in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "STATUS"):
+        assert variables.get(f"EXTENSION_{name}"), f"EXTENSION_{name} is not set"
+    assert variables["EXTENSION_DEPENDS"] == "PyTorch"
+
+
+def test_s4ext_agrees_with_cmake_and_points_at_files_that_exist():
+    fields, variables = s4ext_fields(), cmake_variables()
+    assert fields["scm"] == "git" and fields["scmurl"].endswith(".git") and fields["depends"] == "PyTorch"
+    for field in ("homepage", "category", "contributors", "description", "iconurl", "screenshoturls", "status"):
+        assert fields[field] == variables[f"EXTENSION_{field.upper()}"], field
+    for url in (fields["iconurl"], *fields["screenshoturls"].split()):
+        local = PROJECT / url.split("/main/", 1)[1]
+        assert local.is_file(), f"{url} points at {local}, which is missing"
+    assert png_size(PROJECT / "Resources" / "Icons" / "RadFM.png") == (128, 128)
+
+
+def test_license_is_the_apache_2_text():
+    text = (PROJECT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text and len(text.splitlines()) > 150
+
+
+def test_slicer_is_imported_only_inside_the_module():
+    for path in [*PROJECT.glob("RadFMSlicer/**/*.py"), *PROJECT.glob("bench/**/*.py")]:
+        assert not re.search(r"^\s*(import|from)\s+slicer\b", path.read_text(), re.M), path
+    mrml = re.compile(r"mrmlScene|(getNodesByClass|arrayFrom\w*)\(")
+    touching = {p.name for p in (MODULE / "RadFMModuleLib").glob("*.py") if mrml.search(p.read_text())}
+    assert touching == {"scene_adapters.py"}, "only scene_adapters may read the MRML scene"
+
+
+def test_importing_the_module_is_light_and_describes_it():
+    """In a fresh Python: the module file imports with the stand-in, without torch or model code."""
+    script = textwrap.dedent(f"""
+        import sys, types
+        sys.path[:0] = [{str(MODULE)!r}, {str(PROJECT / "Testing")!r}]
+        import slicer_standin
+        sys.modules.update(slicer_standin.install())
+        import RadFMModule
+        parent = types.SimpleNamespace()
+        RadFMModule.RadFMModule(parent)
+        heavy = sorted(m for m in ("torch", "SimpleITK", "RadFMSlicer.engine", "RadFMSlicer.session") if m in sys.modules)
+        print(repr((heavy, parent.title, parent.categories, parent.contributors, parent.helpText,
+                    parent.acknowledgementText)))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    heavy, title, categories, contributors, help_text, thanks = eval(out.stdout.strip().splitlines()[-1])
+    assert heavy == [], f"importing RadFMModule pulled in {heavy}"
+    assert title == "RadFM" and categories and contributors
+    assert "Research use only" in help_text and "not a medical device" in help_text
+    assert "RadFM" in thanks
+
+
+# ---------------------------------------------------------------------------------- first use
+@pytest.fixture
+def slicer(monkeypatch):
+    for name, module in slicer_standin.install().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return slicer_standin
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """Pretend-installed requirements, starting with none: what ``dependencies`` sees as present."""
+    from RadFMModuleLib import dependencies
+
+    present = set()
+    monkeypatch.setattr(dependencies, "_satisfied", lambda requirement: requirement in present)
+    return present
+
+
+def test_install_asks_once_and_pins_slicers_numpy_and_simpleitk(slicer, installed, monkeypatch):
+    import numpy
+    from RadFMModuleLib import dependencies
+    from RadFMModuleLib.settings import ModelSettings
+
+    pip_calls = []
+
+    def pip_install(args):
+        constraints = Path(args[args.index("-c") + 1]).read_text()
+        pip_calls.append((constraints, args[2:]))
+        installed.update(args[2:])
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation, torchVersionRequirement):
+            installed.add(dependencies.TORCH)
+            return types.ModuleType("torch")
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+
+    assert dependencies.ensure(ModelSettings(precision="int8 weights"))
+    (question,) = slicer.util.shown
+    for requirement in (dependencies.TORCH, *dependencies.PACKAGES, dependencies.QUANTIZATION):
+        assert requirement in question
+    ((constraints, requirements),) = pip_calls
+    assert requirements == [*dependencies.PACKAGES, dependencies.QUANTIZATION]  # torch came from PyTorchUtils
+    assert f"numpy=={numpy.__version__}" in constraints and "SimpleITK==" in constraints
+    assert dependencies.ensure(ModelSettings(precision="int8 weights")) and len(slicer.util.shown) == 1
+
+
+def test_no_install_without_consent_or_without_the_pytorch_extension(slicer, installed, monkeypatch):
+    from RadFMModuleLib import dependencies
+    from RadFMModuleLib.settings import ModelSettings
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # the PyTorch extension is not installed
+    slicer.util.consent = False
+    assert not dependencies.ensure(ModelSettings())
+    slicer.util.consent = True
+    assert not dependencies.ensure(ModelSettings())
+    assert "Extensions Manager" in slicer.util.shown[-1] and slicer.util.installed == [] and not installed
+    assert dependencies.ensure(ModelSettings(worker_python="/opt/radfm/bin/python"))  # brings its own packages

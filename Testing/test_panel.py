@@ -1,0 +1,397 @@
+"""The chat panel under real Qt (PySide6, offscreen), with a scripted worker client.
+
+The scene is plain Python (a chest CT phantom, a prior, a segment, an ROI box, a line);
+every ask goes through the real RadFMSlicer input pipeline in ``ScriptedWorkerClient``,
+so the requests the panel builds are the ones the worker accepts.
+"""
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT / "RadFMModule"))
+
+from RadFMModuleLib import chat_panel  # noqa: E402
+from RadFMModuleLib.assistant import Assistant, SceneItem, VolumeData  # noqa: E402
+from RadFMModuleLib.chat_panel import CURSOR, NOTICE, AnswerView, ChatPanel  # noqa: E402
+from RadFMModuleLib.qt_shim import QtCore, QtGui, QtWidgets  # noqa: E402
+from RadFMModuleLib.settings import ModelSettings  # noqa: E402
+from scripted_worker import CRASH, PAUSE, ScriptedWorkerClient, tokens  # noqa: E402
+
+SCREENSHOT = PROJECT / "Resources" / "Screenshots" / "RadFMPanel.png"
+# Stored like most CT series: i -> patient left, j -> posterior, k -> superior (LPS order in RAS).
+IJK_TO_RAS = np.array([[-0.8, 0, 0, 32.0], [0, -0.8, 0, 40.0], [0, 0, 5.0, -30.0], [0, 0, 0, 1]])
+SHAPE = (12, 80, 80)  # k, j, i
+NODULE = (7, 30, 24)  # k, j, i: right upper lung (small i = patient right)
+
+
+def chest_phantom(nodule: bool) -> np.ndarray:
+    """Axial chest CT in HU: body, two lungs, spine, and (optionally) a solid nodule."""
+    k, j, i = np.indices(SHAPE)
+    ct = np.full(SHAPE, -1000, dtype=np.int16)
+    ct[((i - 40) / 36) ** 2 + ((j - 40) / 28) ** 2 < 1] = 40
+    for center in (24, 56):
+        ct[((i - center) / 12) ** 2 + ((j - 36) / 18) ** 2 < 1] = -850
+    ct[(i - 40) ** 2 + (j - 60) ** 2 < 25] = 700
+    if nodule:
+        ct[nodule_mask()] = 30
+    return ct
+
+
+def nodule_mask() -> np.ndarray:
+    k, j, i = np.indices(SHAPE)
+    return (i - NODULE[2]) ** 2 + (j - NODULE[1]) ** 2 + (5 * (k - NODULE[0])) ** 2 < 25
+
+
+def ras(ijk) -> list:
+    return (IJK_TO_RAS @ [*ijk, 1])[:3].tolist()
+
+
+class FakeScene:
+    """The assistant's Scene protocol in plain Python; the conversation is kept in ``saved``."""
+
+    NAMES = {"ct": "CT chest 2024-03-01", "prior": "CT chest 2023-09-12"}
+    ROI_IJK = ((48, 20, 3), (64, 40, 8))
+
+    def __init__(self):
+        self.arrays = {"ct": chest_phantom(nodule=True), "prior": chest_phantom(nodule=False)}
+        self.saved = None
+
+    def volumes(self):
+        return [SceneItem(key, name, "volume") for key, name in self.NAMES.items()]
+
+    def regions(self):
+        return [SceneItem("seg/lesion", "Lesion RUL", "segment"), SceneItem("roi1", "ROI 1", "box"),
+                SceneItem("line1", "Line 1", "line", "23.4 mm")]
+
+    def shown_volume_id(self):
+        return "ct"
+
+    def volume(self, volume_id):
+        return VolumeData(self.NAMES[volume_id], self.arrays[volume_id], IJK_TO_RAS, (-600.0, 1500.0), "1")
+
+    def segment_mask(self, segment_id, volume_id):
+        return nodule_mask()
+
+    def box_ras(self, box_id):
+        corners = np.array([ras(ijk) for ijk in self.ROI_IJK])
+        return [corners.min(0).tolist(), corners.max(0).tolist()]
+
+    def line_length_mm(self, line_id):
+        return 23.4
+
+    def load_session_json(self):
+        return self.saved
+
+    def save_session_json(self, text):
+        self.saved = text
+
+
+@pytest.fixture
+def store(tmp_path):
+    settings = QtCore.QSettings(str(tmp_path / "radfm.ini"), QtCore.QSettings.IniFormat)
+    ModelSettings(checkpoint_folder=str(tmp_path / "checkpoint"), device="cpu", precision="float32").save(settings)
+    return settings
+
+
+@pytest.fixture
+def open_panel(qtbot, store):
+    """open_panel(*scripts, scene=None, load_gate=None) -> (panel, scene, clients started)."""
+
+    def open_(*scripts, scene=None, load_gate=None):
+        shared, clients = list(scripts), []
+
+        def start(python):
+            clients.append(ScriptedWorkerClient(shared, load_gate))
+            return clients[-1]
+
+        scene = scene or FakeScene()
+        panel = ChatPanel(Assistant(scene, start), store)
+        qtbot.addWidget(panel)  # closed (and so shut down) after the test
+        panel.resize(440, 940)
+        return panel, scene, clients
+
+    return open_
+
+
+def wait_idle(qtbot, panel):
+    qtbot.waitUntil(lambda: not panel.busy_now, timeout=15000)
+
+
+def paused(clients):
+    return lambda: bool(clients and clients[-1].requests and clients[-1].requests[-1].script[:1] == [PAUSE])
+
+
+def check_all_regions(panel):
+    for n in range(panel.region_list.count()):
+        panel.region_list.item(n).setCheckState(QtCore.Qt.Checked)
+
+
+def thumbnails(view: AnswerView) -> list:
+    items = (view.thumbs.itemAt(n).widget() for n in range(view.thumbs.count()))
+    return [widget for widget in items if widget is not None]
+
+
+# ---------------------------------------------------------------------------------- asking
+def test_ask_button_streams_the_answer_token_by_token(open_panel, qtbot, monkeypatch):
+    answer = "No pleural effusion. The lungs are clear."
+    panel, scene, clients = open_panel(tokens(answer))
+    shown = []
+    append = AnswerView.append
+    monkeypatch.setattr(AnswerView, "append", lambda view, delta: (
+        append(view, delta), shown.append((view.body.text(), panel.status_label.text()))))
+
+    panel.input.setPlainText("Is there a pleural effusion?")
+    qtbot.mouseClick(panel.ask_button, QtCore.Qt.LeftButton)
+    assert panel.busy_now and panel.stop_button.isEnabled() and not panel.ask_button.isEnabled()
+    wait_idle(qtbot, panel)
+
+    parts = tokens(answer)
+    assert [text for text, _ in shown] == ["".join(parts[: n + 1]) + CURSOR for n in range(len(parts))]
+    assert "tokens/s" in shown[-1][1]
+    view = panel.answers[-1]
+    assert view.body.text() == answer and panel.status_label.text() == "Answer complete."
+    assert panel.input.toPlainText() == "" and panel.ask_button.isEnabled() and not panel.stop_button.isEnabled()
+
+    sent = clients[0].asks[0]
+    assert (sent["task"], sent["question"], sent["window"], sent["regions"]) == ("vqa", "Is there a pleural effusion?",
+                                                                                None, [])
+    image = sent["images"][0]
+    assert image["role"] == "current" and image["window"] == "-600.0,1500.0"  # the viewer's window/level
+    np.testing.assert_array_equal(np.load(image["array"]), scene.arrays["ct"])
+    np.testing.assert_allclose(image["ijk_to_ras"], IJK_TO_RAS)
+
+    turn = panel.assistant.session.turns[0]
+    assert turn.images[0].window["center"] == -600 and len(thumbnails(view)) == 1
+    assert "Image 1: CT chest 2024-03-01 (current)" in view.details.text() and not view.details.isVisible()
+    assert any(label.text() == NOTICE for label in view.frame.findChildren(QtWidgets.QLabel))
+    assert json.loads(scene.saved)["turns"][0]["answer"] == answer  # saved in the scene
+
+
+def test_enter_sends_and_shift_enter_starts_a_new_line(open_panel, qtbot):
+    panel, scene, clients = open_panel(tokens("Yes."))
+    qtbot.keyClicks(panel.input, "Any nodule")
+    qtbot.keyClick(panel.input, QtCore.Qt.Key_Return, QtCore.Qt.ShiftModifier)
+    qtbot.keyClicks(panel.input, "in the right lung?")
+    assert not panel.busy_now and panel.input.toPlainText() == "Any nodule\nin the right lung?"
+    qtbot.keyClick(panel.input, QtCore.Qt.Key_Return)
+    wait_idle(qtbot, panel)
+    assert clients[0].asks[0]["question"] == "Any nodule\nin the right lung?"
+    assert panel.answers[-1].body.text() == "Yes."
+
+
+def test_draft_report_sends_prior_regions_window_and_history(open_panel, qtbot):
+    panel, scene, clients = open_panel(tokens("Findings: a right upper lobe nodule."))
+    panel.prior_box.setCurrentIndex(panel.prior_box.findData("prior"))
+    panel.window_box.setCurrentIndex(panel.window_box.findData("lung"))
+    panel.history_edit.setText("67 y, male, former smoker")
+    check_all_regions(panel)
+    qtbot.mouseClick(panel.task_buttons[0], QtCore.Qt.LeftButton)  # Draft report
+    wait_idle(qtbot, panel)
+
+    sent = clients[0].asks[0]
+    assert sent["task"] == "report" and sent["window"] == "lung"
+    assert [(i["role"], i["name"], i["window"]) for i in sent["images"]] == [
+        ("current", "CT chest 2024-03-01", None), ("prior", "CT chest 2023-09-12", None)]
+    mask, box = sent["regions"]
+    np.testing.assert_array_equal(np.load(mask["mask"]), nodule_mask())
+    assert (mask["name"], mask["image"], box["name"], box["box_ras"]) == ("Lesion RUL", 0, "ROI 1",
+                                                                          scene.box_ras("roi1"))
+    assert sent["history"] == "67 y, male, former smoker; Measured: Line 1 23.4 mm"
+    turn = panel.assistant.session.turns[0]
+    assert [image.role for image in turn.images] == ["current", "prior", "region", "region"]
+    assert len(thumbnails(panel.answers[-1])) == 4
+
+
+def test_asking_without_a_question_or_checkpoint_explains_what_is_missing(open_panel, qtbot):
+    panel, scene, clients = open_panel()
+    panel.ask("vqa")
+    assert not panel.busy_now and panel.status_label.text() == "Type a question first."
+    panel.folder_edit.setText("")
+    panel.input.setPlainText("Any effusion?")
+    panel.ask("vqa")
+    assert not panel.busy_now and "checkpoint folder" in panel.status_label.text()
+    assert clients == [] and panel.answers == []
+
+
+# ---------------------------------------------------------------------------------- stopping
+def test_stop_cancels_and_keeps_the_words_so_far(open_panel, qtbot):
+    panel, scene, clients = open_panel(tokens("The lungs are") + [PAUSE] + tokens(" clear."))
+    panel.input.setPlainText("Describe the lungs.")
+    panel.ask("vqa")
+    qtbot.waitUntil(paused(clients))
+    qtbot.mouseClick(panel.stop_button, QtCore.Qt.LeftButton)
+    wait_idle(qtbot, panel)
+    assert clients[0].requests[0].cancelled
+    view = panel.answers[-1]
+    assert view.body.text() == "The lungs are" and view.state.text() == "Stopped before the end."
+    assert panel.assistant.session.turns[-1].stop_reason == "cancelled"
+    assert panel.ask_button.isEnabled() and not panel.stop_button.isEnabled()
+
+
+def test_stop_while_the_model_loads_then_ask_again(open_panel, qtbot):
+    gate = threading.Event()
+    panel, scene, clients = open_panel(tokens("Clear."), load_gate=gate)
+    panel.input.setPlainText("Any effusion?")
+    panel.ask("vqa")
+    qtbot.waitUntil(lambda: "Loading the model" in panel.status_label.text())
+    panel.stop()
+    assert not panel.busy_now and panel.assistant.session.turns[-1].stop_reason == "cancelled"
+    gate.set()
+    panel.input.setPlainText("Any effusion?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    assert len(clients) == 1 and panel.answers[-1].body.text() == "Clear."  # the same worker, loaded once
+
+
+def test_closing_mid_answer_cancels_and_stops_the_worker(open_panel, qtbot):
+    panel, scene, clients = open_panel(tokens("The lungs") + [PAUSE])
+    panel.input.setPlainText("Describe the lungs.")
+    panel.ask("vqa")
+    qtbot.waitUntil(paused(clients))
+    files = panel.assistant._files
+    panel.close()
+    assert clients[0].requests[0].cancelled and clients[0].closed
+    assert not os.path.exists(files) and not panel.busy_now
+
+
+# ---------------------------------------------------------------------------------- failures
+def test_worker_crash_is_shown_and_the_conversation_kept(open_panel, qtbot):
+    panel, scene, clients = open_panel(tokens("No effusion."), tokens("The") + [CRASH], tokens("Clear lungs."))
+    for question in ("Any effusion?", "Describe the lungs."):
+        panel.input.setPlainText(question)
+        panel.ask("vqa")
+        wait_idle(qtbot, panel)
+
+    error = panel.answers[-1].frame.findChild(QtWidgets.QLabel, "error")
+    assert "killed by SIGKILL" in error.text() and panel.answers[-1].body.text() == "The"
+    assert "conversation is kept" in panel.status_label.text()
+    assert panel.answers[0].body.text() == "No effusion."  # the earlier answer is still there
+    assert [t.error is None for t in panel.assistant.session.turns] == [True, False]
+
+    panel.input.setPlainText("Describe the lungs.")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    assert len(clients) == 2 and clients[0].closed  # a fresh worker replaced the dead one
+    assert panel.answers[-1].body.text() == "Clear lungs." and len(json.loads(scene.saved)["turns"]) == 3
+
+
+def test_a_request_the_worker_rejects_is_reported_in_the_conversation(open_panel, qtbot):
+    panel, scene, clients = open_panel()
+    scene.arrays["ct"] = np.zeros(SHAPE, dtype=np.int16)  # nothing to see: the pipeline refuses it
+    panel.input.setPlainText("Any effusion?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    assert "same value" in panel.answers[-1].frame.findChild(QtWidgets.QLabel, "error").text()
+
+
+# ---------------------------------------------------------------------------------- keeping it
+def test_conversation_is_restored_from_the_scene(open_panel, qtbot):
+    panel, scene, clients = open_panel(tokens("No effusion."))
+    panel.input.setPlainText("Any effusion?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    reopened, _, _ = open_panel(scene=scene)
+    assert [view.body.text() for view in reopened.answers] == ["No effusion."]
+    assert not reopened.empty_label.isVisible() and len(thumbnails(reopened.answers[0])) == 1
+
+
+def test_export_markdown_and_json(open_panel, qtbot, tmp_path, monkeypatch):
+    from RadFMSlicer.session import Session
+
+    panel, scene, clients = open_panel(tokens("No pleural effusion."))
+    panel.input.setPlainText("Is there a pleural effusion?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    markdown, as_json = tmp_path / "talk.md", tmp_path / "talk.json"
+    panel.export(str(markdown), "md")
+    monkeypatch.setattr(chat_panel, "ask_save_path", lambda *args: str(as_json))
+    panel.export_button.menu().actions()[1].trigger()  # "As JSON...", through the file dialog
+    text = markdown.read_text()
+    assert "Is there a pleural effusion?" in text and "No pleural effusion." in text and "Research use only" in text
+    assert Session.from_json(as_json.read_text()).turns[0].answer == "No pleural effusion."
+    panel.copy_answer()
+    assert QtWidgets.QApplication.clipboard().text() == "No pleural effusion."
+
+
+def test_model_settings_are_remembered_across_panels(qtbot, store):
+    panel = ChatPanel(Assistant(FakeScene()), store)
+    qtbot.addWidget(panel)
+    panel.folder_edit.setText("/models/RadFM")
+    panel.device_box.setCurrentText("cuda")
+    panel.precision_box.setCurrentText("int8 weights")
+    panel.python_edit.setText("/opt/radfm/bin/python")
+    panel.close()
+
+    reopened = ChatPanel(Assistant(FakeScene()), QtCore.QSettings(store.fileName(), QtCore.QSettings.IniFormat))
+    qtbot.addWidget(reopened)
+    assert (reopened.folder_edit.text(), reopened.device_box.currentText(), reopened.precision_box.currentText(),
+            reopened.python_edit.text()) == ("/models/RadFM", "cuda", "int8 weights", "/opt/radfm/bin/python")
+    settings = reopened.assistant.settings
+    assert settings.load_args() == {"device": "cuda", "dtype": "bfloat16", "quantization": "int8"}
+
+
+@pytest.fixture
+def main_window(qtbot):
+    """Stands for Slicer's main window; held by the fixture so it outlives the panel inside it."""
+    window = QtWidgets.QMainWindow()
+    qtbot.addWidget(window)
+    return window
+
+
+def test_typing_does_not_fire_single_key_viewer_shortcuts(open_panel, qtbot, main_window):
+    panel, scene, clients = open_panel()
+    window = main_window
+    window.setCentralWidget(panel)
+    fired = []
+    for key in ("a", "Space", "Delete"):  # Slicer-style single-key shortcuts on the main window
+        QtGui.QShortcut(QtGui.QKeySequence(key), window).activated.connect(lambda key=key: fired.append(key))
+    window.show()
+    window.activateWindow()
+    qtbot.waitUntil(lambda: QtWidgets.QApplication.activeWindow() is window)  # shortcuts need an active window
+
+    panel.ask_button.setFocus()
+    qtbot.keyClick(panel.ask_button, QtCore.Qt.Key_A)
+    assert fired == ["a"]  # the shortcut is live when no text box has the focus
+
+    for box in (panel.input, panel.history_edit):
+        box.setFocus()
+        qtbot.keyClicks(box, "a a")
+        qtbot.keyClick(box, QtCore.Qt.Key_Delete)
+    assert fired == ["a"]
+    assert panel.input.toPlainText() == "a a" and panel.history_edit.text() == "a a"
+
+
+# ---------------------------------------------------------------------------------- screenshot
+def test_screenshot_mid_conversation(open_panel, qtbot):
+    """The panel as a radiologist sees it: one answer with its region, a report being written."""
+    report = ("Findings: A 9 mm solid nodule in the right upper lobe, with smooth margins. No consolidation. "
+              "No pleural effusion. Heart size is normal. No mediastinal lymphadenopathy.\n"
+              "Impression: Solitary right upper lobe nodule; compare with prior imaging and consider follow-up CT.")
+    cut = report.index("No pleural")
+    panel, scene, clients = open_panel(tokens("Yes. There is a solid nodule in the right upper lobe; it has "
+                                              "smooth margins and no cavitation."),
+                                       tokens(report[:cut]) + [PAUSE] + tokens(report[cut:]))
+    panel.history_edit.setText("67 y, male, former smoker, cough for 3 weeks")
+    panel.window_box.setCurrentIndex(panel.window_box.findData("lung"))
+    panel.region_list.item(0).setCheckState(QtCore.Qt.Checked)
+    panel.input.setPlainText("Is the marked lesion a solid nodule?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    panel.region_list.item(0).setCheckState(QtCore.Qt.Unchecked)
+    qtbot.mouseClick(panel.task_buttons[0], QtCore.Qt.LeftButton)
+    qtbot.waitUntil(paused(clients))
+    qtbot.wait(3 * chat_panel.TICK_MS)
+    panel.show()
+    qtbot.waitExposed(panel)
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    assert panel.grab().save(str(SCREENSHOT))
+    assert panel.busy_now and len(thumbnails(panel.answers[0])) == 2

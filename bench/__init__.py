@@ -1,0 +1,1 @@
+"""Benchmarks of RadFMSlicer's speed and memory, run by hand: ``python -m bench.run [--quick]``."""
