@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from . import __version__
@@ -31,8 +32,10 @@ def quiet_third_party_logs() -> None:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="RadFM folder: pytorch_model.bin + Language_files/")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--quantization", default=None, help="int8, int4 or nf4 weight-only quantization of the LLM")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: bfloat16 on CUDA or with --quantization, float32 on CPU")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4", "nf4"],
+                   help="weight-only quantization of the LLM's linear layers (see README: precision tiers)")
 
 
 def add_image_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -122,10 +125,11 @@ def request_from_args(args, image_paths=None, question=None, task=None):
 def load_engine(args):
     from .engine import RadFMEngine
 
-    dtype = args.dtype or ("bfloat16" if str(args.device).startswith("cuda") else "float32")
-    print(f"Loading {args.checkpoint} on {args.device} ({dtype}) ...", file=sys.stderr, flush=True)
-    extra = {"quantization": args.quantization} if args.quantization else {}
-    return RadFMEngine.load(args.checkpoint, device=args.device, dtype=dtype, **extra)
+    print(f"Loading {args.checkpoint} on {args.device} ...", file=sys.stderr, flush=True)
+    engine = RadFMEngine.load(args.checkpoint, device=args.device, dtype=args.dtype, quantization=args.quantization)
+    tier = f", LLM linears {engine.quantization}" if engine.quantization else ""
+    print(f"Loaded as {str(engine.dtype).replace('torch.', '')}{tier}", file=sys.stderr, flush=True)
+    return engine
 
 
 # --- subcommands ----------------------------------------------------------------------------
@@ -281,6 +285,17 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from .convert import convert_checkpoint
+
+    started = time.perf_counter()
+    out = convert_checkpoint(args.checkpoint, args.out, args.dtype, args.shard_size_gb,
+                             progress=lambda message: print(message, file=sys.stderr, flush=True))
+    print(f"converted {args.checkpoint} -> {out} ({args.dtype}) in {time.perf_counter() - started:.0f} s; "
+          f"load it with --checkpoint {out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radfm", description="Ask the RadFM model about CT/MR scans (research use only).")
     parser.add_argument("--version", action="version", version=f"radfm {__version__}")
@@ -315,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="where to write the tiny checkpoint, previews and session")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("convert", help="the official pytorch_model.bin to sharded 16-bit safetensors (faster, leaner loads)")
+    p.add_argument("--checkpoint", required=True, help="folder with pytorch_model.bin and Language_files/")
+    p.add_argument("--out", required=True, help="new folder for the safetensors shards")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="precision stored on disk (default bfloat16: half the size, what GPUs load)")
+    p.add_argument("--shard-size-gb", type=float, default=2.0,
+                   help="largest shard in GB (default 2); converting needs about this much RAM")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

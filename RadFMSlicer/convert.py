@@ -103,21 +103,3 @@ def convert_checkpoint(src_folder, out_folder, dtype="bfloat16", shard_size_gb: 
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out
-
-
-def add_convert_arguments(parser) -> None:
-    """The options of ``radfm convert``."""
-    parser.add_argument("--checkpoint", required=True, help="folder with pytorch_model.bin and Language_files/")
-    parser.add_argument("--out", required=True, help="new folder for the safetensors shards")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
-                        help="precision stored on disk (default bfloat16: half the size, what GPUs load)")
-    parser.add_argument("--shard-size-gb", type=float, default=DEFAULT_SHARD_GB,
-                        help=f"largest shard in GB (default {DEFAULT_SHARD_GB}); converting needs about this much RAM")
-
-
-def run_convert(args) -> int:
-    started = time.perf_counter()
-    out = convert_checkpoint(args.checkpoint, args.out, args.dtype, args.shard_size_gb, progress=print)
-    print(f"converted {args.checkpoint} -> {out} ({args.dtype}) in {time.perf_counter() - started:.0f} s; "
-          f"load it with --checkpoint {out}")
-    return 0

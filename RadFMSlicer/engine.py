@@ -82,6 +82,7 @@ class RadFMEngine:
         tokenizer: RadFMTokenizer,
         files: CheckpointFiles | None = None,
         cache_size: int = 8,
+        quantization: str | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -90,7 +91,7 @@ class RadFMEngine:
         self.device = next(model.parameters()).device
         self.dtype = model.embedding_layer.fc.weight.dtype
         self.vision_dtype = self.dtype
-        self.quantization: str | None = None
+        self.quantization = quantization
 
     @classmethod
     def load(
@@ -123,9 +124,7 @@ class RadFMEngine:
         tokenizer.tokens_per_image = model.dims.num_latents
         log.info("loaded %s (%s layout) on %s as %s%s", files.folder, files.layout, target_device, target_dtype,
                  f", LLM linears {tier}" if tier else "")
-        engine = cls(model, tokenizer, files, cache_size)
-        engine.quantization = tier
-        return engine
+        return cls(model, tokenizer, files, cache_size, tier)
 
     # --- text ---------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:

@@ -163,7 +163,7 @@ def _torchao_config(tier: str, device: torch.device, in_features: int):
     try:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
     except ImportError as exc:
-        raise CheckpointError(f"{tier} needs torchao: pip install 'torchao>=0.10'") from exc
+        raise CheckpointError(f"{tier} needs torchao: pip install 'torchao>=0.18'") from exc
     if tier == "int8":
         return Int8WeightOnlyConfig()
     if device.type == "cuda":

@@ -147,9 +147,8 @@ class WorkerServer:
         self.send(rid, "status", f"loading model from {args['checkpoint']}")
         self.engine = None
         start = time.perf_counter()
-        self.engine = RadFMEngine.load(args["checkpoint"], device=args["device"] or "cpu",
-                                       dtype=args["dtype"] or "float32",
-                                       **({"quantization": args["quantization"]} if args["quantization"] else {}))
+        self.engine = RadFMEngine.load(args["checkpoint"], device=args["device"] or "cpu", dtype=args["dtype"],
+                                       quantization=args["quantization"])
         self.load_args = args
         self.send(rid, "done", "model loaded", model=self.engine.describe(),
                   load_s=round(time.perf_counter() - start, 2))
@@ -435,7 +434,7 @@ class WorkerClient:
     def hello(self, timeout: float = 60) -> dict:
         return self.send("hello").result(timeout)
 
-    def load(self, folder, device: str = "cpu", dtype: str = "float32", quantization: str | None = None,
+    def load(self, folder, device: str = "cpu", dtype: str | None = None, quantization: str | None = None,
              timeout: float = 3600) -> dict:
         """Load a checkpoint in the worker; blocks; raises WorkerError with the worker's message."""
         args = {"checkpoint": str(folder), "device": device, "dtype": dtype, "quantization": quantization}

@@ -1,6 +1,5 @@
 """radfm convert: sharded safetensors that load to the same model, with a checkable manifest."""
 
-import argparse
 import json
 
 import pytest
@@ -8,7 +7,8 @@ import torch
 from safetensors import safe_open
 
 from RadFMSlicer.checkpoint import SAFETENSORS_INDEX, is_inference_key
-from RadFMSlicer.convert import MANIFEST, add_convert_arguments, convert_checkpoint, run_convert, sha256_file
+from RadFMSlicer.cli import main as radfm
+from RadFMSlicer.convert import MANIFEST, convert_checkpoint, sha256_file
 from RadFMSlicer.engine import RadFMEngine
 from RadFMSlicer.errors import CheckpointError
 
@@ -59,10 +59,11 @@ def test_refuses_a_non_empty_output_folder(tmp_path, fixture_dir):
         convert_checkpoint(fixture_dir, tmp_path)
 
 
-def test_command_line(tmp_path, fixture_dir, capsys):
-    parser = argparse.ArgumentParser()
-    add_convert_arguments(parser)
+def test_command_line_converts_and_the_result_answers(tmp_path, fixture_dir, capsys):
     out = tmp_path / "fp32"
-    assert run_convert(parser.parse_args(["--checkpoint", str(fixture_dir), "--out", str(out), "--dtype", "float32"])) == 0
-    assert "model-00001-of-00001.safetensors" in capsys.readouterr().out
+    assert radfm(["convert", "--checkpoint", str(fixture_dir), "--out", str(out), "--dtype", "float32"]) == 0
+    assert "model-00001-of-00001.safetensors" in capsys.readouterr().err
     assert json.loads((out / MANIFEST).read_text())["dtype"] == "float32"
+    # a second run into the same folder is refused without touching it
+    assert radfm(["convert", "--checkpoint", str(fixture_dir), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err

@@ -40,8 +40,6 @@ def bf16_engine(fixture_dir):
 
 @pytest.mark.parametrize("tier", ["bfloat16", "int8", "int4", "nf4"])
 def test_tier_against_float32(tier, fixture_dir, fixture_cases, engine, bf16_engine):
-    if tier == "nf4":
-        pytest.importorskip("bitsandbytes")
     quantized = load(fixture_dir, tier)
     assert quantized.quantization == (None if tier == "bfloat16" else tier)
     assert quantized.dtype == torch.bfloat16
