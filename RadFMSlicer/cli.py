@@ -36,6 +36,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="default: bfloat16 on CUDA or with --quantization, float32 on CPU")
     p.add_argument("--quantization", default=None, choices=["int8", "int4", "nf4"],
                    help="weight-only quantization of the LLM's linear layers (see README: precision tiers)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="static KV cache + torch.compile'd decode step: faster tokens on a GPU after a slow first answer")
 
 
 def add_image_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -126,7 +128,8 @@ def load_engine(args):
     from .engine import RadFMEngine
 
     print(f"Loading {args.checkpoint} on {args.device} ...", file=sys.stderr, flush=True)
-    engine = RadFMEngine.load(args.checkpoint, device=args.device, dtype=args.dtype, quantization=args.quantization)
+    engine = RadFMEngine.load(args.checkpoint, device=args.device, dtype=args.dtype, quantization=args.quantization,
+                             compile_decode=args.compile_decode)
     tier = f", LLM linears {engine.quantization}" if engine.quantization else ""
     print(f"Loaded as {str(engine.dtype).replace('torch.', '')}{tier}", file=sys.stderr, flush=True)
     return engine

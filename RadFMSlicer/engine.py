@@ -25,7 +25,9 @@ import torch
 
 from .checkpoint import CheckpointFiles, load_model, locate_checkpoint, resolve_device, resolve_dtype
 from .errors import CheckpointError, ImageError, RadFMError
-from .generation import Generation, GenerationResult, GenerationSettings, explain_out_of_memory
+from .generation import (
+    CompiledDecoder, DynamicDecoder, Generation, GenerationResult, GenerationSettings, explain_out_of_memory,
+)
 from .model import RadFMModel
 from .model.radfm import FRAME_PATCH_SIZE, PATCH_SIZE
 from .quantization import check_tier, choose_dtype
@@ -83,6 +85,7 @@ class RadFMEngine:
         files: CheckpointFiles | None = None,
         cache_size: int = 8,
         quantization: str | None = None,
+        compile_decode: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -90,8 +93,9 @@ class RadFMEngine:
         self.cache = EncodingCache(cache_size)
         self.device = next(model.parameters()).device
         self.dtype = model.embedding_layer.fc.weight.dtype
-        self.vision_dtype = self.dtype
         self.quantization = quantization
+        self.compile_decode = compile_decode
+        self._compiled_decoder: CompiledDecoder | None = None  # built on the first answer
 
     @classmethod
     def load(
@@ -101,12 +105,14 @@ class RadFMEngine:
         dtype: "str | torch.dtype | None" = None,
         cache_size: int = 8,
         quantization: str | None = None,
+        compile_decode: bool = False,
     ) -> "RadFMEngine":
         """Load a checkpoint folder (official ``pytorch_model.bin`` or converted safetensors).
 
         ``dtype`` unset ("auto"): float32 on CPU (the reference maths), bfloat16 on CUDA or
         with ``quantization`` ("int8", "int4", "nf4": the LLM's linear layers, see
-        :mod:`RadFMSlicer.quantization`).
+        :mod:`RadFMSlicer.quantization`). ``compile_decode``: static KV cache and a compiled
+        decode step (see :class:`~RadFMSlicer.generation.CompiledDecoder`; for GPUs).
         """
         files = locate_checkpoint(folder)
         target_device = resolve_device(device)
@@ -124,7 +130,7 @@ class RadFMEngine:
         tokenizer.tokens_per_image = model.dims.num_latents
         log.info("loaded %s (%s layout) on %s as %s%s", files.folder, files.layout, target_device, target_dtype,
                  f", LLM linears {tier}" if tier else "")
-        return cls(model, tokenizer, files, cache_size, tier)
+        return cls(model, tokenizer, files, cache_size, tier, compile_decode)
 
     # --- text ---------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[int]:
@@ -159,7 +165,7 @@ class RadFMEngine:
             cached = self.cache.get(key)
             if cached is None:
                 with torch.inference_mode(), explain_out_of_memory(f"encoding a {image.shape[-1]}-slice image"):
-                    batch = image.unsqueeze(0).to(self.device, self.vision_dtype)
+                    batch = image.unsqueeze(0).to(self.device, self.dtype)
                     cached = self.model.encode_images(batch)[0].to(self.dtype)
                 self.cache.put(key, cached)
             tokens.append(cached)
@@ -200,14 +206,15 @@ class RadFMEngine:
         if input_ids.ndim == 1:
             input_ids = input_ids.unsqueeze(0)
         embeds = self.embed(input_ids, images)
-        return Generation(
-            self.model.lang_model,
-            self.tokenizer,
-            input_ids.to(self.device),
-            embeds,
-            settings,
-            self.model.lang_model.config.max_position_embeddings,
-        )
+        lm = self.model.lang_model
+        max_positions = lm.config.max_position_embeddings
+        if self.compile_decode:
+            if self._compiled_decoder is None:
+                self._compiled_decoder = CompiledDecoder(lm, max_positions)
+            decoder = self._compiled_decoder
+        else:
+            decoder = DynamicDecoder(lm)
+        return Generation(decoder, self.tokenizer, input_ids.to(self.device), embeds, settings, max_positions)
 
     def stream(self, text: str, images: Sequence[torch.Tensor], settings: GenerationSettings | None = None) -> Generation:
         """Tokenize a prompt (with image tags for ``images``) and return its generation."""
@@ -227,4 +234,5 @@ class RadFMEngine:
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),
             "quantization": self.quantization,
+            "compile_decode": self.compile_decode,
         }

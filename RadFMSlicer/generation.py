@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from .errors import PromptError, RadFMError
 from .tokenizer import EOS_ID, RadFMTokenizer, StreamDecoder
@@ -99,6 +99,55 @@ def pick_token(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+class DynamicDecoder:
+    """The default forward passes: a KV cache that grows token by token (transformers' DynamicCache)."""
+
+    def __init__(self, lang_model):
+        self._lm = lang_model
+        self._cache: DynamicCache | None = None
+
+    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Logits ``[1, 1, V]`` after the prompt; starts a fresh cache."""
+        self._cache = DynamicCache()
+        return self._lm(inputs_embeds=embeds, past_key_values=self._cache, use_cache=True, logits_to_keep=1).logits
+
+    def step(self, token: int, position: int) -> torch.Tensor:
+        """Logits ``[1, 1, V]`` after ``token``, which sits at ``position``."""
+        ids = torch.tensor([[token]], device=self._lm.device)
+        return self._lm(input_ids=ids, past_key_values=self._cache, use_cache=True).logits
+
+
+class CompiledDecoder:
+    """The opt-in GPU fast path: one preallocated KV cache and a ``torch.compile``d one-token step.
+
+    A static cache keeps every tensor's shape and address fixed from token to token, which
+    lets ``torch.compile`` capture the decode step once (as a CUDA graph on a GPU) instead
+    of launching hundreds of small kernels per token. The price: compiling on the first
+    answer (tens of seconds), and a cache sized for the whole context, allocated once and
+    reused by every answer (so one generation at a time per engine, as the worker runs).
+    """
+
+    def __init__(self, lang_model, max_positions: int):
+        self._lm = lang_model
+        self._cache = StaticCache(config=lang_model.config, max_cache_len=max_positions)
+        mode = "reduce-overhead" if lang_model.device.type == "cuda" else None
+        self._compiled_step = torch.compile(self._step, mode=mode, fullgraph=True)
+
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self._lm(input_ids=ids, past_key_values=self._cache, cache_position=positions, use_cache=True).logits
+
+    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+        self._cache.reset()
+        positions = torch.arange(embeds.shape[1], device=embeds.device)
+        return self._lm(inputs_embeds=embeds, past_key_values=self._cache, cache_position=positions,
+                        use_cache=True, logits_to_keep=1).logits
+
+    def step(self, token: int, position: int) -> torch.Tensor:
+        device = self._lm.device
+        logits = self._compiled_step(torch.tensor([[token]], device=device), torch.tensor([position], device=device))
+        return logits.clone()  # a CUDA graph overwrites its output on the next step
+
+
 class Generation:
     """One answer being generated. Iterate for text deltas; ``result`` once finished.
 
@@ -107,14 +156,14 @@ class Generation:
 
     def __init__(
         self,
-        lang_model,
+        decoder: "DynamicDecoder | CompiledDecoder",
         tokenizer: RadFMTokenizer,
         prompt_ids: torch.Tensor,
         embeds: torch.Tensor,
         settings: GenerationSettings,
         max_positions: int,
     ):
-        self._lm = lang_model
+        self._decoder = decoder
         self._tokenizer = tokenizer
         self._prompt_ids = prompt_ids
         self._embeds = embeds
@@ -145,12 +194,12 @@ class Generation:
         start = time.perf_counter()
         first_token_s = None
         stop = "cancelled"
-        cache = DynamicCache()
+        position = self._prompt_ids.shape[1]
         with torch.inference_mode(), explain_out_of_memory("generating"):
             if not self._cancel.is_set():
-                out = self._lm(inputs_embeds=self._embeds, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                logits = self._decoder.prefill(self._embeds)
             while not self._cancel.is_set():
-                token = pick_token(out.logits[0, -1].float(), self.settings, history, generator)
+                token = pick_token(logits[0, -1].float(), self.settings, history, generator)
                 first_token_s = first_token_s or time.perf_counter() - start
                 ids.append(token)
                 yield token
@@ -163,7 +212,8 @@ class Generation:
                 if self._cancel.is_set():
                     break
                 history = torch.cat([history, torch.tensor([token], device=device)])
-                out = self._lm(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, use_cache=True)
+                logits = self._decoder.step(token, position)
+                position += 1
         self.result = GenerationResult(
             token_ids=ids,
             text=self._tokenizer.decode([i for i in ids if i != EOS_ID]),

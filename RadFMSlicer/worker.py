@@ -141,14 +141,15 @@ class WorkerServer:
     def op_load(self, rid, request) -> None:
         from .engine import RadFMEngine
 
-        args = {k: request.get(k) for k in ("checkpoint", "device", "dtype", "quantization")}
+        args = {k: request.get(k) for k in ("checkpoint", "device", "dtype", "quantization", "compile_decode")}
         if not args["checkpoint"]:
             raise RadFMError("load needs a 'checkpoint' folder")
         self.send(rid, "status", f"loading model from {args['checkpoint']}")
         self.engine = None
         start = time.perf_counter()
         self.engine = RadFMEngine.load(args["checkpoint"], device=args["device"] or "cpu", dtype=args["dtype"],
-                                       quantization=args["quantization"])
+                                       quantization=args["quantization"],
+                                       compile_decode=bool(args["compile_decode"]))
         self.load_args = args
         self.send(rid, "done", "model loaded", model=self.engine.describe(),
                   load_s=round(time.perf_counter() - start, 2))
@@ -435,9 +436,10 @@ class WorkerClient:
         return self.send("hello").result(timeout)
 
     def load(self, folder, device: str = "cpu", dtype: str | None = None, quantization: str | None = None,
-             timeout: float = 3600) -> dict:
+             compile_decode: bool = False, timeout: float = 3600) -> dict:
         """Load a checkpoint in the worker; blocks; raises WorkerError with the worker's message."""
-        args = {"checkpoint": str(folder), "device": device, "dtype": dtype, "quantization": quantization}
+        args = {"checkpoint": str(folder), "device": device, "dtype": dtype, "quantization": quantization,
+                "compile_decode": compile_decode}
         data = self.send("load", **args).result(timeout)
         self.load_args = args
         return data

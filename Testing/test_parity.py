@@ -49,3 +49,12 @@ def test_bfloat16_picks_the_same_first_token(fixture_dir, fixture_cases):
     for case in fixture_cases["cases"]:
         first = bf16.generate_ids(case["input_ids"].unsqueeze(0), case["vision_x"], max_new_tokens=1)
         assert first == [_reference_tokens(case)[0]], case["name"]
+
+
+def test_compiled_static_cache_decode_gives_the_reference_tokens(fixture_dir, fixture_cases):
+    """The opt-in GPU fast path (static KV cache + torch.compile) is still the released model."""
+    compiled = RadFMEngine.load(fixture_dir, compile_decode=True)
+    for case in fixture_cases["cases"]:
+        expected = _reference_tokens(case)
+        got = compiled.generate_ids(case["input_ids"].unsqueeze(0), case["vision_x"], max_new_tokens=len(expected))
+        assert got == expected, case["name"]

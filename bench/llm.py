@@ -15,7 +15,7 @@ from functools import partial
 import torch
 from transformers import DynamicCache
 
-from RadFMSlicer.generation import Generation, GenerationSettings
+from RadFMSlicer.generation import CompiledDecoder, DynamicDecoder, Generation, GenerationSettings
 from RadFMSlicer.quantization import LinearQuantizer, weight_bytes
 from RadFMSlicer.tokenizer import RadFMTokenizer
 
@@ -78,23 +78,27 @@ def decode(recorder, quick: bool) -> None:
     except ImportError:
         print("# decode: nf4 left out (bitsandbytes not installed)")
     models = {tier: tier_model(base, tier) for tier in tiers}
+    decoders = {tier: partial(DynamicDecoder, model.lang_model) for tier, model in models.items()}
+    # the opt-in GPU path on the CPU: same float32 weights, static cache, compiled step (compiles in the warm-up)
+    compiled = CompiledDecoder(base.lang_model, 2048)
+    models["float32, static cache + compile"], decoders["float32, static cache + compile"] = base, lambda: compiled
 
-    def per_token(model) -> float:
+    def per_token(model, make_decoder) -> float:
         """Seconds per generated token after the first (the first one pays for the prefill)."""
-        generation = Generation(model.lang_model, tokenizer, prompt, model.embed(prompt, None),
+        generation = Generation(make_decoder(), tokenizer, prompt, model.embed(prompt, None),
                                 GenerationSettings(max_new_tokens=new_tokens), 2048)
         result = generation.run()
         assert len(result.token_ids) > 1, "the random model stopped at once"
         return (result.total_s - result.time_to_first_token_s) / (len(result.token_ids) - 1)
 
-    measured = compare({tier: partial(per_token, model) for tier, model in models.items()}, 2 if quick else 3)
-    for tier, (seconds, peak, _) in measured.items():
-        weights = weight_bytes(models[tier]) / 2**20
+    measured = compare({name: partial(per_token, models[name], decoders[name]) for name in models}, 2 if quick else 3)
+    for name, (seconds, peak, _) in measured.items():
+        weights = weight_bytes(models[name]) / 2**20
         recorder.add(Result(
-            "decode", f"decode per token, width {dims.llm_dim} x {dims.llm_layers} layers", tier,
-            {"tier": tier, "hidden": dims.llm_dim, "layers": dims.llm_layers, "prompt_tokens": prompt.shape[1],
-             "new_tokens": new_tokens},
-            seconds, tier == "float32",
+            "decode", f"decode per token, width {dims.llm_dim} x {dims.llm_layers} layers", name,
+            {"tier": name.split(",")[0], "compiled": name.endswith("compile"), "hidden": dims.llm_dim,
+             "layers": dims.llm_layers, "prompt_tokens": prompt.shape[1], "new_tokens": new_tokens},
+            seconds, name == "float32",
             {"weights_mb": round(weights), "tokens_per_s": round(1 / seconds, 2), "memory": f"weights {weights:.0f} MB"},
         ))
 
