@@ -305,7 +305,7 @@ def check_keys(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
         raise CheckpointError(f"the checkpoint is missing {missing[0]!r}{more}: truncated or not RadFM")
 
 
-def _materialise_buffers(model: RadFMModel, device: torch.device) -> None:
+def materialise_buffers(model: RadFMModel, device: torch.device) -> None:
     """Rebuild the modules whose buffers are computed, not stored (rotary tables)."""
     for name, module in list(model.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):
@@ -344,5 +344,5 @@ def load_model(files: CheckpointFiles, device: torch.device, dtype: torch.dtype,
         model = RadFMModel(dims, config)
     check_keys(model, source.shapes)
     assign_weights(model, source, device, dtype, finish)
-    _materialise_buffers(model, device)
+    materialise_buffers(model, device)
     return model.eval()
