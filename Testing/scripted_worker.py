@@ -13,7 +13,7 @@ import tempfile
 from RadFMSlicer.ask import make_turn, prepare
 from RadFMSlicer.errors import RadFMError
 from RadFMSlicer.generation import GenerationResult
-from RadFMSlicer.worker import Event, WorkerError, ask_request_from_json
+from RadFMSlicer.worker import Event, ask_request_from_json
 
 PAUSE = "<pause>"
 CRASH = Event("error", "the RadFM worker killed by SIGKILL (out of memory, or killed by hand).",
@@ -102,10 +102,8 @@ class ScriptedWorkerClient:
         self.requests.append(ScriptedRequest(self, request, prepared, script))
         return self.requests[-1]
 
-    def status(self):
-        if self.crashed or self.closed:
-            raise WorkerError("the RadFM worker is not running")
-        return {"loaded": self.loaded is not None}
+    def alive(self):
+        return not (self.crashed or self.closed)
 
     def close(self):
         self.closed = True

@@ -2,7 +2,8 @@
 
 The scene is plain Python (a chest CT phantom, a prior, a segment, an ROI box, a line);
 every ask goes through the real RadFMSlicer input pipeline in ``ScriptedWorkerClient``,
-so the requests the panel builds are the ones the worker accepts.
+so the requests the panel builds are the ones the worker accepts. One test runs the
+panel end to end with the real worker process on the parity fixture.
 """
 
 import json
@@ -20,10 +21,11 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "RadFMModule"))
 
 from RadFMModuleLib import chat_panel  # noqa: E402
-from RadFMModuleLib.assistant import Assistant, SceneItem, VolumeData  # noqa: E402
+from RadFMModuleLib.assistant import TASK_TOKENS, Assistant, SceneItem, VolumeData  # noqa: E402
 from RadFMModuleLib.chat_panel import CURSOR, NOTICE, AnswerView, ChatPanel  # noqa: E402
 from RadFMModuleLib.qt_shim import QtCore, QtGui, QtWidgets  # noqa: E402
 from RadFMModuleLib.settings import ModelSettings  # noqa: E402
+from RadFMSlicer.session import Session  # noqa: E402
 from scripted_worker import CRASH, PAUSE, ScriptedWorkerClient, tokens  # noqa: E402
 
 SCREENSHOT = PROJECT / "Resources" / "Screenshots" / "RadFMPanel.png"
@@ -305,8 +307,6 @@ def test_conversation_is_restored_from_the_scene(open_panel, qtbot):
 
 
 def test_export_markdown_and_json(open_panel, qtbot, tmp_path, monkeypatch):
-    from RadFMSlicer.session import Session
-
     panel, scene, clients = open_panel(tokens("No pleural effusion."))
     panel.input.setPlainText("Is there a pleural effusion?")
     panel.ask("vqa")
@@ -368,6 +368,65 @@ def test_typing_does_not_fire_single_key_viewer_shortcuts(open_panel, qtbot, mai
         qtbot.keyClick(box, QtCore.Qt.Key_Delete)
     assert fired == ["a"]
     assert panel.input.toPlainText() == "a a" and panel.history_edit.text() == "a a"
+
+
+# ---------------------------------------------------------------------------------- the real worker
+# Loaded by the worker's Python at start-up: psutil is a test extra, so a plain install has none.
+WITHOUT_PSUTIL = """
+import sys
+from importlib.machinery import PathFinder
+
+class WithoutPsutil(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.partition(".")[0] == "psutil" else super().find_spec(name, path, target)
+
+sys.meta_path[sys.meta_path.index(PathFinder)] = WithoutPsutil
+"""
+
+
+def test_real_worker_streams_an_answer_and_stops_on_request(qtbot, store, fixture_dir, monkeypatch, tmp_path):
+    """The panel as shipped: Assistant's default client, a worker process loading the parity fixture on CPU."""
+    (tmp_path / "sitecustomize.py").write_text(WITHOUT_PSUTIL)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path), prepend=os.pathsep)
+    scene = FakeScene()
+    panel = ChatPanel(Assistant(scene), store)
+    qtbot.addWidget(panel)
+    panel.folder_edit.setText(str(fixture_dir))  # as the user types it in Model settings
+    panel.volume_box.setCurrentIndex(panel.volume_box.findData("prior"))  # not the volume shown in the viewer
+    statuses = []
+    set_status = panel._set_status
+    monkeypatch.setattr(panel, "_set_status", lambda text: (statuses.append(text), set_status(text)))
+
+    qtbot.mouseClick(panel.task_buttons[2], QtCore.Qt.LeftButton)  # Modality: 32 new tokens at most
+    qtbot.waitUntil(lambda: not panel.busy_now, timeout=120_000)
+    view, turn = panel.answers[-1], panel.assistant.session.turns[-1]
+    assert turn.error is None and turn.stop_reason in ("eos", "length"), turn.error
+    assert view.body.text() == turn.answer != "" and Session.from_json(scene.saved).turns[-1].answer == turn.answer
+    loading = next(n for n, text in enumerate(statuses) if text.startswith("Loading the model on cpu (float32)"))
+    writing = next(n for n, text in enumerate(statuses) if text.startswith("Writing\u2026"))
+    assert statuses[0] == "Starting the model worker\u2026" and loading < statuses.index("Generating\u2026") < writing
+    assert statuses[-1] == chat_panel.STOP_NOTES.get(turn.stop_reason, "Answer complete.") == panel.status_label.text()
+    assert "Image 1: CT chest 2023-09-12 (current)" in view.details.text() and str(fixture_dir) in view.details.text()
+    assert len(thumbnails(view)) == 1 and view.details_button.isEnabled()
+
+    monkeypatch.setitem(TASK_TOKENS, "report", 1500)  # a long answer, to stop midway
+    del statuses[:]
+    qtbot.mouseClick(panel.task_buttons[0], QtCore.Qt.LeftButton)  # Draft report
+    qtbot.waitUntil(lambda: bool(panel._answer.text.strip()), timeout=120_000)
+    shown = panel._answer.text
+    qtbot.mouseClick(panel.stop_button, QtCore.Qt.LeftButton)
+    qtbot.waitUntil(lambda: not panel.busy_now, timeout=120_000)
+    view, turn = panel.answers[-1], panel.assistant.session.turns[-1]
+    assert turn.stop_reason == "cancelled" and turn.provenance["timing"]["new_tokens"] < 1500
+    assert view.body.text() == turn.answer == Session.from_json(scene.saved).turns[-1].answer
+    assert turn.answer.startswith(shown) and view.state.text() == "Stopped before the end."
+    assert "Stopping\u2026" in statuses and statuses[-1] == "Stopped before the end."
+    assert not any(text.startswith(("Starting", "Loading")) for text in statuses)  # the loaded worker was reused
+
+    worker = panel.assistant.client.proc
+    panel.close()
+    assert worker.poll() is not None  # no worker process left behind
 
 
 # ---------------------------------------------------------------------------------- screenshot

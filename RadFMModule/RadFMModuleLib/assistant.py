@@ -158,7 +158,7 @@ class Assistant:
     def _connect(self, report):
         wanted = (self.settings.worker_python, self.settings.checkpoint_folder, tuple(self.settings.load_args().items()))
         if self.client is not None:
-            if self._loaded == wanted and self._alive():
+            if self._loaded == wanted and self.client.alive():  # a local check: the worker's status op needs psutil
                 return self.client
             self._drop_client()
         report("Starting the model worker…")
@@ -171,13 +171,6 @@ class Assistant:
         self.client.load(self.settings.checkpoint_folder, **args)
         self._loaded = wanted
         return self.client
-
-    def _alive(self) -> bool:
-        try:
-            self.client.status()
-            return True
-        except Exception:  # a crashed or hung-up worker: start a fresh one
-            return False
 
     def _drop_client(self):
         client, self.client, self._loaded = self.client, None, None

@@ -21,6 +21,7 @@ STOP_NOTES = {"length": "Stopped at the length limit.", "cancelled": "Stopped be
 NOTICE = "Research use only. Not a medical device: check every statement against the images."
 CURSOR = "\u258d"
 TICK_MS = 50
+RATE_AFTER_S = 4 * TICK_MS / 1000  # tokens arrive in batches, one per tick: a rate over fewer ticks is noise
 THUMB_PX = 96
 
 
@@ -522,8 +523,9 @@ class ChatPanel(QtWidgets.QWidget):
             self._timer.stop()
 
     def _handle(self, event):
-        if event.kind == "status":
-            self._set_status(event.text)
+        if event.kind == "status":  # the worker's are bare phrases ("generating"): punctuate them like ours
+            text = event.text[:1].upper() + event.text[1:]
+            self._set_status(text if text.endswith("\u2026") else text + "\u2026")
         elif event.kind == "ready":
             self._job = self.assistant.client.ask(**self._pending)
             self._set_status("Reading the images\u2026")
@@ -532,8 +534,7 @@ class ChatPanel(QtWidgets.QWidget):
                 self._started = time.monotonic()
             self._tokens += 1
             self._answer.append(event.text)
-            rate = self._tokens / max(time.monotonic() - self._started, 1e-3)
-            self._set_status(f"Writing\u2026 {self._tokens} tokens, {rate:.1f} tokens/s")
+            self._set_status(f"Writing\u2026 {self._tokens} token{'s' if self._tokens > 1 else ''}{self._rate()}")
         elif event.kind == "done":
             stop_reason = event.data.get("stop_reason", "")
             turn = event.data.get("turn") or {"stop_reason": stop_reason}  # no turn: cancelled before it began
@@ -550,6 +551,11 @@ class ChatPanel(QtWidgets.QWidget):
         self._job = self._pending = None
         self._set_busy(False)
         self._set_status(status)
+
+    def _rate(self) -> str:
+        """The status's tokens/s since the first token, once enough time has passed to mean something."""
+        elapsed = time.monotonic() - self._started
+        return f", {(self._tokens - 1) / elapsed:.1f} tokens/s" if elapsed >= RATE_AFTER_S else ""
 
     def _set_busy(self, busy: bool):
         for button in self.task_buttons:
