@@ -159,10 +159,10 @@ def test_install_asks_once_and_pins_slicers_numpy_and_simpleitk(slicer, installe
 
     assert dependencies.ensure(ModelSettings(precision="int8 weights"))
     (question,) = slicer.util.shown
-    for requirement in (dependencies.TORCH, *dependencies.PACKAGES, dependencies.QUANTIZATION):
+    for requirement in (dependencies.TORCH, *dependencies.PACKAGES, dependencies.QUANTIZATION["int8"]):
         assert requirement in question
     ((constraints, requirements),) = pip_calls
-    assert requirements == [*dependencies.PACKAGES, dependencies.QUANTIZATION]  # torch came from PyTorchUtils
+    assert requirements == [*dependencies.PACKAGES, dependencies.QUANTIZATION["int8"]]  # torch came from PyTorchUtils
     assert f"numpy=={numpy.__version__}" in constraints and "SimpleITK==" in constraints
     assert dependencies.ensure(ModelSettings(precision="int8 weights")) and len(slicer.util.shown) == 1
 

@@ -158,7 +158,7 @@ class Assistant:
     def _connect(self, report):
         wanted = (self.settings.worker_python, self.settings.checkpoint_folder, tuple(self.settings.load_args().items()))
         if self.client is not None:
-            if self._loaded == wanted and self.client.alive():  # a local check: the worker's status op needs psutil
+            if self._loaded == wanted and self.client.alive():  # a local check, no round trip to the worker
                 return self.client
             self._drop_client()
         report("Starting the model worker…")

@@ -275,6 +275,7 @@ class ChatPanel(QtWidgets.QWidget):
         self._answer = None  # the AnswerView being written
         self.answers = []
         self._tokens = 0
+        self._stopping = False
         self._started = 0.0
         self._closed = False
         self.setStyleSheet(STYLE.format(**_theme(get(self, "palette"))))
@@ -497,6 +498,7 @@ class ChatPanel(QtWidgets.QWidget):
         self._answer = AnswerView(task)
         self._add_turn_views(self._answer)
         self._tokens = 0
+        self._stopping = False
         self._set_busy(True)
         self._job = ConnectJob(self.assistant)
         self._timer.start()
@@ -508,6 +510,7 @@ class ChatPanel(QtWidgets.QWidget):
             self._close_turn({"stop_reason": "cancelled"}, "Stopped before the model was ready.")
         elif self._job is not None:
             self._job.cancel()
+            self._stopping = True  # tokens already on their way still arrive: keep saying so
             self._set_status("Stopping\u2026")
 
     def _tick(self):
@@ -525,7 +528,8 @@ class ChatPanel(QtWidgets.QWidget):
     def _handle(self, event):
         if event.kind == "status":  # the worker's are bare phrases ("generating"): punctuate them like ours
             text = event.text[:1].upper() + event.text[1:]
-            self._set_status(text if text.endswith("\u2026") else text + "\u2026")
+            if not self._stopping:
+                self._set_status(text if text.endswith("\u2026") else text + "\u2026")
         elif event.kind == "ready":
             self._job = self.assistant.client.ask(**self._pending)
             self._set_status("Reading the images\u2026")
@@ -534,7 +538,8 @@ class ChatPanel(QtWidgets.QWidget):
                 self._started = time.monotonic()
             self._tokens += 1
             self._answer.append(event.text)
-            self._set_status(f"Writing\u2026 {self._tokens} token{'s' if self._tokens > 1 else ''}{self._rate()}")
+            if not self._stopping:
+                self._set_status(f"Writing\u2026 {self._tokens} token{'s' if self._tokens > 1 else ''}{self._rate()}")
         elif event.kind == "done":
             stop_reason = event.data.get("stop_reason", "")
             turn = event.data.get("turn") or {"stop_reason": stop_reason}  # no turn: cancelled before it began

@@ -13,8 +13,8 @@ import tempfile
 from .settings import PRECISIONS
 
 TORCH = "torch>=2.3"
-PACKAGES = ["transformers>=4.45", "sentencepiece>=0.2", "safetensors>=0.4", "pillow>=10", "tqdm>=4.60"]
-QUANTIZATION = "torchao>=0.10"
+PACKAGES = ["transformers>=4.45", "sentencepiece>=0.2", "safetensors>=0.4", "pillow>=10", "tqdm>=4.60", "psutil>=5.9"]
+QUANTIZATION = {"int8": "torchao>=0.18", "int4": "torchao>=0.18", "nf4": "bitsandbytes>=0.48"}
 PINNED = ("numpy", "SimpleITK")  # Slicer's own: pip may add packages around them, never swap them
 
 
@@ -28,8 +28,9 @@ def _satisfied(requirement: str) -> bool:
         return False
 
 
-def missing_requirements(quantized: bool = False) -> list:
-    wanted = [TORCH, *PACKAGES] + ([QUANTIZATION] if quantized else [])
+def missing_requirements(quantization: str | None = None) -> list:
+    """What the worker needs and this Python lacks; ``quantization`` adds that tier's library."""
+    wanted = [TORCH, *PACKAGES] + ([QUANTIZATION[quantization]] if quantization else [])
     return [requirement for requirement in wanted if not _satisfied(requirement)]
 
 
@@ -51,8 +52,8 @@ def ensure(settings) -> bool:
     """
     if settings.worker_python:
         return True
-    quantized = PRECISIONS[settings.precision][1] is not None
-    missing = missing_requirements(quantized)
+    quantization = PRECISIONS[settings.precision][1]
+    missing = missing_requirements(quantization)
     if not missing:
         return True
     import slicer
@@ -70,7 +71,7 @@ def ensure(settings) -> bool:
         if TORCH in missing and not _install_torch(slicer):
             return False
         _pip_install(slicer, [r for r in missing if r != TORCH])
-    return not missing_requirements(quantized)
+    return not missing_requirements(quantization)
 
 
 def _install_torch(slicer) -> bool:

@@ -15,6 +15,7 @@ PRECISIONS = {
     "float32": ("float32", None),
     "int8 weights": ("bfloat16", "int8"),
     "int4 weights": ("bfloat16", "int4"),
+    "nf4 weights": ("bfloat16", "nf4"),
 }
 
 
