@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointFiles, load_model, locate_checkpoint, resolve_device, resolve_dtype
-from .errors import CheckpointError, ImageError, RadFMError
+from .errors import CheckpointError, ImageError
 from .generation import (
     CompiledDecoder, DynamicDecoder, Generation, GenerationResult, GenerationSettings, explain_out_of_memory,
 )

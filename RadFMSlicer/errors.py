@@ -21,6 +21,3 @@ class ImageError(RadFMError):
 class PromptError(RadFMError):
     """A prompt or generation setting is invalid (e.g. images and image tags disagree)."""
 
-
-class GenerationCancelled(RadFMError):
-    """Raised only by APIs that cannot report a stop reason; streaming APIs report 'cancelled'."""

@@ -5,6 +5,7 @@ too). If it is missing the tests fail loudly: skipping would hide a parity regre
 """
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,13 @@ def tiny_engine(tiny_checkpoint):
     from RadFMSlicer.engine import RadFMEngine
 
     return RadFMEngine.load(tiny_checkpoint)
+
+
+@pytest.fixture
+def slicer(monkeypatch):
+    """A fresh stand-in scene (``slicer_standin``), registered as ``slicer`` for this test only."""
+    import slicer_standin
+
+    for name, module in slicer_standin.install().items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return slicer_standin

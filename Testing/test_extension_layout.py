@@ -19,7 +19,6 @@ PROJECT = Path(__file__).resolve().parents[1]
 MODULE = PROJECT / "RadFMModule"
 sys.path.insert(0, str(MODULE))
 
-import slicer_standin  # noqa: E402
 
 
 def cmake_list(text: str, name: str) -> list:
@@ -120,13 +119,6 @@ def test_importing_the_module_is_light_and_describes_it():
 
 
 # ---------------------------------------------------------------------------------- first use
-@pytest.fixture
-def slicer(monkeypatch):
-    for name, module in slicer_standin.install().items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return slicer_standin
-
-
 @pytest.fixture
 def installed(monkeypatch):
     """Pretend-installed requirements, starting with none: what ``dependencies`` sees as present."""

@@ -1,7 +1,6 @@
 """Streaming, cancellation, stop reasons, sampling and the image encoding cache."""
 
 import threading
-import time
 
 import pytest
 import torch

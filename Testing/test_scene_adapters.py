@@ -17,7 +17,6 @@ import pytest
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "RadFMModule"))
 
-import slicer_standin  # noqa: E402
 from scripted_worker import ScriptedWorkerClient, tokens  # noqa: E402
 
 # A sagittal acquisition: i runs anterior, j inferior, k toward patient left; anisotropic voxels.
@@ -33,14 +32,6 @@ LESION_RADIUS_MM = 4.0
 
 def to_ras(ijk, matrix=IJK_TO_RAS):
     return (matrix @ [*ijk, 1])[:3]
-
-
-@pytest.fixture
-def slicer(monkeypatch):
-    """A fresh stand-in scene, registered as ``slicer`` for this test only."""
-    for name, module in slicer_standin.install().items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return slicer_standin
 
 
 @pytest.fixture

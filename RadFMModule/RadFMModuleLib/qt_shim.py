@@ -12,7 +12,7 @@ try:
     QtCore = QtGui = QtWidgets = qt
     IN_SLICER = True
 except ImportError:
-    from Qt import QtCore, QtGui, QtWidgets
+    from Qt import QtCore, QtGui, QtWidgets  # noqa: F401 (re-exported)
 
     IN_SLICER = False
 
