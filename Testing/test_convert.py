@@ -67,3 +67,17 @@ def test_command_line_converts_and_the_result_answers(tmp_path, fixture_dir, cap
     # a second run into the same folder is refused without touching it
     assert radfm(["convert", "--checkpoint", str(fixture_dir), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_a_missing_or_truncated_shard_is_named(tmp_path, converted):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(converted, copy)
+    shard = sorted(copy.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=f"{shard.name} is not a readable safetensors file"):
+        RadFMEngine.load(copy)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=f"{shard.name} named in model.safetensors.index.json is missing"):
+        RadFMEngine.load(copy)

@@ -177,3 +177,11 @@ def test_gpu_out_of_memory_becomes_an_actionable_error(engine, image, monkeypatc
     monkeypatch.setattr(engine.model.lang_model, "forward", exhausted)
     with pytest.raises(RadFMError, match="out of memory while generating: use a lower precision"):
         engine.answer(report_prompt(engine), [image], GenerationSettings(max_new_tokens=5))
+
+
+def test_a_prompt_filling_the_context_is_refused_and_a_near_full_one_is_cut_to_fit(engine):
+    too_long = torch.full((1, 2048), 100, dtype=torch.long)
+    with pytest.raises(PromptError, match="2048 tokens; the model's context holds 2048"):
+        engine.start(too_long, [], GenerationSettings(max_new_tokens=5))
+    near_full = engine.start(too_long[:, :2045], [], GenerationSettings(max_new_tokens=50))
+    assert len(list(near_full.token_ids())) <= 3 and near_full.result.stop_reason in ("length", "eos")
