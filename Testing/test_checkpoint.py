@@ -8,7 +8,7 @@ import torch
 
 from RadFMSlicer.checkpoint import locate_checkpoint
 from RadFMSlicer.engine import RadFMEngine
-from RadFMSlicer.errors import CheckpointError
+from RadFMSlicer.errors import CheckpointError, RadFMError
 from RadFMSlicer.testing import train_demo_tokenizer
 
 
@@ -130,3 +130,14 @@ def test_bad_dtype(fixture_dir):
 def test_locate_reports_layout(fixture_dir):
     files = locate_checkpoint(fixture_dir)
     assert files.layout == "official" and len(files.fingerprint()) == 16
+
+
+def test_gpu_out_of_memory_while_loading_says_what_to_do(fixture_dir, monkeypatch):
+    import RadFMSlicer.engine
+
+    def exhausted(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 250.00 MiB")
+
+    monkeypatch.setattr(RadFMSlicer.engine, "load_model", exhausted)
+    with pytest.raises(RadFMError, match="GPU out of memory while loading .*use a lower precision"):
+        RadFMEngine.load(fixture_dir)
