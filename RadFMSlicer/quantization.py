@@ -73,6 +73,11 @@ def choose_dtype(dtype: "torch.dtype | None", device: torch.device, quantization
     return dtype
 
 
+def tier_dtype(tier: str) -> torch.dtype:
+    """The dtype a tier loads everything but its quantized linears in (a quantized tier's default)."""
+    return FLOAT_TIERS.get(tier) or QUANTIZED_DTYPES[tier][0]
+
+
 def tier_name(dtype: torch.dtype, quantization: str | None) -> str:
     return quantization or next(name for name, d in FLOAT_TIERS.items() if d == dtype)
 
@@ -114,7 +119,7 @@ def estimate_weight_bytes(dims: RadFMDims, tier: str) -> int:
     """Bytes of all weights in ``tier``: quantized LLM linears, the rest in the activation dtype."""
     if tier not in TIERS:
         raise CheckpointError(f"unknown precision tier {tier!r}; use one of {', '.join(TIERS)}")
-    rest_dtype = FLOAT_TIERS.get(tier, QUANTIZED_DTYPES.get(tier, (None,))[0])
+    rest_dtype = tier_dtype(tier)
     linears = sum(linear_bytes(o, i, tier) for o, i in llm_linear_shapes(dims))
     h = dims.llm_dim
     rest = 2 * dims.vocab_size * h + (2 * dims.llm_layers + 1) * h + _vision_parameters(dims)

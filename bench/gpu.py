@@ -25,7 +25,7 @@ from RadFMSlicer.checkpoint import assign_weights, build_llama_config, materiali
 from RadFMSlicer.engine import RadFMEngine
 from RadFMSlicer.generation import GenerationSettings
 from RadFMSlicer.model import RadFMModel
-from RadFMSlicer.quantization import FLOAT_TIERS, QUANTIZED_DTYPES, LinearQuantizer, weight_bytes
+from RadFMSlicer.quantization import QUANTIZED_DTYPES, LinearQuantizer, tier_dtype, weight_bytes
 from RadFMSlicer.tokenizer import RadFMTokenizer
 
 from .common import MEDIUM_LLM, REAL_DIMS, TINY_VISION, llama_config_dict, tokenizer_model
@@ -44,7 +44,7 @@ class RandomWeights:
 
 
 def build(dims, tier: str, device: torch.device, compile_decode: bool) -> RadFMEngine:
-    dtype = FLOAT_TIERS.get(tier) or QUANTIZED_DTYPES[tier][0]
+    dtype = tier_dtype(tier)
     with torch.device("meta"):
         model = RadFMModel(dims, build_llama_config(llama_config_dict(dims), dims, "benchmark"))
     finish = LinearQuantizer(tier, device) if tier in QUANTIZED_DTYPES else None
