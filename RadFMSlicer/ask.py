@@ -23,6 +23,13 @@ from .session import ImageRecord, Session, Turn
 ROLE_LABELS = {"current": "current study", "prior": "prior study"}
 
 
+def _check_fields(cls, item: dict, what: str) -> None:
+    """A JSON object for ``cls`` names only its dataclass fields (a typo is an error, not ignored)."""
+    unknown = set(item) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise ImageError(f"unknown {what} field(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+
+
 @dataclass
 class ImageInput:
     """A scan: a file path, or an array ``[k, j, i]`` with its IJK->RAS matrix (from Slicer)."""
@@ -52,10 +59,7 @@ class ImageInput:
                 raise ImageError(f"array file not found: {array_file}")
             item["array"] = np.load(array_file, mmap_mode="r", allow_pickle=False)
             item.setdefault("name", Path(array_file).stem)
-        known = {"path", "array", "ijk_to_ras", "name", "role", "window", "series"}
-        unknown = set(item) - known
-        if unknown:
-            raise ImageError(f"unknown image field(s) {sorted(unknown)}; known: {sorted(known)}")
+        _check_fields(cls, item, "image")
         return cls(**item)
 
     def load(self) -> Volume:
@@ -85,10 +89,7 @@ class RegionInput:
     def from_json(cls, item: dict) -> "RegionInput":
         if not isinstance(item, dict):
             raise ImageError(f"a region must be an object, got {item!r}")
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(item) - known
-        if unknown:
-            raise ImageError(f"unknown region field(s) {sorted(unknown)}; known: {sorted(known)}")
+        _check_fields(cls, item, "region")
         region = cls(**item)
         if isinstance(region.mask, str) and region.mask.endswith(".npy"):
             if not Path(region.mask).is_file():
@@ -121,6 +122,11 @@ class AskRequest:
     include_previous_turns: bool = False
     preview_dir: str | None = None  # write a montage PNG per image here (thumbnails, audits)
 
+    def model_image(self, item: ImageInput, volume: Volume) -> ModelImage:
+        """``item``'s scan as the model sees it: its own window, else the request's."""
+        window = item.window if item.window is not None else self.window
+        return preprocess(volume, window, interpolation=self.interpolation)
+
 
 @dataclass
 class PreparedAsk:
@@ -140,8 +146,7 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
     volumes, model_images, records, labels = [], [], [], []
     for k, item in enumerate(request.images):
         volume = item.load()
-        image = preprocess(volume, item.window if item.window is not None else request.window,
-                           interpolation=request.interpolation)
+        image = request.model_image(item, volume)
         label = ROLE_LABELS.get(item.role, item.role)
         volumes.append(volume)
         model_images.append(image)

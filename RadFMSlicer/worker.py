@@ -171,15 +171,13 @@ class WorkerServer:
         return self.engine
 
     def op_encode(self, rid, request) -> None:
-        from .ask import ImageInput
-        from .imaging import preprocess
-
+        """Encode ahead of a question: the same tensors an ``ask`` with these fields would make."""
         engine = self._require_engine()
+        ask_request = ask_request_from_json(request)
         records = []
-        for item in request.get("images") or []:
-            image_input = ImageInput.from_json(item)
-            self.send(rid, "status", f"encoding {image_input.name or image_input.path}")
-            image = preprocess(image_input.load(), image_input.window or request.get("window"))
+        for item in ask_request.images:
+            self.send(rid, "status", f"encoding {item.name or item.path}")
+            image = ask_request.model_image(item, item.load())
             engine.encode_images([image.tensor])
             records.append(image.to_dict())
         self.send(rid, "done", f"{len(records)} image(s) encoded", images=records)
@@ -196,6 +194,7 @@ class WorkerServer:
         self.send(rid, "status", "preparing and encoding images")
         t0 = time.perf_counter()
         prepared, generation = start(engine, ask_request, session)
+        prepare_s = time.perf_counter() - t0
         with self._state_lock:
             self._current_generation = generation
             if rid in self._cancelled:
@@ -204,7 +203,7 @@ class WorkerServer:
         for delta in generation:
             self.send(rid, "token", delta)
         result = generation.result
-        turn = make_turn(engine, ask_request, prepared, result, time.perf_counter() - t0 - result.total_s)
+        turn = make_turn(engine, ask_request, prepared, result, prepare_s)
         self.send(rid, "done", result.text, answer=result.text, stop_reason=result.stop_reason, turn=turn.to_dict())
 
 
