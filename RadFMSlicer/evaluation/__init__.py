@@ -1,0 +1,1 @@
+"""Evaluate RadFM against references: manifests, scores from maintained libraries, runs, comparisons."""

@@ -1,0 +1,188 @@
+"""Evaluation manifests: the cases to answer and the references to score them against.
+
+A manifest is JSON lines (one object a line) or CSV with the same columns:
+
+``id``         optional, else the line number (``"line 3"`` in messages, ``"3"`` as the id)
+``images``     paths, the first the current study, later ones priors (CSV: ``a.nii;b.nii``)
+``task``       ``report``, ``vqa``, ``rationale``, ``modality`` or ``diagnosis``
+``question``   needed by ``vqa`` (the question) and ``diagnosis`` (the finding looked for)
+``reference``  the expected answer: report text, yes/no, a modality label, free text
+``region``     optional ``mask.nii.gz`` or ``mask.nii.gz:LABEL`` aligned with the first image
+``box``        optional region box in RAS mm, six numbers ``x0,y0,z0,x1,y1,z1``
+anything else  kept and carried through to the results (e.g. ``finding``, ``site``)
+
+Relative paths are relative to the manifest's folder. :func:`load_manifest` checks every
+row before any model work and names every bad row in one error, so a long run never
+stops at case 900 on a typo.
+"""
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import RadFMError
+from ..prompts import TASKS
+
+NEEDS_QUESTION = {"vqa": "the question", "diagnosis": "the finding to look for"}
+KNOWN_KEYS = ("id", "images", "task", "question", "reference", "region", "box")
+MAX_LISTED = 20  # bad rows named in the error; the count says how many more
+
+
+class ManifestError(RadFMError):
+    """A manifest that cannot be evaluated: every bad row named in one line."""
+
+
+@dataclass
+class Case:
+    """One manifest row, paths resolved against the manifest's folder."""
+
+    id: str
+    images: list[str]
+    task: str
+    reference: str
+    question: str | None = None
+    region: str | None = None  # mask path, label after ':' kept as given
+    box: list[float] | None = None  # RAS mm, x0 y0 z0 x1 y1 z1
+    extra: dict = field(default_factory=dict)
+    line: int = 0
+
+    @property
+    def region_mask(self) -> tuple[str, int | None] | None:
+        """(mask path, label or None) of ``region``."""
+        if not self.region:
+            return None
+        path, _, label = _split_label(self.region)
+        return path, int(label) if label else None
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "images": self.images, "task": self.task, "question": self.question,
+                "reference": self.reference, "region": self.region, "box": self.box, "extra": self.extra}
+
+
+def _split_label(spec: str) -> tuple[str, str, str]:
+    """``mask.nii.gz:2`` -> (``mask.nii.gz``, ``:``, ``2``); a path without a numeric tail is kept whole."""
+    path, sep, label = spec.rpartition(":")
+    if sep and label.strip().isdigit() and path:
+        return path, sep, label.strip()
+    return spec, "", ""
+
+
+def _rows(path: Path) -> list[tuple[int, object]]:
+    """(line number, parsed row or the reason it could not be parsed), blank lines skipped."""
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "images" not in reader.fieldnames:
+                raise ManifestError(f"{path}: a CSV manifest needs a header row with an 'images' column "
+                                    f"(found: {', '.join(reader.fieldnames or []) or 'nothing'})")
+            rows = []
+            for row in reader:
+                if None in row:
+                    rows.append((reader.line_num, f"{len(row[None])} more value(s) than header columns"))
+                elif any((v or "").strip() for v in row.values()):
+                    rows.append((reader.line_num, {k: v for k, v in row.items() if v is not None and v != ""}))
+            return rows
+    rows = []
+    for n, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except ValueError as exc:
+            rows.append((n, f"not JSON ({exc.msg})"))
+            continue
+        rows.append((n, row if isinstance(row, dict) else f"a row must be a JSON object, got {type(row).__name__}"))
+    return rows
+
+
+def _images(value, base: Path) -> list[str]:
+    if isinstance(value, str):
+        value = [v for v in (s.strip() for s in value.split(";")) if v]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("'images' must be a list of paths (CSV: paths separated by ';')")
+    return [str(base / v) for v in value]
+
+
+def _box(value) -> list[float]:
+    if isinstance(value, str):
+        value = value.replace(";", ",").split(",")
+    try:
+        numbers = [float(v) for v in value]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != 6:
+        raise ValueError(f"'box' needs six numbers x0,y0,z0,x1,y1,z1 in RAS mm, got {value!r}")
+    return numbers
+
+
+def _case(row: dict, line: int, base: Path) -> tuple[Case | None, list[str]]:
+    """The case of one row, or None and what is wrong with it (every problem, not the first)."""
+    problems = []
+    task = str(row.get("task") or "").strip()
+    if task not in TASKS:
+        problems.append(f"unknown task {task!r} (use {', '.join(TASKS)})" if task else
+                        f"no task (use {', '.join(TASKS)})")
+    reference = row.get("reference")
+    reference = "" if reference is None else str(reference).strip()
+    if not reference:
+        problems.append("empty reference")
+    question = row.get("question")
+    question = str(question).strip() if question not in (None, "") else None
+    if task in NEEDS_QUESTION and not question:
+        problems.append(f"task {task} needs 'question' ({NEEDS_QUESTION[task]})")
+    images = []
+    try:
+        images = _images(row.get("images"), base)
+        if not images:
+            problems.append("no images")
+    except ValueError as exc:
+        problems.append(str(exc))
+    for image in images:
+        if not Path(image).exists():
+            problems.append(f"image not found: {image}")
+    region = row.get("region") or None
+    if region is not None:
+        path, sep, label = _split_label(str(region))
+        region = str(base / path) + sep + label
+        if not Path(base / path).is_file():
+            problems.append(f"region mask not found: {base / path}")
+    box = None
+    if row.get("box") not in (None, ""):
+        try:
+            box = _box(row["box"])
+        except ValueError as exc:
+            problems.append(str(exc))
+    if problems:
+        return None, problems
+    case_id = str(row["id"]).strip() if str(row.get("id") or "").strip() else str(line)
+    extra = {k: v for k, v in row.items() if k not in KNOWN_KEYS}
+    return Case(case_id, images, task, reference, question, region, box, extra, line), []
+
+
+def load_manifest(path: "str | Path") -> list[Case]:
+    """Every case of a JSONL or CSV manifest, or one :class:`ManifestError` naming all bad rows."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path} (give a .jsonl or .csv file)")
+    base = path.parent
+    cases, bad, seen = [], [], {}
+    for line, row in _rows(path):
+        if isinstance(row, str):
+            bad.append(f"line {line}: {row}")
+            continue
+        case, problems = _case(row, line, base)
+        if case is not None and case.id in seen:
+            problems = [f"id {case.id!r} repeats line {seen[case.id]}"]
+        if problems:
+            bad.append(f"line {line}: " + ", ".join(problems))
+            continue
+        seen[case.id] = line
+        cases.append(case)
+    if bad:
+        more = f"; ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        raise ManifestError(f"{path}: {len(bad)} bad row(s), fix them and rerun: "
+                            + "; ".join(bad[:MAX_LISTED]) + more)
+    if not cases:
+        raise ManifestError(f"{path} has no cases (one JSON object a line, or CSV rows under a header)")
+    return cases
