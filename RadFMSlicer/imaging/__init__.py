@@ -1,0 +1,22 @@
+"""Scan on disk or array in memory -> the exact tensor RadFM sees.
+
+The steps, one module each, in the order data flows:
+
+* :mod:`.io` -- arrays (Slicer's ``arrayFromVolume``) and files (NIfTI, NRRD, MHA, DICOM,
+  PNG/JPEG) are checked and read into a :class:`Volume`;
+* :mod:`.geometry` -- every volume is brought to one display orientation (axial, anterior
+  up, patient right on the left, superior slice first) with its exact geometry kept;
+* :mod:`.windows` -- the display window (preset, automatic, or given) maps values to [0, 1];
+* :mod:`.model_input` -- ``preprocess`` resizes to the ``[3, 512, 512, D]`` RadFM input.
+"""
+
+from .geometry import LPS_TO_RAS, MAX_INPLANE, MAX_SLICES, MAX_VOXELS, Grid, Volume
+from .io import SUPPORTED, load_volume, read_info, volume_from_array
+from .model_input import MAX_DEPTH, MODEL_SIZE, ModelImage, choose_depth, preprocess
+from .windows import PERCENTILES, WINDOW_PRESETS, Window, describe_window, resolve_window
+
+__all__ = [
+    "LPS_TO_RAS", "MAX_DEPTH", "MAX_INPLANE", "MAX_SLICES", "MAX_VOXELS", "MODEL_SIZE", "PERCENTILES",
+    "SUPPORTED", "WINDOW_PRESETS", "Grid", "ModelImage", "Volume", "Window", "choose_depth",
+    "describe_window", "load_volume", "preprocess", "read_info", "resolve_window", "volume_from_array",
+]

@@ -1,0 +1,129 @@
+"""Display windows: presets, automatic choice (CT soft tissue, else percentiles), text spellings."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import ImageError
+
+if TYPE_CHECKING:
+    from .geometry import Volume
+
+PERCENTILES = (0.5, 99.5)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Display window in the scan's units (HU for CT)."""
+
+    center: float
+    width: float
+
+    def __post_init__(self):
+        if not (math.isfinite(self.center) and math.isfinite(self.width)) or self.width <= 0:
+            raise ImageError(f"Window width must be a number > 0 (got center={self.center}, width={self.width}); "
+                             "e.g. Window(40, 400) for soft tissue.")
+
+    @property
+    def low(self) -> float:
+        return self.center - self.width / 2
+
+    @property
+    def high(self) -> float:
+        return self.center + self.width / 2
+
+
+WINDOW_PRESETS = {
+    "soft_tissue": Window(40, 400),
+    "lung": Window(-600, 1500),
+    "bone": Window(400, 1800),
+    "brain": Window(40, 80),
+}
+
+
+def _window_dict(w: Window, preset=None, auto=None) -> dict:
+    d = {"mode": "window", "preset": preset, "center": float(w.center), "width": float(w.width),
+         "low": float(w.low), "high": float(w.high)}
+    if auto:
+        d["auto"] = auto
+    return d
+
+
+def _sample(vox: np.ndarray, limit=4_000_000) -> np.ndarray:
+    """A regular subsample: percentiles of big volumes without sorting all voxels."""
+    flat = vox.ravel()
+    return flat[:: max(1, flat.size // limit)]
+
+
+def _percentile_window(vol: Volume, auto=None) -> dict:
+    sample = _sample(vol.voxels)
+    low, high = (float(v) for v in np.percentile(sample, PERCENTILES))
+    if high <= low:  # mostly one value (e.g. empty background): fall back to min-max
+        low, high = float(sample.min()), float(sample.max())
+    if high <= low:
+        raise ImageError(f"{vol.source} has no contrast (all values {low:g}) for a percentile window; "
+                         "use a fixed window such as 'soft_tissue'.")
+    d = {"mode": "percentile", "percentiles": list(PERCENTILES), "low": low, "high": high}
+    if auto:
+        d["auto"] = auto
+    return d
+
+
+def _looks_like_ct(vol: Volume) -> bool:
+    """Modality CT, or (no modality) values spanning air..bone in Hounsfield units."""
+    if vol.modality:
+        return vol.modality.upper() == "CT"
+    low, high = np.percentile(_sample(vol.voxels), PERCENTILES)
+    return -3100 <= low <= -500 and 0 <= high <= 4000
+
+
+def resolve_window(vol: Volume, window=None) -> dict:
+    """Turn any accepted window spelling into a description dict with absolute low/high.
+
+    Accepted: None/"auto" (CT -> soft tissue, else percentile), a :class:`Window`, a preset
+    name, "percentile", "center,width" text, or a dict from ``ModelImage.window`` (reuse).
+    """
+    if window is None or (isinstance(window, str) and window.strip().lower() == "auto"):
+        if vol.default_window is not None:
+            return dict(vol.default_window)
+        if _looks_like_ct(vol):
+            why = "modality CT" if vol.modality else "CT-like values"
+            return _window_dict(WINDOW_PRESETS["soft_tissue"], "soft_tissue", auto=why)
+        return _percentile_window(vol, auto="not CT")
+    if isinstance(window, Window):
+        return _window_dict(window)
+    if isinstance(window, dict):  # e.g. the main image's ModelImage.window, reused for a region
+        low, high = float(window["low"]), float(window["high"])
+        if not high > low:
+            raise ImageError(f"Window range must have high > low (got {low:g}..{high:g}).")
+        if window.get("mode") == "percentile":
+            return {"mode": "percentile", "percentiles": list(window.get("percentiles", PERCENTILES)),
+                    "low": low, "high": high}
+        return _window_dict(Window((low + high) / 2, high - low), window.get("preset"))
+    if isinstance(window, str):
+        key = window.strip().lower().replace("-", "_").replace(" ", "_")
+        if key in WINDOW_PRESETS:
+            return _window_dict(WINDOW_PRESETS[key], key)
+        if key == "percentile":
+            return _percentile_window(vol)
+        parts = window.replace("/", ",").split(",")
+        if len(parts) == 2:
+            try:
+                return _window_dict(Window(float(parts[0]), float(parts[1])))
+            except ValueError:
+                pass
+    raise ImageError(f"Unknown window {window!r}: use one of auto, percentile, {', '.join(WINDOW_PRESETS)}, "
+                     "or 'center,width' such as '40,400'.")
+
+
+def describe_window(w: dict) -> str:
+    """Short human text for a window dict (captions, CLI)."""
+    if w.get("mode") == "percentile":
+        text = f"percentile {w['percentiles'][0]:g}-{w['percentiles'][1]:g}% [{w['low']:.4g}, {w['high']:.4g}]"
+    else:
+        text = f"{w.get('preset') or 'window'} C{w['center']:g}/W{w['width']:g}"
+    return text + (" (auto)" if w.get("auto") else "")
