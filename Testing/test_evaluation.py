@@ -80,3 +80,79 @@ def test_csv_without_images_column_and_missing_manifest_are_clear(tmp_path):
         load_manifest(tmp_path / "m.csv")
     with pytest.raises(ManifestError, match="manifest not found"):
         load_manifest(tmp_path / "none.jsonl")
+
+
+# --- metrics -----------------------------------------------------------------------------
+PAIRS = [
+    ("No acute abnormality. The lungs are clear.", "The lungs are clear. No acute abnormality."),
+    ("There is a small left pleural effusion.", "Small left pleural effusions are present."),
+    ("Cardiomegaly.", "The heart size is normal."),
+]
+
+
+def test_open_text_scores_are_the_libraries_own_values():
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU
+
+    from RadFMSlicer.evaluation.metrics import score_case
+
+    bleu = BLEU(effective_order=True, lowercase=True)
+    rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    for answer, reference in PAIRS:
+        scores = score_case("report", answer, reference)
+        assert scores["bleu"] == pytest.approx(bleu.sentence_score(answer, [reference]).score)
+        assert scores["rougeL"] == pytest.approx(rouge.score(reference, answer)["rougeL"].fmeasure)
+    same = score_case("rationale", "Pneumonia with consolidation.", "pneumonia with consolidation.")
+    assert same["bleu"] == pytest.approx(100.0) and same["rougeL"] == pytest.approx(1.0)
+    # "effusion" and "effusions" share a stem: ROUGE-L counts them as the same word
+    assert score_case("report", "left effusion", "left effusions")["rougeL"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("task, answer, reference, correct", [
+    ("diagnosis", "Yes, there is a small effusion.", "yes", True),
+    ("diagnosis", "No.", "Yes", False),
+    ("diagnosis", "Possibly.", "no", False),  # unrecognised counts wrong
+    ("vqa", "not seen", "No", True),
+    ("modality", "This is a computed tomography scan of the chest.", "CT", True),
+    ("modality", "The image is an MR scan, T2-weighted.", "MRI", True),
+    ("modality", "A CT image, not an MRI.", "MRI", False),  # the earliest mention decides
+    ("modality", "Chest radiograph.", "x-ray", True),
+    ("modality", "nuclear medicine", "Nuclear medicine!", True),  # unknown labels compare as plain text
+])
+def test_closed_answers_are_scored_after_the_documented_normalisation(task, answer, reference, correct):
+    from RadFMSlicer.evaluation.metrics import score_case
+
+    scores = score_case(task, answer, reference)
+    assert set(scores) >= {"accuracy"} and "bleu" not in scores
+    assert scores["accuracy"] == float(correct)
+
+
+def test_bootstrap_interval_brackets_the_mean_narrows_with_cases_and_reproduces():
+    import numpy as np
+
+    from RadFMSlicer.evaluation.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    few, many = rng.random(10), rng.random(1000)
+    low, high = bootstrap_ci(few)
+    assert low < few.mean() < high and bootstrap_ci(few) == [low, high]
+    assert np.diff(bootstrap_ci(many))[0] < (high - low) / 4
+    assert bootstrap_ci([0.5] * 7) == [0.5, 0.5]
+
+
+def test_breakdown_per_task_and_extra_column_and_records_how_scores_were_made():
+    from RadFMSlicer.evaluation.metrics import breakdown, provenance
+
+    cases = [
+        {"task": "modality", "scores": {"accuracy": 1.0}, "extra": {"site": "A"}},
+        {"task": "modality", "scores": {"accuracy": 0.0}, "extra": {"site": "B"}},
+        {"task": "report", "scores": {"bleu": 20.0, "rougeL": 0.5}, "extra": {"site": "A"}},
+    ]
+    result = breakdown(cases)
+    assert result["overall"]["accuracy"]["mean"] == 0.5 and result["overall"]["accuracy"]["n"] == 2
+    assert result["by_task"]["report"]["bleu"]["mean"] == 20.0
+    assert result["by_column"]["site"]["A"]["accuracy"]["mean"] == 1.0
+    assert result["by_column"]["site"]["B"]["accuracy"]["ci95"] == [0.0, 0.0]
+    info = provenance()
+    assert set(info["libraries"]) == {"sacrebleu", "rouge-score", "numpy"}
+    assert "tok:13a" in info["bleu_signature"] and "first word decides" in info["normalisation"]["yes/no"]
