@@ -5,7 +5,6 @@ print one line on stderr and exit with status 2, without a traceback.
 """
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -19,7 +18,6 @@ from .errors import RadFMError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-SCAN_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".png", ".jpg", ".jpeg")
 
 
 def quiet_third_party_logs() -> None:
@@ -158,59 +156,14 @@ def cmd_ask(args) -> int:
     return 0
 
 
-def batch_items(source: Path, args) -> list[dict]:
-    """Scans to answer: every scan file or DICOM folder in a folder, or the rows of a CSV.
-
-    CSV columns: ``image`` (required), optional ``id``, ``question``, ``task``, ``prior``.
-    """
-    if source.is_file() and source.suffix.lower() == ".csv":
-        with open(source, newline="") as f:
-            rows = list(csv.DictReader(f))
-        if rows and "image" not in rows[0]:
-            raise RadFMError(f"{source} needs an 'image' column (found: {', '.join(rows[0])})")
-        base = source.parent
-        items = []
-        for row in rows:
-            images = [str(base / row["image"])] + ([str(base / row["prior"])] if row.get("prior") else [])
-            items.append({"id": row.get("id") or row["image"], "images": images,
-                          "question": row.get("question") or None, "task": row.get("task") or None})
-        return items
-    if not source.is_dir():
-        raise RadFMError(f"batch input not found: {source} (give a folder of scans or a CSV file)")
-    items = []
-    for entry in sorted(source.iterdir()):
-        is_scan = entry.is_file() and entry.name.lower().endswith(SCAN_SUFFIXES)
-        if is_scan or (entry.is_dir() and any(entry.iterdir())):
-            items.append({"id": entry.name, "images": [str(entry)], "question": None, "task": None})
-    if not items:
-        raise RadFMError(f"no scans found in {source} (looked for {', '.join(SCAN_SUFFIXES)} and DICOM folders)")
-    return items
-
-
-def finished_ids(out: Path) -> set[str]:
-    """Ids already answered in ``out``; failed ones are retried, a torn last line is cut off."""
-    done = set()
-    if out.exists():
-        data = out.read_bytes()
-        if data and not data.endswith(b"\n"):  # interrupted mid-write
-            out.write_bytes(data[: data.rfind(b"\n") + 1])
-        for line in out.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if "answer" in record:
-                done.add(record["id"])
-    return done
-
-
 def cmd_batch(args) -> int:
     from tqdm import tqdm
 
     from .ask import ask
+    from .batch import append_record, batch_items, finished_ids
 
     out = Path(args.out)
-    items = batch_items(Path(args.input), args)
+    items = batch_items(Path(args.input))
     done = finished_ids(out)
     todo = [item for item in items if item["id"] not in done]
     print(f"{len(items)} scans, {len(items) - len(todo)} already done, {len(todo)} to go -> {out}",
@@ -228,9 +181,7 @@ def cmd_batch(args) -> int:
             except RadFMError as exc:
                 failures += 1
                 record["error"] = str(exc)
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+            append_record(f, record)
     print(f"done: {len(todo) - failures} answered, {failures} failed (rerun to retry them)", file=sys.stderr)
     return 0 if not failures else 1
 
