@@ -166,7 +166,8 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
         labels.append(PromptImage(f'marked region "{region.name}"', facts))
         records.append(_record(image, "region", region.name, facts, region.to_dict()))
     previous = session.previous_turns() if (session and request.include_previous_turns) else None
-    prompt = build_prompt(request.task, labels, question, request.history, previous, tokens_per_image)
+    # The user's own words: build_prompt applies the task template itself (once).
+    prompt = build_prompt(request.task, labels, request.question, request.history, previous, tokens_per_image)
     if request.preview_dir:
         _write_previews(model_images, records, Path(request.preview_dir))
     return PreparedAsk(question, prompt, model_images, records)

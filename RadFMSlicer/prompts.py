@@ -60,9 +60,11 @@ def task_question(task: str, question: str | None = None, finding: str | None = 
             raise PromptError("task vqa needs a question (--question)")
         return finish_sentence(question)
     if task == "diagnosis":
-        finding = (finding or question or "").strip().rstrip("?.!")
+        finding = " ".join((finding or question or "").split()).rstrip("?.!")
         if not finding:
             raise PromptError("task diagnosis needs the finding to look for, e.g. --question 'pleural effusion'")
+        if finding.split()[0].lower() in _QUESTION_WORDS - {"any"}:  # "Is there pneumonia": a whole question
+            return finding + "?"
         return template.format(finding=finding)
     if question and question.strip():  # a user's own wording of a fixed task
         return finish_sentence(question)

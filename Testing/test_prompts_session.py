@@ -93,3 +93,38 @@ def test_previous_turns_skip_failed_ones():
 def test_not_a_session_file():
     with pytest.raises(RadFMError, match="not a RadFM session"):
         Session.from_json('{"hello": 1}')
+
+
+# The prompt every front end sends: ask.prepare (CLI, batch, worker, panel) on a real scan.
+def _training_prompts(source: str) -> list[str]:
+    return [p for prompts in json.loads((PROMPTS / source).read_text()).values() for p in prompts]
+
+
+@pytest.mark.parametrize("task, question", [
+    ("report", None), ("rationale", None), ("modality", None), ("diagnosis", "pneumonia"),
+    ("diagnosis", " pleural  effusion? "), ("vqa", "Is there a pleural effusion"),
+])
+def test_prepared_prompt_is_the_image_tag_then_a_training_prompt(task, question):
+    from pydicom.data import get_testdata_file
+
+    from RadFMSlicer.ask import AskRequest, ImageInput, prepare
+
+    prepared = prepare(AskRequest(task=task, question=question, images=[ImageInput(path=get_testdata_file("CT_small.dcm"))]))
+    assert prepared.prompt.startswith(image_tag(0))
+    text = prepared.prompt[len(image_tag(0)):]
+    assert text == prepared.question
+    template, source = TEMPLATES[task]
+    if task == "diagnosis":
+        finding = " ".join(question.split()).rstrip("?")
+        assert text.replace(finding, "disease", 1) in _training_prompts(source)
+        assert text.count(finding) == 1 and text.count("signs of") == 1
+    elif source is None:
+        assert text == "Is there a pleural effusion?"
+    else:
+        assert text in _training_prompts(source)
+
+
+def test_diagnosis_asked_as_a_whole_question_is_not_wrapped_again():
+    assert task_question("diagnosis", "Is there pneumonia") == "Is there pneumonia?"
+    assert task_question("diagnosis", "any consolidation") == \
+        "Can you identify any visible signs of any consolidation in the image?"
