@@ -13,7 +13,7 @@ import tempfile
 from RadFMSlicer.ask import make_turn, prepare
 from RadFMSlicer.errors import RadFMError
 from RadFMSlicer.generation import GenerationResult
-from RadFMSlicer.worker import Event, ask_request_from_json
+from RadFMSlicer.worker.protocol import Event, ask_request_from_json
 
 PAUSE = "<pause>"
 CRASH = Event("error", "the RadFM worker killed by SIGKILL (out of memory, or killed by hand).",

@@ -7,7 +7,7 @@ import time
 import pydicom.data
 import pytest
 
-from RadFMSlicer.worker import WorkerClient, WorkerError
+from RadFMSlicer.worker.client import WorkerClient, WorkerError
 
 CT = pydicom.data.get_testdata_file("CT_small.dcm")
 

@@ -15,7 +15,7 @@ import time
 import pydicom.data
 
 from RadFMSlicer.testing import make_tiny_checkpoint
-from RadFMSlicer.worker import WorkerClient
+from RadFMSlicer.worker.client import WorkerClient
 
 CT = pydicom.data.get_testdata_file("CT_small.dcm")
 
