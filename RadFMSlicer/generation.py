@@ -99,6 +99,14 @@ def pick_token(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def token_budget(prompt_tokens: int, settings: GenerationSettings, max_positions: int) -> int:
+    """New tokens an answer may have: the setting, cut to what the context has left."""
+    budget = min(settings.max_new_tokens, max_positions - prompt_tokens)
+    if budget < 1:
+        raise PromptError(f"the prompt has {prompt_tokens} tokens; the model's context holds {max_positions}")
+    return budget
+
+
 class DynamicDecoder:
     """The default forward passes: a KV cache that grows token by token (transformers' DynamicCache)."""
 
@@ -109,12 +117,12 @@ class DynamicDecoder:
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
         """Logits ``[1, 1, V]`` after the prompt; starts a fresh cache."""
         self._cache = DynamicCache()
-        return self._lm(inputs_embeds=embeds, past_key_values=self._cache, use_cache=True, logits_to_keep=1).logits
+        return self._lm(inputs_embeds=embeds, cache=self._cache, use_cache=True, logits_to_keep=1).logits
 
     def step(self, token: int, position: int) -> torch.Tensor:
         """Logits ``[1, 1, V]`` after ``token``, which sits at ``position``."""
         ids = torch.tensor([[token]], device=self._lm.device)
-        return self._lm(input_ids=ids, past_key_values=self._cache, use_cache=True).logits
+        return self._lm(input_ids=ids, cache=self._cache, use_cache=True).logits
 
 
 class CompiledDecoder:
@@ -134,12 +142,12 @@ class CompiledDecoder:
         self._compiled_step = torch.compile(self._step, mode=mode, fullgraph=True)
 
     def _step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self._lm(input_ids=ids, past_key_values=self._cache, cache_position=positions, use_cache=True).logits
+        return self._lm(input_ids=ids, cache=self._cache, cache_position=positions, use_cache=True).logits
 
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
         self._cache.reset()
         positions = torch.arange(embeds.shape[1], device=embeds.device)
-        return self._lm(inputs_embeds=embeds, past_key_values=self._cache, cache_position=positions,
+        return self._lm(inputs_embeds=embeds, cache=self._cache, cache_position=positions,
                         use_cache=True, logits_to_keep=1).logits
 
     def step(self, token: int, position: int) -> torch.Tensor:
@@ -168,11 +176,7 @@ class Generation:
         self._prompt_ids = prompt_ids
         self._embeds = embeds
         self.settings = settings
-        self._budget = min(settings.max_new_tokens, max_positions - prompt_ids.shape[1])
-        if self._budget < 1:
-            raise PromptError(
-                f"the prompt has {prompt_ids.shape[1]} tokens; the model's context holds {max_positions}"
-            )
+        self._budget = token_budget(prompt_ids.shape[1], settings, max_positions)
         self._cancel = threading.Event()
         self.result: GenerationResult | None = None
 

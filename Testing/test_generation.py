@@ -1,6 +1,7 @@
 """Streaming, cancellation, stop reasons, sampling and the image encoding cache."""
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -35,6 +36,14 @@ def test_stream_decoder_never_splits_characters_and_keeps_spaces(engine):
     deltas = [decoder.push(i) for i in ids] + [decoder.finish()]
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
+
+
+def test_generating_prints_no_deprecation_warning_into_the_answer(engine, image):
+    """transformers warns once per process on a deprecated argument: that line landed in every CLI answer."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.answer(report_prompt(engine), [image], GenerationSettings(max_new_tokens=3))
+    assert [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))] == []
 
 
 def test_cancel_from_another_thread_stops_within_one_token(engine, image):
