@@ -41,6 +41,7 @@ class ImageInput:
     role: str = "current"
     window: object = None  # overrides the request's window for this image
     series: str | None = None
+    modality: str | None = None  # for an array ("CT", "MR"): picks the automatic window as a file's tag would
 
     @classmethod
     def from_json(cls, item: "str | dict") -> "ImageInput":
@@ -67,7 +68,7 @@ class ImageInput:
             if self.ijk_to_ras is None:
                 raise ImageError(f"image {self.name or 'array'}: an array needs its ijk_to_ras matrix")
             return volume_from_array(np.asarray(self.array), np.asarray(self.ijk_to_ras, float),
-                                     name=self.name or "array")
+                                     name=self.name or "array", modality=self.modality)
         if not self.path:
             raise ImageError("an image needs a path or an array")
         return load_volume(self.path, series=self.series)

@@ -240,13 +240,16 @@ def cmd_demo(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .convert import convert_checkpoint
+    from .convert import convert_checkpoint, convert_for_vllm
 
     started = time.perf_counter()
-    out = convert_checkpoint(args.checkpoint, args.out, args.dtype, args.shard_size_gb,
-                             progress=lambda message: print(message, file=sys.stderr, flush=True))
-    print(f"converted {args.checkpoint} -> {out} ({args.dtype}) in {time.perf_counter() - started:.0f} s; "
-          f"load it with --checkpoint {out}", file=sys.stderr)
+    convert = convert_for_vllm if args.for_vllm else convert_checkpoint
+    out = convert(args.checkpoint, args.out, args.dtype, args.shard_size_gb,
+                  progress=lambda message: print(message, file=sys.stderr, flush=True))
+    use = (f"serve it with: vllm serve {out} --enable-prompt-embeds, then radfm serve --llm-backend vllm "
+           f"--vllm-url http://HOST:8000" if args.for_vllm else f"load it with --checkpoint {out}")
+    print(f"converted {args.checkpoint} -> {out} ({args.dtype}) in {time.perf_counter() - started:.0f} s; {use}",
+          file=sys.stderr)
     return 0
 
 
@@ -292,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision stored on disk (default bfloat16: half the size, what GPUs load)")
     p.add_argument("--shard-size-gb", type=float, default=2.0,
                    help="largest shard in GB (default 2); converting needs about this much RAM")
+    p.add_argument("--for-vllm", action="store_true",
+                   help="write only the LLaMA part as a standard Hugging Face Llama folder for vLLM (README: Serve a reading room)")
     p.set_defaults(func=cmd_convert)
     return parser
 

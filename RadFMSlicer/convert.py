@@ -49,34 +49,24 @@ def plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, shard_bytes: 
     return shards
 
 
-def convert_checkpoint(src_folder, out_folder, dtype="bfloat16", shard_size_gb: float = DEFAULT_SHARD_GB,
-                       progress=None) -> Path:
-    """Write the inference weights of ``src_folder`` to ``out_folder`` as sharded safetensors.
-
-    ``out_folder`` must be new or empty. ``progress(message)`` is called once per shard.
-    """
-    from safetensors.torch import save_file
-
-    files = locate_checkpoint(src_folder)
-    store_dtype = resolve_dtype(dtype)
+def _new_output_folder(out_folder, shard_size_gb: float) -> Path:
     out = Path(out_folder).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not empty: choose a new folder for the converted checkpoint")
     if shard_size_gb <= 0:
         raise CheckpointError(f"shard size must be positive, got {shard_size_gb} GB")
+    return out
 
-    source = WeightSource(files)
-    dims = RadFMDims.from_shapes(source.shapes)
-    with torch.device("meta"):
-        check_keys(RadFMModel(dims, llama_config(files, dims)), source.shapes)  # fail before writing gigabytes
-    keep = {k: s for k, s in source.shapes.items() if is_inference_key(k)}
-    shards = plan_shards(keep, store_dtype.itemsize, int(shard_size_gb * 1e9))
 
-    out.mkdir(parents=True, exist_ok=True)
+def write_shards(source: WeightSource, names: dict[str, str], store_dtype: torch.dtype, shards: list[list[str]],
+                 out: Path, progress=None) -> None:
+    """Write ``shards`` (lists of output names; ``names`` maps each to its source key) and their index."""
+    from safetensors.torch import save_file
+
     weight_map, total = {}, 0
     for index, keys in enumerate(shards, 1):
         name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {k: source.load(k, torch.device("cpu"), store_dtype) for k in keys}
+        tensors = {k: source.load(names[k], torch.device("cpu"), store_dtype) for k in keys}
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         (out / name).chmod(0o644)  # safetensors writes 0600; a model folder is often shared
         total += sum(t.numel() * t.element_size() for t in tensors.values())
@@ -84,22 +74,103 @@ def convert_checkpoint(src_folder, out_folder, dtype="bfloat16", shard_size_gb: 
         del tensors
         if progress:
             progress(f"wrote {name} ({(out / name).stat().st_size / 1e9:.2f} GB, {len(keys)} tensors)")
+    (out / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def write_manifest(out: Path, files, store_dtype: torch.dtype, layout: str, dropped: list[str]) -> None:
+    """``radfm_manifest.json``: every file written with its sha256, and where it came from."""
+    written = sorted(p for p in out.rglob("*") if p.is_file())
+    manifest = {
+        "format": layout,
+        "dtype": str(store_dtype).replace("torch.", ""),
+        "created_by": f"RadFMSlicer {__version__}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"folder": str(files.folder.resolve()), "layout": files.layout, "fingerprint": files.fingerprint()},
+        "dropped_keys": dropped,
+        "files": {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in written},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def _checked_source(files) -> tuple[WeightSource, RadFMDims]:
+    """The weights, after checking every key and shape (fail before writing gigabytes)."""
+    source = WeightSource(files)
+    dims = RadFMDims.from_shapes(source.shapes)
+    with torch.device("meta"):
+        check_keys(RadFMModel(dims, llama_config(files, dims)), source.shapes)
+    return source, dims
+
+
+def convert_checkpoint(src_folder, out_folder, dtype="bfloat16", shard_size_gb: float = DEFAULT_SHARD_GB,
+                       progress=None) -> Path:
+    """Write the inference weights of ``src_folder`` to ``out_folder`` as sharded safetensors.
+
+    ``out_folder`` must be new or empty. ``progress(message)`` is called once per shard.
+    """
+    files = locate_checkpoint(src_folder)
+    store_dtype = resolve_dtype(dtype)
+    out = _new_output_folder(out_folder, shard_size_gb)
+
+    source, _ = _checked_source(files)
+    keep = {k: s for k, s in source.shapes.items() if is_inference_key(k)}
+    shards = plan_shards(keep, store_dtype.itemsize, int(shard_size_gb * 1e9))
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_shards(source, {k: k for k in keep}, store_dtype, shards, out, progress)
     for path in sorted((files.folder / LANGUAGE_FILES).rglob("*")):  # contents only: the release may be read-only
         if path.is_file():
             copy = out / path.relative_to(files.folder)
             copy.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, copy)
-    (out / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    write_manifest(out, files, store_dtype, "radfm-safetensors", sorted(set(source.shapes) - set(keep)))
+    return out
 
-    written = sorted(p for p in out.rglob("*") if p.is_file())
-    manifest = {
-        "format": "radfm-safetensors",
-        "dtype": str(store_dtype).replace("torch.", ""),
-        "created_by": f"RadFMSlicer {__version__}",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": {"folder": str(files.folder.resolve()), "layout": files.layout, "fingerprint": files.fingerprint()},
-        "dropped_keys": sorted(set(source.shapes) - set(keep)),
-        "files": {p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in written},
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+# The language half as vLLM (or any Hugging Face loader) expects a Llama folder. The
+# released tokenizer_config.json names no special tokens; these are the ones RadFM used.
+LLAMA_PREFIX = "lang_model."
+VLLM_CONTEXT = 2048  # RadFM's LLaMA was trained with 2048 positions
+LLAMA_TOKENIZER_CONFIG = {
+    "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+    "pad_token": None, "add_bos_token": True, "add_eos_token": False, "legacy": True,
+    "model_max_length": VLLM_CONTEXT, "clean_up_tokenization_spaces": False,
+}
+
+
+def convert_for_vllm(src_folder, out_folder, dtype="bfloat16", shard_size_gb: float = DEFAULT_SHARD_GB,
+                     progress=None) -> Path:
+    """Write the LLaMA part of ``src_folder`` as a standard Hugging Face Llama folder.
+
+    Why: vLLM serves a plain ``LlamaForCausalLM`` folder; fed RadFM's merged prompt
+    embeddings (``prompt_embeds``) it continues exactly as our own decoder does. The config
+    stops at EOS 2 (what every training answer ended with, not the released eos=1) and
+    holds 2048 positions; the vision half stays with ``radfm serve``.
+    """
+    from transformers import GenerationConfig
+
+    files = locate_checkpoint(src_folder)
+    store_dtype = resolve_dtype(dtype)
+    out = _new_output_folder(out_folder, shard_size_gb)
+    source, dims = _checked_source(files)
+    names = {k[len(LLAMA_PREFIX):]: k for k in source.shapes if k.startswith(LLAMA_PREFIX) and is_inference_key(k)}
+    shards = plan_shards({k: source.shapes[v] for k, v in names.items()}, store_dtype.itemsize,
+                         int(shard_size_gb * 1e9))
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_shards(source, names, store_dtype, shards, out, progress)
+    config = llama_config(files, dims)
+    config.max_position_embeddings = VLLM_CONTEXT
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = store_dtype
+    config.save_pretrained(out)
+    raw = json.loads((out / "config.json").read_text())
+    raw["torch_dtype"] = raw.get("dtype", str(store_dtype).replace("torch.", ""))  # older loaders read this key
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    GenerationConfig(bos_token_id=1, eos_token_id=2, max_length=VLLM_CONTEXT).save_pretrained(out)
+    shutil.copyfile(files.tokenizer_model, out / "tokenizer.model")
+    (out / "tokenizer_config.json").write_text(json.dumps(LLAMA_TOKENIZER_CONFIG, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {k: LLAMA_TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token")}, indent=2))
+    dropped = sorted(k for k in source.shapes if k not in set(names.values()))
+    write_manifest(out, files, store_dtype, "radfm-vllm-llama", dropped)
     return out

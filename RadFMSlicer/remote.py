@@ -1,0 +1,360 @@
+"""A RadFM server (``radfm serve``) used like a local worker: :class:`RemoteClient`.
+
+``RemoteClient(url, token)`` has the methods and events of
+:class:`~RadFMSlicer.worker.WorkerClient`, so the panel and the CLI switch between "this
+computer" and "a server" by a setting. What leaves the workstation is voxels, geometry,
+modality and the prompt: scans are read here (DICOM tags, file and node names stay
+here), uploaded by content id (a scan already on the server is not sent again), and the
+provenance that names the scan is completed here when the answer arrives.
+
+Only the standard library is used, so the Slicer side needs nothing new.
+"""
+
+import hashlib
+import http.client
+import io
+import itertools
+import json
+import ssl
+import threading
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from .errors import RadFMError
+from .worker import Event, Request, WorkerError
+
+API = "/v1"
+UPLOAD_FIELDS = ("voxels", "ijk_to_ras")  # the members of an upload (.npz); nothing else is accepted
+CLIENT_HEADER = "X-RadFM-Client"  # an anonymous per-client id: the server queues fairly across these
+# Display voxels are indexed (slice, row, column); an IJK matrix takes (column, row, slice).
+DISPLAY_TO_IJK_COLUMNS = [2, 1, 0, 3]
+
+
+# =============================================================================== HTTP
+def http_request(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None,
+                 timeout: float = 30.0, what: str = "the server") -> http.client.HTTPResponse:
+    """One request; the response is returned unread (stream it or ``read()`` it)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RadFMError(f"{url!r} is not an http(s) address (e.g. http://127.0.0.1:8765)")
+    if parts.scheme == "https":
+        connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
+                                                 context=ssl.create_default_context())
+    else:
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    try:
+        connection.request(method, path or "/", body=body, headers=headers or {})
+        return connection.getresponse()
+    except (OSError, http.client.HTTPException) as exc:
+        connection.close()
+        raise RadFMError(f"cannot reach {what} at {parts.scheme}://{parts.netloc}: {exc}") from exc
+
+
+def read_error(response: http.client.HTTPResponse) -> str:
+    """The one-line message of an error response (``{"detail": ...}`` or OpenAI's ``{"error": ...}``)."""
+    raw = response.read(64 << 10)
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace").strip()[:300] or response.reason
+    error = body.get("detail") or body.get("error") or body.get("message") or body
+    if isinstance(error, dict):
+        error = error.get("message") or json.dumps(error)
+    return str(error)
+
+
+def iter_sse(response):
+    """``(event, data)`` per server-sent event; ``event`` is "message" when the stream names none."""
+    event, data = "message", []
+    for raw in response:
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    if data:
+        yield event, "\n".join(data)
+
+
+# =============================================================================== uploads
+def image_id(voxels: np.ndarray, ijk_to_ras: np.ndarray) -> str:
+    """Content address of an upload: the same voxels and geometry always get the same id."""
+    voxels = np.ascontiguousarray(voxels)
+    digest = hashlib.sha256(f"{voxels.dtype.str}{voxels.shape}".encode())
+    digest.update(memoryview(voxels).cast("B"))
+    digest.update(np.asarray(ijk_to_ras, dtype=np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def upload_body(voxels: np.ndarray, ijk_to_ras: np.ndarray) -> bytes:
+    """An upload: a compressed ``.npz`` of the voxels and their 4x4 IJK->RAS matrix, nothing else."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, voxels=np.ascontiguousarray(voxels), ijk_to_ras=np.asarray(ijk_to_ras, np.float64))
+    return buffer.getvalue()
+
+
+class _Scan:
+    """One image as it leaves the workstation: voxels and geometry, its local name kept here."""
+
+    def __init__(self, item, index: int):
+        from .ask import ImageInput
+
+        image = ImageInput.from_json(item) if not isinstance(item, ImageInput) else item
+        self.role, self.window, self.volume = image.role, image.window, None
+        if image.array is not None:  # a Slicer array: its own grid, so masks and IJK boxes stay valid
+            if image.ijk_to_ras is None:
+                raise RadFMError(f"image {image.name or index + 1}: an array needs its ijk_to_ras matrix")
+            self.voxels, self.matrix = np.asarray(image.array), np.asarray(image.ijk_to_ras, float)
+            self.modality = None
+            self.label = image.name or f"image {index + 1}"
+        else:  # a file: read here, sent in display order with the matching matrix
+            self.volume = image.load()
+            self.voxels = self.volume.voxels
+            self.matrix = self.volume.display_to_ras[:, DISPLAY_TO_IJK_COLUMNS]  # the server reads it as is
+            self.modality = self.volume.modality
+            self.label = image.name or Path(image.path).name
+        self.id = image_id(self.voxels, self.matrix)
+
+    def region(self, region, number: int, mask_id: str | None) -> dict:
+        """A region as the server takes it: a box, or an uploaded mask; its name stays here."""
+        entry = {"name": f"region {number}", "image": region.image, "label": region.label,
+                 "margin_mm": region.margin_mm, "box_ras": region.box_ras, "box_ijk": region.box_ijk,
+                 "mask_id": mask_id}
+        if self.volume is not None and region.box_ijk is not None:  # IJK of the file's grid -> RAS corners
+            corners = np.c_[np.asarray(region.box_ijk, float), np.ones(2)] @ self.volume.ijk_to_ras.T
+            entry["box_ras"], entry["box_ijk"] = corners[:, :3].tolist(), None
+        return {k: v for k, v in entry.items() if v is not None}
+
+    def mask(self, region) -> np.ndarray:
+        """The region's label map on the grid of the uploaded voxels."""
+        from .regions import load_mask
+
+        if self.volume is None:
+            return np.asarray(np.load(region.mask, allow_pickle=False) if isinstance(region.mask, str) else region.mask)
+        mask = load_mask(region.mask, self.volume) if isinstance(region.mask, (str, Path)) else region.mask
+        return self.volume.to_display(mask)
+
+
+# =============================================================================== client
+class RemoteRequest(Request):
+    """One request to the server, with the events of a worker request."""
+
+    def __init__(self, client: "RemoteClient", request_id: str, op: str):
+        super().__init__(client, request_id, op)
+        self.server_id: str | None = None
+        self._cancel_wanted = False
+
+    def cancel(self) -> None:
+        if self.finished:
+            return
+        self._cancel_wanted = True
+        if self.server_id:
+            self.client._cancel(self.server_id)
+
+
+class RemoteClient:
+    """Talks to ``radfm serve``; the methods and events of :class:`~RadFMSlicer.worker.WorkerClient`."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 600.0, **_ignored):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.client_id = uuid.uuid4().hex
+        self._ids = itertools.count(1)
+        self._history: list[tuple[str, str]] = []
+        self.load_args: dict | None = None
+        self.restarts = 0
+        self.preview_dir = None
+        self.proc = None
+        self._closed = False
+
+    @classmethod
+    def start(cls, url: str, token: str | None = None, **kwargs) -> "RemoteClient":
+        client = cls(url, token, **kwargs)
+        client.hello()
+        return client
+
+    # --- HTTP -------------------------------------------------------------------------------
+    def _headers(self, content_type: str | None = None) -> dict:
+        headers = {CLIENT_HEADER: self.client_id}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    def _call(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
+              ok=(200,), timeout: float = 60.0):
+        response = http_request(self.url + API + path, method, body, self._headers(content_type), timeout,
+                                "the RadFM server")
+        if response.status not in ok:
+            message = read_error(response)
+            if response.status == 401:
+                message = "the RadFM server refused the token (check the token for this server)"
+            raise WorkerError(f"the RadFM server answered {response.status}: {message}")
+        return response
+
+    def _json(self, method: str, path: str, payload=None, timeout: float = 60.0) -> dict:
+        body = json.dumps(payload).encode() if payload is not None else None
+        response = self._call(method, path, body, "application/json" if body else None, timeout=timeout)
+        return json.loads(response.read() or b"{}")
+
+    # --- process-like surface ------------------------------------------------------------------
+    @property
+    def pid(self) -> None:
+        return None  # the model runs on the server
+
+    def alive(self) -> bool:
+        return not self._closed
+
+    def stderr_tail(self) -> list[str]:
+        return []
+
+    # --- API --------------------------------------------------------------------------------------
+    def hello(self, timeout: float = 30) -> dict:
+        try:
+            return self._json("GET", "/health", timeout=timeout)
+        except RadFMError as exc:
+            raise WorkerError(str(exc)) from exc
+
+    def load(self, folder=None, *args, timeout: float = 60, **kwargs) -> dict:
+        """The server keeps its own model: this checks that it is reachable, authorised and loaded."""
+        info = self.status(timeout)
+        if not info.get("loaded"):
+            raise WorkerError("the RadFM server has no model loaded yet (it may still be loading): try again shortly")
+        self.load_args = {"server": self.url}
+        return {"model": info.get("model"), "server": self.url}
+
+    def status(self, timeout: float = 30) -> dict:
+        try:
+            return self._json("GET", "/model", timeout=timeout)
+        except RadFMError as exc:
+            raise WorkerError(str(exc)) from exc
+
+    def unload(self, timeout: float = 60) -> dict:
+        self.load_args = None
+        return {"text": "the server keeps its model loaded for every reader"}
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._closed = True
+
+    def __enter__(self) -> "RemoteClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def upload(self, voxels: np.ndarray, ijk_to_ras: np.ndarray, known_id: str | None = None) -> str:
+        """The server's id for this image, uploading it only if the server does not have it."""
+        known_id = known_id or image_id(voxels, ijk_to_ras)
+        response = self._call("GET", f"/images/{known_id}", ok=(200, 404))
+        response.read()
+        if response.status == 200:
+            return known_id
+        body = upload_body(voxels, ijk_to_ras)
+        data = json.loads(self._call("POST", "/images", body, "application/octet-stream", timeout=self.timeout).read())
+        return data["id"]
+
+    def encode(self, images, window=None) -> Request:
+        """Send the scans ahead of a question (the server encodes on the first ask)."""
+        request = RemoteRequest(self, f"r{next(self._ids)}", "encode")
+        try:
+            scans = [_Scan(item, k) for k, item in enumerate(images)]
+            ids = [self.upload(s.voxels, s.matrix, s.id) for s in scans]
+            request._push(Event("done", f"{len(ids)} image(s) on the server", {"images": ids}))
+        except (RadFMError, OSError) as exc:
+            request._push(Event("error", str(exc), {"kind": type(exc).__name__}))
+        return request
+
+    def ask(self, question: str | None = None, images=(), task: str | None = None, regions=(), history=None,
+            window=None, max_new_tokens: int = 256, include_previous_turns: bool = False,
+            previous_turns=None, **settings) -> Request:
+        """Start an answer; returns at once. Iterate ``req.events()`` or ``req.poll()``."""
+        request = RemoteRequest(self, f"r{next(self._ids)}", "ask")
+        if include_previous_turns and previous_turns is None:
+            previous_turns = self._history[-3:]
+        settings.pop("preview_dir", None)
+        payload = {"task": task, "question": question, "history": history, "window": window,
+                   "interpolation": settings.pop("interpolation", None),
+                   "settings": {"max_new_tokens": max_new_tokens, **settings},
+                   "previous_turns": [list(t) for t in previous_turns or []] if include_previous_turns else None}
+        threading.Thread(target=self._run_ask, args=(request, payload, list(images), list(regions)),
+                         name="radfm-remote-ask", daemon=True).start()
+        return request
+
+    def _run_ask(self, request: RemoteRequest, payload: dict, images: list, regions: list) -> None:
+        from .ask import RegionInput
+
+        labels = []
+        try:
+            request._push(Event("status", "sending the scan to the server"))
+            scans = [_Scan(item, k) for k, item in enumerate(images)]
+            payload["images"] = [{"id": self.upload(s.voxels, s.matrix, s.id), "role": s.role, "window": s.window,
+                                  "modality": s.modality} for s in scans]
+            labels = [s.label for s in scans]
+            payload["regions"] = []
+            for n, item in enumerate(regions, 1):
+                region = item if isinstance(item, RegionInput) else RegionInput.from_json(item)
+                if not 0 <= region.image < len(scans):
+                    raise RadFMError(f"region {region.name!r} refers to image {region.image + 1}, "
+                                     f"but {len(scans)} image(s) were given")
+                scan = scans[region.image]
+                mask_id = None
+                if region.mask is not None:
+                    mask = scan.mask(region)
+                    mask_id = self.upload(mask, scan.matrix)
+                payload["regions"].append(scan.region(region, n, mask_id))
+                labels.append(region.name)
+            response = self._call("POST", "/ask", json.dumps(payload).encode(), "application/json",
+                                  timeout=self.timeout)
+        except (RadFMError, OSError) as exc:
+            request._push(Event("error", str(exc), {"kind": type(exc).__name__}))
+            return
+        self._read_stream(request, response, labels)
+
+    def _read_stream(self, request: RemoteRequest, response, labels: list[str]) -> None:
+        try:
+            for kind, data in iter_sse(response):
+                message = json.loads(data)
+                event = Event(kind, message.get("text", ""), message.get("data") or {})
+                if kind == "status" and event.data.get("ask_id") and request.server_id is None:
+                    request.server_id = event.data["ask_id"]
+                    if request._cancel_wanted:
+                        self._cancel(request.server_id)
+                if kind == "done":
+                    self._complete_provenance(event.data, labels)
+                request._push(event)
+                if event.final:
+                    return
+        except (OSError, ValueError, http.client.HTTPException):
+            pass
+        finally:
+            response.close()
+        request._push(Event("error", f"the RadFM server at {self.url} went away mid-answer "
+                                     f"(stopped, restarted or the network dropped); ask again",
+                            {"kind": "worker_died"}))
+
+    def _complete_provenance(self, data: dict, labels: list[str]) -> None:
+        """Put the local names back into the turn; the server only ever saw 'image k' and 'region k'."""
+        turn = data.get("turn") or {}
+        for record, label in zip(turn.get("images") or [], labels):
+            record["label"] = label
+            if record.get("role") != "region":
+                record["source"] = label
+        (turn.get("provenance") or {}).setdefault("server", self.url)
+        if data.get("answer") and turn.get("question"):
+            self._history.append((turn["question"], data["answer"]))
+
+    def _cancel(self, server_id: str) -> None:
+        try:
+            self._call("POST", f"/asks/{server_id}/cancel", ok=(200, 404)).read()
+        except (RadFMError, OSError):
+            pass  # the stream reports what happened

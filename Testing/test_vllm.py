@@ -1,0 +1,178 @@
+"""The LLM half on vLLM: the exported Llama folder, the prompt_embeds request, the streamed answer.
+
+vLLM itself needs a GPU and does not run here. The stand-in below speaks vLLM's
+OpenAI-compatible Completions protocol on 127.0.0.1 and computes with the exported folder
+loaded by transformers, decoding ``prompt_embeds`` exactly as vLLM's renderer does.
+"""
+
+import base64
+import io
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaForCausalLM
+
+from RadFMSlicer.cli import main as radfm
+from RadFMSlicer.engine import RadFMEngine
+from RadFMSlicer.errors import RadFMError
+from RadFMSlicer.generation import GenerationSettings
+from RadFMSlicer.vllm_client import prompt_embeds_field
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory, fixture_dir):
+    out = tmp_path_factory.mktemp("vllm") / "radfm-llama"
+    assert radfm(["convert", "--for-vllm", "--checkpoint", str(fixture_dir), "--out", str(out),
+                  "--dtype", "float32", "--shard-size-gb", "0.004"]) == 0
+    return out
+
+
+def vllm_decode(field: str) -> torch.Tensor:
+    """vLLM's documented decoding of ``prompt_embeds`` (entrypoints renderer)."""
+    tensor = torch.load(io.BytesIO(base64.b64decode(field, validate=True)), weights_only=True,
+                        map_location=torch.device("cpu"))
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return tensor.to_dense()
+
+
+def test_exported_folder_is_a_plain_llama_with_our_logits(llama_folder, engine, fixture_cases):
+    config = json.loads((llama_folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["eos_token_id"] == 2
+    assert config["max_position_embeddings"] == 2048
+    assert json.loads((llama_folder / "generation_config.json").read_text())["eos_token_id"] == 2
+    index = json.loads((llama_folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) >= 2 and "lm_head.weight" in index
+    assert not any(k.startswith(("embedding_layer", "lang_model")) for k in index)
+
+    llama = LlamaForCausalLM.from_pretrained(llama_folder, dtype=torch.float32)
+    for case in fixture_cases["cases"]:
+        ids = case["input_ids"].unsqueeze(0)
+        embeds = engine.embed(ids, engine.split_vision_x(case["vision_x"]))
+        with torch.inference_mode():
+            ours = engine.model.lang_model(inputs_embeds=embeds).logits
+            theirs = llama(inputs_embeds=embeds).logits
+        assert torch.equal(ours, theirs), case["name"]
+        assert (theirs[0] - case["prefill_logits"]).abs().max() < 1e-4
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_folder)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (1, 2)
+    answer = [i for i in fixture_cases["cases"][0]["generated_ids"].tolist()[1:] if i != 2]
+    assert tokenizer.decode(answer, skip_special_tokens=True) == engine.tokenizer.decode(answer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_embeds_decode_with_vllms_decoding_to_the_same_tensor(engine, fixture_cases, dtype):
+    case = fixture_cases["cases"][1]
+    embeds = engine.embed(case["input_ids"].unsqueeze(0), engine.split_vision_x(case["vision_x"])).to(dtype)
+    field = prompt_embeds_field(embeds)  # [1, L, hidden] in, [L, hidden] on the wire
+    decoded = vllm_decode(field)
+    assert decoded.dtype == dtype and decoded.shape == embeds.shape[1:]
+    assert torch.equal(decoded, embeds[0])
+    head = embeds[0, :4]  # a view: only its own rows go on the wire, not the storage behind it
+    assert torch.equal(vllm_decode(prompt_embeds_field(head)), head)
+    assert len(base64.b64decode(prompt_embeds_field(head))) < head.nbytes + 2048 < embeds.nbytes
+
+
+class FakeVLLM(ThreadingHTTPServer):
+    """vLLM's Completions protocol on 127.0.0.1, greedy on the exported folder."""
+
+    def __init__(self, folder):
+        super().__init__(("127.0.0.1", 0), VLLMHandler)
+        self.llama = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.name = str(folder)
+        self.bodies = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class VLLMHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def _json(self, status, payload):
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        assert self.path == "/v1/models"
+        self._json(200, {"object": "list", "data": [{"id": self.server.name, "object": "model"}]})
+
+    def do_POST(self):
+        assert self.path == "/v1/completions"
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.bodies.append(body)
+        if body.get("model") != self.server.name:
+            return self._json(404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}})
+        embeds = vllm_decode(body["prompt_embeds"]).unsqueeze(0)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        ids, text, finish = [], "", "length"
+        with torch.inference_mode():
+            for _ in range(body["max_tokens"]):
+                token = int(self.server.llama(inputs_embeds=embeds).logits[0, -1].argmax())
+                ids.append(token)
+                if token in body["stop_token_ids"]:
+                    finish = "stop"
+                    break
+                embeds = torch.cat([embeds, self.server.llama.get_input_embeddings()(torch.tensor([[token]]))], 1)
+                full = self.server.tokenizer.decode(ids, skip_special_tokens=True)
+                self._event({"choices": [{"index": 0, "text": full[len(text):], "token_ids": [token],
+                                          "finish_reason": None}]})
+                text = full
+        self._event({"choices": [{"index": 0, "text": "", "token_ids": [token] if finish == "stop" else [],
+                                  "finish_reason": finish}]})
+        self._event({"choices": [], "usage": {"prompt_tokens": embeds.shape[1], "completion_tokens": len(ids)}})
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def _event(self, chunk):
+        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        self.wfile.flush()
+
+
+@pytest.fixture(scope="module")
+def fake_vllm(llama_folder):
+    server = FakeVLLM(llama_folder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_answers_streamed_from_vllm_equal_our_own(fake_vllm, fixture_dir, engine, fixture_cases):
+    remote = RadFMEngine.load(fixture_dir, dtype=torch.float32, vllm_url=fake_vllm.url + "/v1")
+    assert remote.describe()["llm_backend"] == "vllm" and remote.describe()["vllm_model"] == fake_vllm.name
+    for case in fixture_cases["cases"]:
+        ids, images = case["input_ids"].unsqueeze(0), engine.split_vision_x(case["vision_x"])
+        settings = GenerationSettings(max_new_tokens=24)
+        local = engine.start(ids, images, settings)
+        expected = local.run()
+        generation = remote.start(ids, images, settings)
+        deltas = list(generation)
+        assert "".join(deltas) == expected.text == generation.result.text, case["name"]
+        assert generation.result.token_ids == expected.token_ids
+        assert generation.result.stop_reason == expected.stop_reason
+    body = fake_vllm.bodies[-1]
+    assert body["stream"] is True and body["max_tokens"] == 24 and body["temperature"] == 0.0
+    assert "prompt" not in body  # embeddings only: the prompt text never goes to vLLM
+
+
+def test_unreachable_or_refusing_vllm_is_one_clear_line(fixture_dir, fake_vllm):
+    with pytest.raises(RadFMError, match=r"cannot reach the vLLM server at http://127\.0\.0\.1:9"):
+        RadFMEngine.load(fixture_dir, vllm_url="http://127.0.0.1:9")
+    from RadFMSlicer.vllm_client import VLLMBackend
+
+    backend = VLLMBackend(fake_vllm.url, model="not-served")
+    generation = backend.start(torch.tensor([[1, 2, 3]]), torch.zeros(3, 64), GenerationSettings(), 2048)
+    with pytest.raises(RadFMError, match="refused the answer \\(404\\): The model `not-served` does not exist"):
+        list(generation)
