@@ -1,4 +1,4 @@
-"""The ``radfm`` command: ask, batch, preview, demo, convert.
+"""The ``radfm`` command: ask, batch, eval, preview, demo, convert.
 
 User errors (a missing file, an unreadable scan, a bad checkpoint, an empty region)
 print one line on stderr and exit with status 2, without a traceback.
@@ -27,8 +27,8 @@ def quiet_third_party_logs() -> None:
 
 
 # --- argument groups shared by subcommands ------------------------------------------------
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True, help="RadFM folder: pytorch_model.bin + Language_files/")
+def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--checkpoint", required=required, help="RadFM folder: pytorch_model.bin + Language_files/")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA or with --quantization, float32 on CPU")
@@ -239,6 +239,41 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Score a manifest (logic in :mod:`RadFMSlicer.evaluation.run`), or compare two runs."""
+    from .evaluation.datasets import load_manifest
+    from .evaluation.run import format_table, run_eval
+    from .generation import GenerationSettings
+
+    if args.eval_command == "compare":
+        return cmd_eval_compare(args)
+    missing = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--manifest", args.manifest),
+                                        ("--out", args.out)) if not value]
+    if missing:
+        raise RadFMError(f"radfm eval needs {', '.join(missing)} (or: radfm eval compare RUN_A RUN_B)")
+    cases = load_manifest(args.manifest)  # every bad row named before the model loads
+    engine = load_engine(args)
+    summary = run_eval(engine, cases, args.out, GenerationSettings(max_new_tokens=args.max_new_tokens),
+                       window=args.window, interpolation=args.interpolation, manifest=str(args.manifest))
+    print(format_table(summary))
+    out = Path(args.out)
+    print(f"cases: {out / 'cases.jsonl'}\nsummary: {out / 'summary.json'}", file=sys.stderr)
+    return 0 if not summary["cases"]["failed"] else 1
+
+
+def cmd_eval_compare(args) -> int:
+    from .evaluation.compare import compare_runs, format_comparison
+
+    run_a, run_b = (Path(r) for r in args.runs)
+    result = compare_runs(run_a, run_b)
+    out = Path(args.out or run_b / f"compare-{run_a.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(result, indent=2))
+    print(format_comparison(result))
+    print(f"comparison: {out / 'compare.json'}", file=sys.stderr)
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .convert import convert_checkpoint, convert_for_vllm
 
@@ -287,6 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="where to write the tiny checkpoint, previews and session")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("eval", help="answer a manifest of cases with references and score them (resumable)")
+    add_model_arguments(p, required=False)
+    p.add_argument("--manifest", help="JSONL or CSV: images, task, question, reference (+ any extra columns)")
+    p.add_argument("--out", help="run folder: cases.jsonl, summary.json; rerunning resumes")
+    p.add_argument("--window", default=None, metavar="C,W|PRESET", help="intensity window for every scan (default: automatic)")
+    p.add_argument("--interpolation", default="nearest", choices=["nearest", "linear"])
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.set_defaults(func=cmd_eval, eval_command=None)
+    compare = p.add_subparsers(dest="eval_command").add_parser(
+        "compare", help="per-case deltas and paired bootstrap intervals between two runs of one manifest")
+    compare.add_argument("runs", nargs=2, metavar="RUN", help="two run folders made by radfm eval")
+    compare.add_argument("--out", help="folder for compare.json (default: RUN_B/compare-<RUN_A name>)")
 
     p = sub.add_parser("convert", help="the official pytorch_model.bin to sharded 16-bit safetensors (faster, leaner loads)")
     p.add_argument("--checkpoint", required=True, help="folder with pytorch_model.bin and Language_files/")

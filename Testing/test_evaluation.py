@@ -60,11 +60,12 @@ def test_every_bad_row_is_named_in_one_error(tmp_path):
         "{not json",
         {"images": [CT], "task": "report", "reference": "x", "box": [1, 2]},
         {"id": "1", "images": [CT], "task": "report", "reference": "x"},
+        {"images": [CT], "task": "diagnosis", "question": "effusion", "reference": "maybe"},
     ])
     with pytest.raises(ManifestError) as info:
         load_manifest(manifest)
     message = str(info.value)
-    assert "\n" not in message and "7 bad row(s)" in message
+    assert "\n" not in message and "8 bad row(s)" in message
     assert f"line 2: image not found: {tmp_path / 'missing.nii.gz'}" in message
     assert "line 3: unknown task 'segment'" in message
     assert "line 4: empty reference" in message
@@ -72,6 +73,7 @@ def test_every_bad_row_is_named_in_one_error(tmp_path):
     assert "line 6: not JSON" in message
     assert "line 7: 'box' needs six numbers" in message
     assert "line 8: id '1' repeats line 1" in message
+    assert "line 9: a diagnosis reference must say yes or no, got 'maybe'" in message
 
 
 def test_csv_without_images_column_and_missing_manifest_are_clear(tmp_path):
@@ -156,3 +158,114 @@ def test_breakdown_per_task_and_extra_column_and_records_how_scores_were_made():
     info = provenance()
     assert set(info["libraries"]) == {"sacrebleu", "rouge-score", "numpy"}
     assert "tok:13a" in info["bleu_signature"] and "first word decides" in info["normalisation"]["yes/no"]
+
+
+# --- runs --------------------------------------------------------------------------------
+@pytest.fixture
+def fresh_engine(tiny_engine):
+    """The tiny engine's model behind an empty encoding cache (cache counts are asserted)."""
+    from RadFMSlicer.engine import RadFMEngine
+
+    return RadFMEngine(tiny_engine.model, tiny_engine.tokenizer, tiny_engine.files)
+
+
+def real_manifest(tmp_path: Path) -> Path:
+    four_d = str(NIBABEL_DATA / "example4d.nii.gz")
+    return write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "ct-modality", "images": [CT], "task": "modality", "reference": "CT", "site": "pydicom"},
+        {"id": "mr-report", "images": [MR], "task": "report", "reference": "MR of the head.", "site": "pydicom"},
+        {"id": "ct-effusion", "images": [CT], "task": "diagnosis", "question": "pleural effusion",
+         "reference": "no", "site": "pydicom"},
+        {"id": "4d", "images": [four_d], "task": "modality", "reference": "MRI", "site": "nibabel"},
+    ])
+
+
+def test_eval_answers_scores_and_records_a_failed_scan_without_stopping(fresh_engine, tmp_path):
+    from RadFMSlicer.evaluation.datasets import load_manifest
+    from RadFMSlicer.evaluation.metrics import score_case
+    from RadFMSlicer.evaluation.run import read_cases, run_eval
+    from RadFMSlicer.generation import GenerationSettings
+
+    summary = run_eval(fresh_engine, load_manifest(real_manifest(tmp_path)), tmp_path / "run",
+                       GenerationSettings(max_new_tokens=4), progress=False)
+    records = {r["id"]: r for r in read_cases(tmp_path / "run")}
+    assert "4D image" in records["4d"]["error"] and "answer" not in records["4d"]
+    assert summary["cases"] == {"total": 4, "answered": 3, "failed": 1, "not_run": 0}
+    assert summary["failures"] == [{"id": "4d", "error": records["4d"]["error"]}]
+    for case_id in ("ct-modality", "mr-report", "ct-effusion"):
+        r = records[case_id]
+        assert r["scores"] == score_case(r["task"], r["answer"], r["reference"])
+        assert (tmp_path / "run" / r["seen"][0]["preview_png"]).is_file()
+        assert r["provenance"]["model"]["checkpoint"] == str(fresh_engine.files.folder)
+    assert records["ct-effusion"]["extra"] == {"site": "pydicom"}
+    # the two CT cases ran one after the other: CT encoded once, MR once
+    assert summary["last_run"]["images_encoded"] == 2 and summary["last_run"]["images_from_cache"] == 1
+    assert summary["metrics"]["by_column"]["site"]["pydicom"]["cases"] == 3
+    assert summary["note"] and "noise" in summary["note"]
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["metrics"] == summary["metrics"] and on_disk["scoring"]["libraries"]["sacrebleu"]
+
+
+def test_a_killed_eval_resumes_where_it_stopped(fresh_engine, tmp_path):
+    from RadFMSlicer.evaluation.datasets import load_manifest
+    from RadFMSlicer.evaluation.run import read_cases, run_eval
+    from RadFMSlicer.generation import GenerationSettings
+
+    cases = load_manifest(real_manifest(tmp_path))
+    run_eval(fresh_engine, cases, tmp_path / "run", GenerationSettings(max_new_tokens=4), progress=False)
+    out = tmp_path / "run" / "cases.jsonl"
+    first, second = out.read_text().splitlines()[:2]
+    out.write_text(first + "\n" + second[: len(second) // 2])  # killed while writing the second record
+    summary = run_eval(fresh_engine, cases, tmp_path / "run", GenerationSettings(max_new_tokens=4), progress=False)
+    assert summary["last_run"]["skipped_as_done"] == 1 and summary["last_run"]["answered"] == 2
+    assert out.read_text().splitlines()[0] == first
+    assert sorted(r["id"] for r in read_cases(tmp_path / "run")) == ["4d", "ct-effusion", "ct-modality", "mr-report"]
+    assert summary["cases"]["answered"] == 3 and summary["cases"]["failed"] == 1
+
+
+def run_folder(path: Path, scores: dict) -> Path:
+    """A run folder holding ``{id: scores}`` as answered cases (for comparison logic)."""
+    path.mkdir()
+    write_jsonl(path / "cases.jsonl", [
+        {"id": i, "task": "report" if "bleu" in s else "modality", "reference": "r", "answer": "a", "scores": s}
+        for i, s in scores.items()])
+    return path
+
+
+def test_compare_pairs_cases_and_names_the_biggest_changes_both_ways(tmp_path):
+    import numpy as np
+
+    from RadFMSlicer.evaluation.compare import compare_runs
+    from RadFMSlicer.evaluation.metrics import bootstrap_ci
+
+    a = run_folder(tmp_path / "a", {"c1": {"accuracy": 0.0}, "c2": {"accuracy": 1.0}, "c3": {"accuracy": 1.0},
+                                    "r1": {"bleu": 10.0, "rougeL": 0.2}, "r2": {"bleu": 50.0, "rougeL": 0.6},
+                                    "gone": {"accuracy": 1.0}})
+    b = run_folder(tmp_path / "b", {"c1": {"accuracy": 1.0}, "c2": {"accuracy": 0.0}, "c3": {"accuracy": 1.0},
+                                    "r1": {"bleu": 30.0, "rougeL": 0.1}, "r2": {"bleu": 20.0, "rougeL": 0.9}})
+    result = compare_runs(a, b)
+    acc, bleu = result["metrics"]["accuracy"], result["metrics"]["bleu"]
+    assert acc["n"] == 3 and acc["delta"] == 0.0 and acc["changed"] == 2
+    assert acc["ci95"] == bootstrap_ci(np.array([1.0, -1.0, 0.0]))
+    assert acc["most_improved"] == ["c1"] and acc["most_worsened"] == ["c2"]
+    assert bleu["delta"] == pytest.approx(-5.0) and bleu["most_worsened"] == ["r2"]
+    assert result["metrics"]["rougeL"]["most_improved"] == ["r2"]
+    assert result["cases"] == {"paired": 5, "only_in_a": 1, "only_in_b": 0}
+
+
+def test_cli_eval_refuses_a_bad_manifest_before_loading_and_compare_checks_runs(capsys, tmp_path):
+    from RadFMSlicer.cli import main
+
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"images": ["nope.dcm"], "task": "report", "reference": ""}])
+    code = main(["eval", "--checkpoint", str(tmp_path / "no-checkpoint"), "--manifest", str(manifest),
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "line 1: empty reference, image not found" in err and "checkpoint" not in err
+    assert main(["eval", "--manifest", str(manifest)]) == 2
+    assert "radfm eval needs --checkpoint, --out" in capsys.readouterr().err
+    a = run_folder(tmp_path / "a", {"c1": {"accuracy": 0.0}})
+    b = run_folder(tmp_path / "b", {"c2": {"accuracy": 0.0}})
+    assert main(["eval", "compare", str(a), str(b)]) == 2
+    assert "no answered case in common" in capsys.readouterr().err
+    assert main(["eval", "compare", str(a), str(a), "--out", str(tmp_path / "cmp")]) == 0
+    assert "accuracy" in capsys.readouterr().out and (tmp_path / "cmp" / "compare.json").is_file()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..errors import RadFMError
 from ..prompts import TASKS
+from .metrics import yes_no
 
 NEEDS_QUESTION = {"vqa": "the question", "diagnosis": "the finding to look for"}
 KNOWN_KEYS = ("id", "images", "task", "question", "reference", "region", "box")
@@ -127,6 +128,8 @@ def _case(row: dict, line: int, base: Path) -> tuple[Case | None, list[str]]:
     reference = "" if reference is None else str(reference).strip()
     if not reference:
         problems.append("empty reference")
+    if task == "diagnosis" and reference and yes_no(reference) is None:
+        problems.append(f"a diagnosis reference must say yes or no, got {reference!r}")
     question = row.get("question")
     question = str(question).strip() if question not in (None, "") else None
     if task in NEEDS_QUESTION and not question:

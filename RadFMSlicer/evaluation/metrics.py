@@ -42,8 +42,8 @@ NORMALISATION = {
                f"{'/'.join(YES)} -> yes, {'/'.join(NO)} -> no, anything else -> unrecognised (counted wrong)"),
     "modality": ("lowercase; the earliest whole-word mention of a known spelling gives the label ("
                  + "; ".join(f"{label}: {', '.join(names)}" for label, names in MODALITIES.items())
-                 + "); a reference without a known spelling is compared as lowercased text"),
-    "other closed": "lowercase, punctuation and surrounding whitespace removed, exact match",
+                 + "); a reference without a known spelling is compared with the whole answer, both lowercased "
+                 "with punctuation removed"),
     "bleu": "sacrebleu sentence BLEU (0-100) against the one reference",
     "rougeL": "rouge-score ROUGE-L F1 (0-1), Porter stemmer",
 }
@@ -95,26 +95,26 @@ def is_closed(task: str, reference: str) -> bool:
     return task in CLOSED_TASKS or (task == "vqa" and yes_no(reference) is not None and len(reference.split()) <= 2)
 
 
-def normalise(task: str, text: str) -> str | None:
-    """The comparable form of a closed answer (None: unrecognised)."""
-    if task == "modality":
-        return modality(text)
-    if task == "diagnosis" or yes_no(text) is not None:
-        return yes_no(text)
-    return _plain(text) or None
-
-
 def score_case(task: str, answer: str, reference: str) -> dict:
     """Per-case scores: ``{"accuracy"}`` for closed answers, ``{"bleu", "rougeL"}`` for open text."""
     if is_closed(task, reference):
-        if task == "modality" and modality(reference) is None:
-            expected, got = _plain(reference), _plain(answer)
+        if task != "modality":
+            expected, got = yes_no(reference), yes_no(answer)
+        elif modality(reference) is not None:
+            expected, got = modality(reference), modality(answer)
         else:
-            expected, got = normalise(task, reference), normalise(task, answer)
+            expected, got = _plain(reference), _plain(answer)
         return {"accuracy": float(got is not None and got == expected), "normalised_answer": got,
                 "normalised_reference": expected}
     return {"bleu": float(_bleu().sentence_score(answer, [reference]).score),
             "rougeL": float(_rouge().score(reference, answer)["rougeL"].fmeasure)}
+
+
+def case_score(scores: dict | None) -> float | None:
+    """One number per case for ranking (worst first, most changed): accuracy, else ROUGE-L F1."""
+    if not scores:
+        return None
+    return scores.get("accuracy", scores.get("rougeL"))
 
 
 def bootstrap_ci(values, resamples: int = RESAMPLES, seed: int = SEED, confidence: float = CONFIDENCE) -> list[float]:
@@ -130,8 +130,8 @@ def bootstrap_ci(values, resamples: int = RESAMPLES, seed: int = SEED, confidenc
 
 
 def summarise(scores: list[dict]) -> dict:
-    """``{metric: {"mean", "ci95", "n"}}`` over the cases that have the metric."""
-    out = {}
+    """``{"cases": n, metric: {"mean", "ci95", "n"}}``, each metric over the cases that have it."""
+    out = {"cases": len(scores)}
     for metric in ("accuracy", *OPEN_METRICS):
         values = [s[metric] for s in scores if metric in s]
         if values:

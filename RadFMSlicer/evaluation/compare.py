@@ -1,0 +1,90 @@
+"""Two runs of one manifest side by side: per-case deltas, paired bootstrap intervals, biggest changes.
+
+The runs differ in one setting (bf16 vs int4, two prompts, two checkpoints); each case is
+paired with itself, so the interval of the mean delta comes from resampling cases, not
+from two independent intervals, and is much tighter when the settings agree on most cases.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import RadFMError
+from . import metrics
+from .run import read_cases
+
+MOST_CHANGED = 5
+
+
+def _answered(run_dir) -> dict:
+    return {r["id"]: r for r in read_cases(run_dir) if "answer" in r}
+
+
+def _label(run_dir: Path) -> dict:
+    """What distinguishes a run: its folder and model settings, from its summary."""
+    summary_file = Path(run_dir) / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    model = summary.get("model") or {}
+    return {"run": str(run_dir), "dtype": model.get("dtype"), "quantization": model.get("quantization"),
+            "checkpoint": model.get("checkpoint"), "settings": summary.get("settings")}
+
+
+def compare_runs(run_a: "str | Path", run_b: "str | Path") -> dict:
+    """Per-metric mean delta (B - A) with its paired 95 % interval, per-case deltas, biggest changes."""
+    a, b = _answered(run_a), _answered(run_b)
+    shared = [case_id for case_id in a if case_id in b]
+    if not shared:
+        raise RadFMError(f"{run_a} and {run_b} have no answered case in common: were they made from one manifest?")
+    for case_id in shared:
+        if (a[case_id]["task"], a[case_id]["reference"]) != (b[case_id]["task"], b[case_id]["reference"]):
+            raise RadFMError(f"case {case_id!r} has a different task or reference in the two runs: "
+                             "compare runs of the same manifest")
+    cases = []
+    for case_id in shared:
+        sa, sb = a[case_id]["scores"], b[case_id]["scores"]
+        cases.append({
+            "id": case_id, "task": a[case_id]["task"], "reference": a[case_id]["reference"],
+            "answer_a": a[case_id]["answer"], "answer_b": b[case_id]["answer"], "scores_a": sa, "scores_b": sb,
+            "delta": {m: sb[m] - sa[m] for m in ("accuracy", *metrics.OPEN_METRICS) if m in sa and m in sb},
+        })
+    per_metric = {}
+    for metric in ("accuracy", *metrics.OPEN_METRICS):
+        pairs = [c for c in cases if metric in c["delta"]]
+        if not pairs:
+            continue
+        deltas = np.array([c["delta"][metric] for c in pairs])
+        ranked = sorted(pairs, key=lambda c: c["delta"][metric])
+        per_metric[metric] = {
+            "n": len(pairs),
+            "mean_a": float(np.mean([c["scores_a"][metric] for c in pairs])),
+            "mean_b": float(np.mean([c["scores_b"][metric] for c in pairs])),
+            "delta": float(deltas.mean()), "ci95": metrics.bootstrap_ci(deltas),
+            "changed": int(np.count_nonzero(deltas)),
+            "most_improved": [c["id"] for c in reversed(ranked) if c["delta"][metric] > 0][:MOST_CHANGED],
+            "most_worsened": [c["id"] for c in ranked if c["delta"][metric] < 0][:MOST_CHANGED],
+        }
+    return {
+        "a": _label(Path(run_a)), "b": _label(Path(run_b)),
+        "cases": {"paired": len(shared), "only_in_a": len(set(a) - set(b)), "only_in_b": len(set(b) - set(a))},
+        "metrics": per_metric, "per_case": cases, "scoring": metrics.provenance(),
+    }
+
+
+def format_comparison(result: dict) -> str:
+    """The comparison as a text table (B - A), then the cases that changed most, both ways."""
+    header = f"{'metric':<10}{'cases':>6}  {'A':>8}{'B':>8}  {'B - A [95% paired CI]':<30}{'changed':>8}"
+    lines = [f"A: {result['a']['run']} ({result['a']['dtype']}, {result['a']['quantization'] or 'no quantization'})",
+             f"B: {result['b']['run']} ({result['b']['dtype']}, {result['b']['quantization'] or 'no quantization'})",
+             header, "-" * len(header)]
+    for metric, m in result["metrics"].items():
+        ci = f"{m['delta']:+.3f} [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}]"
+        lines.append(f"{metric:<10}{m['n']:>6}  {m['mean_a']:>8.3f}{m['mean_b']:>8.3f}  {ci:<30}{m['changed']:>8}")
+    for metric, m in result["metrics"].items():
+        for way in ("most_improved", "most_worsened"):
+            if m[way]:
+                lines.append(f"{metric} {way.replace('_', ' ')}: {', '.join(m[way])}")
+    c = result["cases"]
+    if c["only_in_a"] or c["only_in_b"]:
+        lines.append(f"not paired (failed or missing in one run): {c['only_in_a']} only in A, {c['only_in_b']} only in B")
+    return "\n".join(lines)

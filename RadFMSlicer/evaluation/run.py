@@ -1,0 +1,167 @@
+"""An evaluation run: every manifest case answered through one loaded engine, scored, summarised.
+
+``RUN/cases.jsonl`` holds one record per case (answer, reference, scores, what the model saw,
+provenance, timings; a failed case holds its error instead of an answer) and is appended
+through :mod:`RadFMSlicer.batch`, so a run killed half-way resumes where it stopped.
+``RUN/summary.json`` is rebuilt from ``cases.jsonl`` at the end of every run. Cases that
+share a scan are answered one after another, so the engine's encoding cache encodes each
+distinct image once.
+"""
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..ask import AskRequest, ImageInput, RegionInput, ask
+from ..batch import append_record, finished_ids
+from ..errors import RadFMError
+from ..generation import GenerationSettings
+from . import metrics
+from .datasets import Case
+
+SUMMARY_FORMAT = 1
+TOY_WIDTH = 1024  # an LLM narrower than this is a test checkpoint: its text is noise
+TOY_NOTE = "toy-size random-weight checkpoint: its answers are noise, the scores only check the pipeline"
+
+
+def request_for(case: Case, settings: GenerationSettings, window=None, interpolation: str = "nearest",
+                preview_dir: str | None = None) -> AskRequest:
+    """The ask request of one case: its scans (first current, later priors), region and question."""
+    regions = []
+    if case.region_mask:
+        mask, label = case.region_mask
+        regions.append(RegionInput(name="region", mask=mask, label=label))
+    if case.box:
+        regions.append(RegionInput(name="box", box_ras=[case.box[:3], case.box[3:]]))
+    return AskRequest(
+        task=case.task, question=case.question, regions=regions, window=window, interpolation=interpolation,
+        images=[ImageInput(path=p, role="current" if k == 0 else "prior") for k, p in enumerate(case.images)],
+        settings=settings, preview_dir=preview_dir,
+    )
+
+
+def _safe_name(case_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in case_id)[:80] or "case"
+
+
+def answer_case(engine, case: Case, run_dir: Path, settings: GenerationSettings, window=None,
+                interpolation: str = "nearest") -> dict:
+    """The record of one case: answered and scored, or its error (a bad scan never stops the run)."""
+    record = {"id": case.id, **{k: v for k, v in case.to_dict().items() if k != "id"}}
+    started = time.perf_counter()
+    try:
+        previews = run_dir / "previews" / _safe_name(case.id)
+        turn = ask(engine, request_for(case, settings, window, interpolation, str(previews)))
+    except RadFMError as exc:
+        record["error"] = str(exc)
+    else:
+        seen = [asdict(image) | {"preview_png": os.path.relpath(image.preview_png, run_dir)}
+                for image in turn.images]
+        record.update(answer=turn.answer, stop_reason=turn.stop_reason,
+                      scores=metrics.score_case(case.task, turn.answer, case.reference),
+                      prompt=turn.prompt, seen=seen, provenance=turn.provenance)
+    record["case_s"] = round(time.perf_counter() - started, 3)
+    return record
+
+
+def _by_shared_scans(cases: list[Case]) -> list[Case]:
+    """Cases grouped by their scans (first appearance order), so each scan is encoded once."""
+    first = {}
+    for case in cases:
+        first.setdefault(tuple(case.images), len(first))
+    return sorted(cases, key=lambda c: first[tuple(c.images)])
+
+
+def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: GenerationSettings | None = None, *,
+             window=None, interpolation: str = "nearest", manifest: str | None = None, progress: bool = True) -> dict:
+    """Answer the cases not yet answered in ``run_dir``, then write and return the summary."""
+    from tqdm import tqdm
+
+    settings = settings or GenerationSettings()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "cases.jsonl"
+    done = finished_ids(out)
+    todo = _by_shared_scans([c for c in cases if c.id not in done])
+    hits, misses = engine.cache.hits, engine.cache.misses
+    started = time.perf_counter()
+    failed = 0
+    with open(out, "a") as f, tqdm(todo, unit="case", file=sys.stderr, disable=not progress) as bar:
+        for case in bar:
+            record = answer_case(engine, case, run_dir, settings, window, interpolation)
+            failed += "error" in record
+            bar.set_postfix(failed=failed, refresh=False)
+            append_record(f, record)
+    this_run = {
+        "answered": len(todo) - failed, "failed": failed, "skipped_as_done": len(cases) - len(todo),
+        "wall_s": round(time.perf_counter() - started, 3),
+        "images_encoded": engine.cache.misses - misses, "images_from_cache": engine.cache.hits - hits,
+    }
+    model = engine.describe() | {"toy": engine.model.dims.llm_dim < TOY_WIDTH}
+    summary = write_summary(run_dir, cases, {"manifest": manifest, "model": model, "settings": settings.to_dict(),
+                                             "window": window, "interpolation": interpolation, "last_run": this_run})
+    return summary
+
+
+def read_cases(run_dir: "str | Path") -> list[dict]:
+    """The latest record of every case in ``RUN/cases.jsonl`` (a retried failure is replaced)."""
+    path = Path(run_dir) / "cases.jsonl"
+    if not path.is_file():
+        raise RadFMError(f"{run_dir} is not an evaluation run: no cases.jsonl (make one with radfm eval)")
+    latest = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a torn last line of a killed run
+        if isinstance(record, dict) and "id" in record and ("answer" in record or record["id"] not in latest):
+            latest[record["id"]] = record
+    return list(latest.values())
+
+
+def write_summary(run_dir: Path, cases: list[Case], info: dict) -> dict:
+    """``RUN/summary.json``: metrics overall, per task and per extra column, failures, provenance."""
+    order = {case.id: n for n, case in enumerate(cases)}
+    records = sorted((r for r in read_cases(run_dir) if r["id"] in order), key=lambda r: order[r["id"]])
+    answered = [r for r in records if "answer" in r]
+    failures = [{"id": r["id"], "error": r["error"]} for r in records if "answer" not in r]
+    summary = {
+        "format": SUMMARY_FORMAT,
+        "note": TOY_NOTE if info["model"].get("toy") else None,
+        "cases": {"total": len(cases), "answered": len(answered), "failed": len(failures),
+                  "not_run": len(cases) - len(records)},
+        "metrics": metrics.breakdown(answered),
+        "failures": failures,
+        "scoring": metrics.provenance(),
+        "timing": {"mean_case_s": round(sum(r["case_s"] for r in answered) / len(answered), 3) if answered else None},
+        **info,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _cell(entry: dict | None, scale: float = 1.0) -> str:
+    if not entry:
+        return "-"
+    low, high = (v * scale for v in entry["ci95"])
+    return f"{entry['mean'] * scale:.1f} [{low:.1f}, {high:.1f}]"
+
+
+def format_table(summary: dict) -> str:
+    """The summary as a text table: accuracy and ROUGE-L in %, BLEU 0-100, each with its 95 % CI."""
+    m = summary["metrics"]
+    rows = [("overall", m["overall"])] + sorted(m["by_task"].items())
+    header = f"{'task':<12}{'cases':>6}  {'accuracy %':<22}{'BLEU':<22}{'ROUGE-L %':<22}"
+    lines = [header, "-" * len(header)]
+    for name, entry in rows:
+        lines.append(f"{name:<12}{entry['cases']:>6}  {_cell(entry.get('accuracy'), 100):<22}{_cell(entry.get('bleu')):<22}"
+                     f"{_cell(entry.get('rougeL'), 100):<22}")
+    c = summary["cases"]
+    lines.append(f"{c['answered']} answered, {c['failed']} failed" + (f", {c['not_run']} not run" if c["not_run"] else "")
+                 + "; 95% bootstrap intervals in brackets")
+    if summary.get("note"):
+        lines.append("NOTE: " + summary["note"])
+    return "\n".join(lines)
