@@ -136,16 +136,16 @@ def load_engine(args):
 # --- subcommands ----------------------------------------------------------------------------
 def cmd_ask(args) -> int:
     from .ask import ask
-    from .session import DISCLAIMER, Session
+    from .session import DISCLAIMER, Session, append_turn
 
     request = request_from_args(args)
-    session = Session.from_json(Path(args.session).read_text()) if args.session and Path(args.session).exists() else Session()
+    session = Session.read(args.session) if args.session else Session()
     request.include_previous_turns = args.include_previous_turns
     engine = load_engine(args)
     stream = None if args.json else (lambda delta: print(delta, end="", flush=True))
     turn = ask(engine, request, session, on_text=stream)
     if args.session:
-        Path(args.session).write_text(session.to_json())
+        append_turn(args.session, turn)  # re-read under the file's lock: a concurrent ask's turn is kept
     if args.json:
         print(json.dumps(turn.to_dict(), indent=2))
     else:
@@ -207,6 +207,7 @@ def cmd_demo(args) -> int:
     from .ask import AskRequest, ImageInput, RegionInput, ask
     from .engine import RadFMEngine
     from .generation import GenerationSettings
+    from . import storage
     from .imaging import describe_window
     from .session import Session
     from .testing import make_tiny_checkpoint
@@ -232,8 +233,8 @@ def cmd_demo(args) -> int:
     print()
     seen = [f"{img.label}: tensor {img.shape}, window {describe_window(img.window)}" for img in turn.images]
     print("the model saw:\n  " + "\n  ".join(seen), file=sys.stderr)
-    (work / "session.json").write_text(session.to_json())
-    (work / "session.md").write_text(session.to_markdown())
+    session.write(work / "session.json")
+    storage.write_text(work / "session.md", session.to_markdown())
     print(f"previews: {', '.join(img.preview_png for img in turn.images)}", file=sys.stderr)
     print(f"session: {work / 'session.md'}\n{banner}", file=sys.stderr)
     return 0

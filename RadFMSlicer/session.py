@@ -3,13 +3,16 @@
 Every turn records the images the model saw (source, window, resample size, crop box,
 preview), the prompt text, the model and generation settings, and timings, so a reader
 can tell what an answer was based on. Sessions round-trip through JSON (saved in the
-Slicer scene, or next to a batch run) and export to Markdown for a report draft.
+Slicer scene, or next to a batch run) and export to Markdown for a report draft. Session files are written through
+:mod:`.storage`: atomically, and turns added by two programs at once are both kept.
 """
 
 import json
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 
+from . import storage
 from .errors import RadFMError
 from .imaging import describe_window
 
@@ -89,6 +92,28 @@ class Session:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RadFMError(f"not a RadFM session file: {exc}") from exc
 
+    @classmethod
+    def read(cls, path) -> "Session":
+        """The session saved at ``path``; an empty one if there is no file yet."""
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError:
+            return cls()
+        return cls.from_bytes(data, path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path) -> "Session":
+        try:
+            return cls.from_json(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise RadFMError(f"{path} is not a RadFM session file (not UTF-8 text: {exc}); it is left as it was") from exc
+        except RadFMError as exc:
+            raise RadFMError(f"{path}: {exc}; it is left as it was") from exc
+
+    def write(self, path) -> None:
+        """Replace the file at ``path`` by this session (atomically)."""
+        storage.write_text(path, self.to_json())
+
     def to_markdown(self) -> str:
         lines = [f"# {self.title}", "", f"> {DISCLAIMER}", ""]
         for n, turn in enumerate(self.turns, 1):
@@ -112,3 +137,14 @@ class Session:
                 "",
             ]
         return "\n".join(lines)
+
+
+def append_turn(path, turn: Turn) -> None:
+    """Add ``turn`` to the session saved at ``path`` (created if missing), keeping turns others added meanwhile."""
+
+    def change(old: bytes | None) -> bytes:
+        session = Session() if old is None else Session.from_bytes(old, path)
+        session.add_turn(turn)
+        return session.to_json().encode("utf-8")
+
+    storage.update(path, change)
