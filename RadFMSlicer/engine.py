@@ -9,12 +9,12 @@ Low-level API (tests and benchmarks)::
     eng.generate_ids(input_ids, vision_x, max_new_tokens=N) -> list[int]
 
 ``vision_x`` is ``[1, S, 3, H, W, D]`` as in the official code. The friendlier
-``eng.stream(text, images, settings)`` takes a prompt text and a list of per-image
-tensors ``[3, H, W, D]`` (which may differ in depth) and returns a cancellable,
-iterable :class:`~RadFMSlicer.generation.Generation`.
+``eng.stream(text, images, settings)`` takes a prompt text and a list of images
+(:class:`~RadFMSlicer.imaging.ModelImage` from ``preprocess``, or raw tensors
+``[3, H, W, D]``; they may differ in depth) and returns a cancellable, iterable
+:class:`~RadFMSlicer.generation.Generation`.
 """
 
-import hashlib
 import logging
 import os
 from collections import OrderedDict
@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import xxhash
 
 from .checkpoint import CheckpointFiles, load_model, locate_checkpoint, resolve_device, resolve_dtype
 from .errors import CheckpointError, ImageError
@@ -37,11 +38,23 @@ log = logging.getLogger(__name__)
 
 
 def image_key(image: torch.Tensor) -> str:
-    """Content hash of an image tensor: equal pixels, equal key, wherever they came from."""
+    """Content hash of a raw image tensor: equal pixels, equal key, wherever they came from.
+
+    It reads every pixel, so it is used only where nothing better is known (a tensor handed
+    to the low-level API); an image made by ``preprocess`` carries the key of what made it.
+    """
     array = np.ascontiguousarray(image.detach().to("cpu", torch.float32).numpy())
-    digest = hashlib.blake2b(array.data, digest_size=16)
+    digest = xxhash.xxh3_128(array.data)
     digest.update(str(tuple(array.shape)).encode())
     return digest.hexdigest()
+
+
+def tensor_and_key(image) -> tuple[torch.Tensor, str | None]:
+    """``(tensor, key)`` of an image: a :class:`~RadFMSlicer.imaging.ModelImage` brings its own
+    key (its source's fingerprint and recipe); a raw tensor has none (``None``)."""
+    if isinstance(image, torch.Tensor):
+        return image, None
+    return image.tensor, image.key
 
 
 class EncodingCache:
@@ -149,8 +162,12 @@ class RadFMEngine:
         return self.tokenizer.image_tag(k)
 
     # --- images -------------------------------------------------------------------------
-    def check_image(self, image: torch.Tensor) -> None:
-        """Raise ImageError unless ``image [3, H, W, D]`` is something the model can see."""
+    def check_image(self, image: torch.Tensor, values: bool = True) -> None:
+        """Raise ImageError unless ``image [3, H, W, D]`` is something the model can see.
+
+        ``values=False`` checks the shape only (constant time): for a tensor whose values
+        were checked when it was made (``preprocess`` output).
+        """
         dims = self.model.dims
         if image.ndim != 4 or image.shape[0] != 3:
             raise ImageError(f"an image must be [3, H, W, D], got {list(image.shape)}")
@@ -162,19 +179,28 @@ class RadFMEngine:
             )
         if d % FRAME_PATCH_SIZE or not 0 < d <= dims.max_depth:
             raise ImageError(f"image depth {d}: must be a multiple of {FRAME_PATCH_SIZE}, at most {dims.max_depth}")
-        if not image.is_floating_point() or not bool(torch.isfinite(image).all()):
+        if not image.is_floating_point() or (values and not bool(torch.isfinite(image).all())):
             raise ImageError("image values must be finite floats (RadFM expects [0, 1])")
 
-    def encode_images(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Image tokens ``[len(images) * latents, llm_dim]``, each image encoded once and cached."""
+    def encode_images(self, images: Sequence) -> torch.Tensor:
+        """Image tokens ``[len(images) * latents, llm_dim]``, each image encoded once and cached.
+
+        An image is a :class:`~RadFMSlicer.imaging.ModelImage` (cached under its key, the
+        fingerprint of its source and recipe: a follow-up on it costs no work that grows with
+        the volume) or a raw tensor ``[3, H, W, D]`` (cached under a hash of its pixels,
+        its values checked the first time).
+        """
         tokens = []
         for image in images:
-            self.check_image(image)
-            key = image_key(image)
+            tensor, key = tensor_and_key(image)
+            self.check_image(tensor, values=False)
+            key = key or image_key(tensor)
             cached = self.cache.get(key)
             if cached is None:
-                with torch.inference_mode(), explain_out_of_memory(f"encoding a {image.shape[-1]}-slice image"):
-                    batch = image.unsqueeze(0).to(self.device, self.dtype)
+                if image is tensor:  # raw: nobody checked its values yet
+                    self.check_image(tensor)
+                with torch.inference_mode(), explain_out_of_memory(f"encoding a {tensor.shape[-1]}-slice image"):
+                    batch = tensor.unsqueeze(0).to(self.device, self.dtype)
                     cached = self.model.encode_images(batch)[0].to(self.dtype)
                 self.cache.put(key, cached)
             tokens.append(cached)

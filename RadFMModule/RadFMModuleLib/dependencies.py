@@ -13,7 +13,8 @@ import tempfile
 from .settings import PRECISIONS
 
 TORCH = "torch>=2.3"
-PACKAGES = ["transformers>=4.45", "sentencepiece>=0.2", "safetensors>=0.4", "pillow>=10", "tqdm>=4.60", "psutil>=5.9"]
+PACKAGES = ["transformers>=4.45", "sentencepiece>=0.2", "safetensors>=0.4", "pillow>=10", "tqdm>=4.60", "psutil>=5.9",
+            "xxhash>=3.0"]
 QUANTIZATION = {"int8": "torchao>=0.18", "int4": "torchao>=0.18", "nf4": "bitsandbytes>=0.48"}
 PINNED = ("numpy", "SimpleITK")  # Slicer's own: pip may add packages around them, never swap them
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from ..errors import ImageError
@@ -45,6 +46,9 @@ class ModelImage:
     resample: dict
     notes: list = field(default_factory=list)
     crop_box: tuple | None = None
+    # What made the tensor: the source's fingerprint plus the recipe (window, resampling).
+    # The engine caches encodings under it; None (no fingerprint known) means hash the pixels.
+    key: str | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -64,21 +68,44 @@ class ModelImage:
                 f"{self.resample['interpolation']} -> {list(self.tensor.shape)}")
 
 
-def preprocess(vol: Volume, window=None, *, interpolation="nearest", depth=None) -> ModelImage:
-    """Window to [0, 1], resize to 512 x 512 x D, repeat to 3 channels."""
+def preprocess(vol: Volume, window=None, *, interpolation="nearest", depth=None, device=None) -> ModelImage:
+    """Window to [0, 1], resize to 512 x 512 x D, repeat to 3 channels (on ``device``, default CPU).
+
+    Nearest neighbour picks its source voxels first (the indices ``interpolate`` would use)
+    and windows only those: D slices, never a windowed copy of the whole volume. Linear
+    windows one float32 copy of the volume in place, then interpolates it.
+    """
     win = resolve_window(vol, window)
     d = choose_depth(vol.shape[0], depth)
     mode = _INTERPOLATION.get(str(interpolation).lower())
     if mode is None:
         raise ImageError(f"Unknown interpolation {interpolation!r}: use 'nearest' or 'linear'.")
-    x = torch.from_numpy(vol.voxels)
-    x = ((x - win["low"]) / (win["high"] - win["low"])).clamp_(0.0, 1.0)
-    x = x.permute(1, 2, 0)[None, None]  # [1, 1, rows, cols, slices]
-    size = (MODEL_SIZE, MODEL_SIZE, d)
-    kwargs = {"align_corners": False} if mode == "trilinear" else {}
-    x = torch.nn.functional.interpolate(x, size=size, mode=mode, **kwargs)[0]
-    # The 3 channels share memory (an expanded view): call .contiguous() before editing in place.
-    tensor = x.expand(3, -1, -1, -1)
+    size = (d, MODEL_SIZE, MODEL_SIZE)  # [slices, rows, cols]
+    if mode == "nearest":
+        picked = vol.voxels
+        if picked.shape[0] != d:  # whole slices, the way interpolate would pick them
+            picked = np.take(picked, _nearest_indices(picked.shape[0], d), axis=0)
+        x = _window_(torch.from_numpy(picked).to(device, copy=picked is vol.voxels), win)  # own buffer, in place
+        if x.shape[1:] != size[1:]:
+            x = torch.nn.functional.interpolate(x[None], size=size[1:], mode="nearest")[0]
+    else:
+        x = _window_(torch.from_numpy(vol.voxels).to(device, copy=True), win)
+        x = torch.nn.functional.interpolate(x[None, None], size=size, mode=mode, align_corners=False)[0, 0]
+    # [slices, rows, cols] seen as [rows, cols, slices]; the 3 channels share memory (an
+    # expanded view): call .contiguous() before editing in place.
+    tensor = x.permute(1, 2, 0).expand(3, -1, -1, -1)
+    key = None if vol.fingerprint is None else f"{vol.fingerprint}|{mode} {list(size)}|{win['low']!r},{win['high']!r}"
     return ModelImage(tensor, vol.source, win, vol.shape, vol.spacing_mm,
-                      {"size": list(size), "interpolation": "nearest" if mode == "nearest" else "linear"},
-                      list(vol.notes), vol.crop_box)
+                      {"size": [MODEL_SIZE, MODEL_SIZE, d], "interpolation": "nearest" if mode == "nearest" else "linear"},
+                      list(vol.notes), vol.crop_box, key)
+
+
+def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """The source index of each output position, exactly as ``interpolate(mode="nearest")`` picks it."""
+    positions = torch.arange(n_in, dtype=torch.float32)[None, None]
+    return torch.nn.functional.interpolate(positions, size=n_out, mode="nearest")[0, 0].long().numpy()
+
+
+def _window_(x: torch.Tensor, win: dict) -> torch.Tensor:
+    """Map ``[low, high]`` to [0, 1] in place (clamped outside)."""
+    return x.sub_(win["low"]).div_(win["high"] - win["low"]).clamp_(0.0, 1.0)
