@@ -169,4 +169,4 @@ def test_no_install_without_consent_or_without_the_pytorch_extension(slicer, ins
     slicer.util.consent = True
     assert not dependencies.ensure(ModelSettings())
     assert "Extensions Manager" in slicer.util.shown[-1] and slicer.util.installed == [] and not installed
-    assert dependencies.ensure(ModelSettings(worker_python="/opt/radfm/bin/python"))  # brings its own packages
+    assert dependencies.ensure(ModelSettings(worker_python=sys.executable))  # brings its own packages (checked)

@@ -200,5 +200,5 @@ def test_logic_asks_through_the_worker_and_saves_the_conversation(slicer, tmp_pa
     sent = clients[0].asks[0]
     assert sent["history"] == "58 y, female; Measured: Line 1 23.4 mm" and sent["window"] == "lung"
     assert clients[0].loaded == {"folder": str(tmp_path), "device": "cpu", "dtype": "float32", "quantization": None}
-    (node,) = slicer.util.getNodesByClass("vtkMRMLTextNode")
+    (node,) = [n for n in slicer.util.getNodesByClass("vtkMRMLTextNode") if n.GetName() == "RadFM conversation"]
     assert json.loads(node.GetText())["turns"][0]["answer"] == "No pleural effusion."

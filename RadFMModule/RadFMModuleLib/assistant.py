@@ -57,6 +57,9 @@ class Scene(Protocol):
     def line_length_mm(self, line_id: str) -> float: ...
     def load_session_json(self) -> "str | None": ...
     def save_session_json(self, text: str) -> None: ...
+    def set_aside_session_json(self) -> str: ...  # keeps an unreadable conversation; returns where
+    def load_previews(self) -> dict: ...  # thumbnail file name -> PNG bytes, saved with the scene
+    def save_previews(self, previews: dict) -> None: ...
 
 
 @dataclass
@@ -71,7 +74,7 @@ class Selection:
 
 
 def start_worker_client(python):
-    from RadFMSlicer.worker import WorkerClient  # imported on first use: keeps module import light
+    from RadFMSlicer.worker.client import WorkerClient  # imported on first use: keeps module import light
 
     return WorkerClient.start(python=python)
 
@@ -88,6 +91,11 @@ class Assistant:
         self._session = None
         self._files = tempfile.mkdtemp(prefix="radfm-slicer-")
         self._volume_files = {}  # volume id -> (version, .npy path)
+        self._previews = os.path.join(self._files, "previews")  # thumbnails of this conversation only
+        os.mkdir(self._previews)
+        self._preview_bytes = {}  # file name -> PNG bytes, what the scene saves
+        self.restore_note = ""  # after restore(): what the radiologist should know about it
+        self.on_worker_line = None  # gets each line the worker writes on stderr (any thread)
 
     # ------------------------------------------------------------------ inputs
     def build_ask(self, task: str, question: str, selection: Selection) -> dict:
@@ -163,6 +171,7 @@ class Assistant:
             self._drop_client()
         report("Starting the model worker…")
         self.client = self.start_client(self.settings.worker_python or None)
+        self.client.on_stderr = self.on_worker_line
         if self._closed:
             self._drop_client()
             raise RuntimeError("The RadFM panel was closed.")
@@ -194,16 +203,68 @@ class Assistant:
         return Session.from_json(text) if text else Session()
 
     def record(self, turn):
-        """Add a finished turn (dict or Turn) and save the conversation in the scene."""
+        """Add a finished turn (dict or Turn) and save the conversation, thumbnails included, in the scene."""
         turn = self.session.add_turn(turn)
+        for image in turn.images:
+            self._keep_preview(image)
+        self.scene.save_previews(self._referenced_previews())
         self.scene.save_session_json(self.session.to_json())
         return turn
 
     def restore(self) -> list:
-        """Reload the conversation saved in the scene (if any); returns its turns."""
-        text = self.scene.load_session_json()
-        self._session = self._new_session(text) if text else None
+        """Reload the conversation saved in the scene (if any); returns its turns.
+
+        A conversation that cannot be read is set aside in the scene, untouched, and
+        ``restore_note`` says so; a new conversation starts.
+        """
+        from RadFMSlicer.errors import RadFMError
+
+        text, self.restore_note = self.scene.load_session_json(), ""
+        try:
+            self._session = self._new_session(text) if text else None
+        except RadFMError as exc:
+            self._session = None
+            kept = self.scene.set_aside_session_json()
+            self.restore_note = (f"The conversation saved in this scene could not be read ({exc}); it is kept "
+                                 f"unchanged in the text node \"{kept}\" and a new conversation starts.")
+        self._restore_previews()
         return self._session.turns if self._session else []
+
+    # ------------------------------------------------------------------ thumbnails
+    def _keep_preview(self, image):
+        """Move a turn's thumbnail from the worker's folder into ours (its name is unique) and remember it."""
+        source = image.preview_png
+        if not source or not os.path.isfile(source):
+            return
+        name = os.path.basename(source)
+        kept = os.path.join(self._previews, name)
+        if os.path.abspath(source) != kept:
+            shutil.move(source, kept)
+        with open(kept, "rb") as f:
+            self._preview_bytes[name] = f.read()
+        image.preview_png = kept
+
+    def _referenced_previews(self) -> dict:
+        names = {os.path.basename(i.preview_png) for t in self.session.turns for i in t.images if i.preview_png}
+        return {name: data for name, data in self._preview_bytes.items() if name in names}
+
+    def _restore_previews(self):
+        """Write the scene's thumbnails to our folder, point the turns at them, delete the rest."""
+        self._preview_bytes = dict(self.scene.load_previews())
+        referenced = set()
+        for turn in (self._session.turns if self._session else []):
+            for image in turn.images:
+                name = os.path.basename(image.preview_png or "")
+                if name in self._preview_bytes:
+                    image.preview_png = os.path.join(self._previews, name)
+                    referenced.add(name)
+                    with open(image.preview_png, "wb") as f:
+                        f.write(self._preview_bytes[name])
+                elif image.preview_png and not os.path.isfile(image.preview_png):
+                    image.preview_png = None  # saved without its picture: show none rather than a stale path
+        for name in set(os.listdir(self._previews)) - referenced:
+            os.remove(os.path.join(self._previews, name))
+        self._preview_bytes = {name: self._preview_bytes[name] for name in referenced}
 
     def close(self):
         self._closed = True

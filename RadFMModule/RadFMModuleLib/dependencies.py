@@ -3,11 +3,17 @@
 Nothing is installed at import time. One dialog lists everything that will be installed.
 PyTorch comes from the SlicerPyTorch extension's installer (it picks the build that
 matches the GPU and driver); the rest comes from pip with a constraints file pinning the
-numpy and SimpleITK Slicer ships, so installing RadFM never replaces them.
+numpy, SimpleITK and torch this Python already has, so installing RadFM never replaces
+Slicer's own packages or the PyTorch build the extension chose. If a package that this
+Slicer session has already imported changed anyway, Slicer must restart to use it: we
+say so and offer the restart. A worker Python chosen in the settings is checked (it
+runs and has torch) instead.
 """
 
 import importlib.metadata
 import os
+import subprocess
+import sys
 import tempfile
 
 from .settings import PRECISIONS
@@ -16,7 +22,9 @@ TORCH = "torch>=2.3"
 PACKAGES = ["transformers>=4.45", "sentencepiece>=0.2", "safetensors>=0.4", "pillow>=10", "tqdm>=4.60", "psutil>=5.9",
             "xxhash>=3.0"]
 QUANTIZATION = {"int8": "torchao>=0.18", "int4": "torchao>=0.18", "nf4": "bitsandbytes>=0.48"}
-PINNED = ("numpy", "SimpleITK")  # Slicer's own: pip may add packages around them, never swap them
+PINNED = ("numpy", "SimpleITK", "torch")  # present ones stay: pip may add packages around them, never swap them
+PYTHON_CHECK_TIMEOUT_S = 120  # importing torch from a cold disk can take a while
+_good_pythons = set()  # (path, mtime) of worker Pythons that passed the check in this session
 
 
 def _satisfied(requirement: str) -> bool:
@@ -46,33 +54,93 @@ def constraints_text() -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def ensure(settings) -> bool:
-    """True when the worker can run in Slicer's Python, installing (after one question) if needed.
+def installed_versions() -> dict:
+    """Distribution name (lower case) -> version, for everything in this Python."""
+    return {(d.metadata["Name"] or "").lower(): d.version for d in importlib.metadata.distributions()}
 
-    A worker in another Python (settings.worker_python) brings its own packages.
+
+def changed_imported(before: dict, after: dict) -> list:
+    """Distributions whose version changed (or that were removed) and that this session has imported."""
+    imported = {name.split(".", 1)[0] for name in list(sys.modules)}
+    owners = importlib.metadata.packages_distributions()  # top-level module -> distributions
+    imported_dists = {dist.lower() for module in imported for dist in owners.get(module, ())}
+    return sorted(name for name, version in before.items() if after.get(name) != version and name in imported_dists)
+
+
+def check_worker_python(python: str) -> None:
+    """Raise ValueError (one line, what to do) unless ``python`` runs and can import torch."""
+    if not os.path.isfile(python):
+        raise ValueError(f"Worker Python {python} does not exist: choose a python executable in Model settings, "
+                         "or clear the field to use Slicer's own Python.")
+    key = (python, os.path.getmtime(python))
+    if key in _good_pythons:
+        return
+    try:
+        out = subprocess.run([python, "-c", "import torch, sys; print(torch.__version__)"], capture_output=True,
+                             text=True, errors="replace", timeout=PYTHON_CHECK_TIMEOUT_S)
+    except OSError as exc:
+        raise ValueError(f"Worker Python {python} cannot be run ({exc.strerror or exc}): choose a python "
+                         "executable in Model settings.") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise ValueError(f"Worker Python {python} did not import torch within {PYTHON_CHECK_TIMEOUT_S} s.") from exc
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ValueError(f"Worker Python {python} cannot import torch ({last}): install RadFMSlicer's packages "
+                         "into it (pip install <RadFMSlicer folder>), or clear the field to use Slicer's Python.")
+    _good_pythons.add(key)
+
+
+def ensure(settings, log=lambda text: None) -> bool:
+    """True when the worker can run, installing into Slicer's Python (after one question) if needed.
+
+    A worker in another Python (settings.worker_python) brings its own packages; it is checked.
+    Errors are shown in a dialog and ``log``\\ ged; they return False.
     """
+    import slicer
+
     if settings.worker_python:
-        return True
+        try:
+            check_worker_python(settings.worker_python)
+            return True
+        except ValueError as exc:
+            log(str(exc))
+            slicer.util.errorDisplay(str(exc), windowTitle="RadFM: worker Python")
+            return False
     quantization = PRECISIONS[settings.precision][1]
     missing = missing_requirements(quantization)
     if not missing:
         return True
-    import slicer
 
     listing = "\n".join(f"  \u2022 {requirement}" for requirement in missing)
     question = (
         f"RadFM needs these Python packages in Slicer's Python:\n\n{listing}\n\n"
         "PyTorch is installed by the PyTorch extension, which picks the build for your GPU; the others "
-        "come from pip. Slicer's own numpy and SimpleITK stay as they are. This can take several minutes.\n\n"
-        "Install them now?"
+        "come from pip. Slicer's own numpy and SimpleITK, and an installed PyTorch, stay as they are. "
+        "This can take several minutes.\n\nInstall them now?"
     )
     if not slicer.util.confirmOkCancelDisplay(question, "RadFM: install Python packages"):
         return False
-    with slicer.util.tryWithErrorDisplay("Installing RadFM's Python packages failed.", waitCursor=True):
-        if TORCH in missing and not _install_torch(slicer):
-            return False
-        _pip_install(slicer, [r for r in missing if r != TORCH])
-    return not missing_requirements(quantization)
+    before = installed_versions()
+    log("Installing " + ", ".join(missing))
+    try:
+        with slicer.util.tryWithErrorDisplay("Installing RadFM's Python packages failed.", waitCursor=True):
+            if TORCH in missing and not _install_torch(slicer):
+                return False
+            _pip_install(slicer, [r for r in missing if r != TORCH])
+    except Exception as exc:  # shown by tryWithErrorDisplay, which re-raises
+        log(f"Installing failed: {exc}")
+        return False
+    changed = changed_imported(before, installed_versions())
+    if changed:
+        log("Changed packages already in use: " + ", ".join(changed))
+        if slicer.util.confirmOkCancelDisplay(
+                f"Installing RadFM's packages changed {', '.join(changed)}, already in use in this Slicer session. "
+                "Slicer must restart before RadFM can use them.\n\nRestart Slicer now?", "RadFM: restart Slicer"):
+            slicer.util.restart()
+        return False
+    still = missing_requirements(quantization)
+    log("Installed." if not still else "Still missing after the install: " + ", ".join(still))
+    return not still
 
 
 def _install_torch(slicer) -> bool:
@@ -93,7 +161,7 @@ def _pip_install(slicer, requirements: list) -> None:
         return
     fd, constraints = tempfile.mkstemp(prefix="radfm-constraints-", suffix=".txt")
     with os.fdopen(fd, "w") as f:
-        f.write(constraints_text())
+        f.write(constraints_text())  # after PyTorchUtils: pins the torch it just installed too
     try:
         slicer.util.pip_install(["-c", constraints, *requirements])
     finally:

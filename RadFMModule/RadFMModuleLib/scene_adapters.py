@@ -5,6 +5,9 @@ segments, ROI boxes and lines all land in one coordinate system, the one the wor
 ``ijk_to_ras`` and ``box_ras`` expect.
 """
 
+import base64
+import json
+
 import numpy as np
 import slicer
 import vtk
@@ -13,6 +16,20 @@ from .assistant import SceneItem, VolumeData
 
 SESSION_ATTRIBUTE = "RadFM.Conversation"
 SESSION_NODE_NAME = "RadFM conversation"
+UNREADABLE_ATTRIBUTE = "RadFM.UnreadableConversation"
+PREVIEWS_ATTRIBUTE = "RadFM.Previews"
+PREVIEWS_NODE_NAME = "RadFM previews"
+SCAN_CLASS = "vtkMRMLScalarVolumeNode"
+# Classes that derive from vtkMRMLScalarVolumeNode but hold no single grey-scale 3D scan, and why
+# they are not offered (most specific first: a streaming volume is also a vector volume).
+NOT_A_SCAN = {
+    "vtkMRMLLabelMapVolumeNode": None,  # a label map is a region, not a scan: not listed at all
+    "vtkMRMLStreamingVolumeNode": "a streaming (video) volume",
+    "vtkMRMLVectorVolumeNode": "a colour or vector volume: RadFM reads grey-scale CT/MR; "
+                               "make a scalar volume with the Vector to Scalar Volume module",
+    "vtkMRMLDiffusionWeightedVolumeNode": "a diffusion-weighted volume (one image per gradient)",
+    "vtkMRMLTensorVolumeNode": "a tensor volume",
+}
 
 
 def _numpy(matrix) -> np.ndarray:
@@ -69,13 +86,43 @@ def line_length_mm(line_node) -> float:
     return float(line_node.GetLineLengthWorld())
 
 
+def _not_a_scan(node) -> "str | None":
+    """None for a true scalar volume; else why it is no scan ("" for a label map)."""
+    if node.GetClassName() == SCAN_CLASS:
+        return None
+    return next((reason or "" for cls, reason in NOT_A_SCAN.items() if node.IsA(cls)),
+                f"a {node.GetClassName()}")
+
+
+def _text_node(attribute: str, name: str = "", create: bool = False):
+    """The text node marked with ``attribute`` (created hidden from editors if asked), so the scene saves it."""
+    for node in slicer.util.getNodesByClass("vtkMRMLTextNode"):
+        if node.GetAttribute(attribute):
+            return node
+    if not create:
+        return None
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", name)
+    node.SetAttribute(attribute, "1")
+    if attribute == PREVIEWS_ATTRIBUTE:
+        node.SetHideFromEditors(True)
+    return node
+
+
 class SlicerScene:
     """The ``assistant.Scene`` protocol over ``slicer.mrmlScene``. Node ids identify items;
     a segment's id is ``"<segmentation node id>/<segment id>"``."""
 
     def volumes(self) -> list:
-        nodes = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
-        return [SceneItem(n.GetID(), n.GetName(), "volume") for n in nodes if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+        """Every volume but label maps: true scalar volumes as "volume", the rest as "unsupported"
+        with the reason in ``detail`` (``getNodesByClass`` also returns the subclasses)."""
+        items = []
+        for node in slicer.util.getNodesByClass(SCAN_CLASS):
+            reason = _not_a_scan(node)
+            if reason is None:
+                items.append(SceneItem(node.GetID(), node.GetName(), "volume"))
+            elif reason:
+                items.append(SceneItem(node.GetID(), node.GetName(), "unsupported", reason))
+        return items
 
     def regions(self) -> list:
         items = []
@@ -100,7 +147,11 @@ class SlicerScene:
         return None
 
     def volume(self, volume_id: str) -> VolumeData:
-        return volume_data(self._node(volume_id))
+        node = self._node(volume_id)
+        reason = _not_a_scan(node)
+        if reason is not None:
+            raise ValueError(f"{node.GetName()} is {reason or 'a label map'}, not a scan RadFM can read.")
+        return volume_data(node)
 
     def segment_mask(self, segment_id: str, volume_id: str) -> np.ndarray:
         node_id, segment = segment_id.split("/", 1)
@@ -113,23 +164,36 @@ class SlicerScene:
         return line_length_mm(self._node(line_id))
 
     def load_session_json(self):
-        node = self._session_node()
+        node = _text_node(SESSION_ATTRIBUTE)
         return (node.GetText() or None) if node is not None else None
 
     def save_session_json(self, text: str) -> None:
-        node = self._session_node()
-        if node is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", SESSION_NODE_NAME)
-            node.SetAttribute(SESSION_ATTRIBUTE, "1")
-        node.SetText(text)
+        _text_node(SESSION_ATTRIBUTE, SESSION_NODE_NAME, create=True).SetText(text)
 
-    @staticmethod
-    def _session_node():
-        """The text node holding the conversation, so saving the scene saves it too."""
-        for node in slicer.util.getNodesByClass("vtkMRMLTextNode"):
-            if node.GetAttribute(SESSION_ATTRIBUTE):
-                return node
-        return None
+    def set_aside_session_json(self) -> str:
+        """Keep an unreadable conversation as it is, under a name of its own, so the next
+        saved turn starts a new node instead of overwriting it; returns that name."""
+        node = _text_node(SESSION_ATTRIBUTE)
+        node.RemoveAttribute(SESSION_ATTRIBUTE)
+        node.SetAttribute(UNREADABLE_ATTRIBUTE, "1")
+        node.SetName(slicer.mrmlScene.GenerateUniqueName(f"{SESSION_NODE_NAME} (unreadable, kept)"))
+        return node.GetName()
+
+    def load_previews(self) -> dict:
+        """File name -> PNG bytes of the thumbnails saved with the scene."""
+        node = _text_node(PREVIEWS_ATTRIBUTE)
+        if node is None or not node.GetText():
+            return {}
+        try:
+            return {name: base64.b64decode(data) for name, data in json.loads(node.GetText()).items()}
+        except (ValueError, TypeError, AttributeError):  # damaged: thumbnails are lost, the conversation is not
+            return {}
+
+    def save_previews(self, previews: dict) -> None:
+        """Thumbnails live in a hidden text node (long text is saved as a file in the .mrb)."""
+        node = _text_node(PREVIEWS_ATTRIBUTE, PREVIEWS_NODE_NAME, create=bool(previews))
+        if node is not None:
+            node.SetText(json.dumps({name: base64.b64encode(data).decode("ascii") for name, data in previews.items()}))
 
     @staticmethod
     def _node(node_id: str):

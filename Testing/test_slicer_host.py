@@ -1,0 +1,296 @@
+"""The module in its host: the widget's life in a scene, saved scenes, first-use install.
+
+Everything runs on ``slicer_standin`` (derived from Slicer 5.12.3's own functions), with
+real Qt (PySide6, offscreen) and the scripted worker client: the widget's ``setup()`` and
+``cleanup()``, scene and node observers, a scene saved and reopened, the install dialogs.
+"""
+
+import importlib
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT / "RadFMModule"))
+
+from scripted_worker import ScriptedWorkerClient, tokens  # noqa: E402
+
+IJK_TO_RAS = np.diag([0.8, 0.8, 5.0, 1.0])
+SHAPE = (8, 40, 40)
+
+
+@pytest.fixture
+def module(slicer, qtbot, tmp_path, monkeypatch):
+    """RadFMModule imported over the stand-in, its QSettings in tmp_path."""
+    from RadFMModuleLib.qt_shim import QtCore
+
+    QtCore.QSettings.setDefaultFormat(QtCore.QSettings.IniFormat)
+    QtCore.QSettings.setPath(QtCore.QSettings.IniFormat, QtCore.QSettings.UserScope, str(tmp_path / "settings"))
+    sys.modules.pop("RadFMModule", None)
+    return importlib.import_module("RadFMModule")
+
+
+def add_ct(slicer, name="CT", value=40):
+    array = np.full(SHAPE, -1000, dtype=np.int16)
+    array[2:6, 10:30, 10:30] = value
+    node = slicer.mrmlScene.AddNode(slicer.ScalarVolumeNode(name, array, IJK_TO_RAS, (40.0, 400.0)))
+    slicer.mrmlScene.AddNode(slicer.SliceCompositeNode("Red", node.GetID()))
+    return node
+
+
+def scripted_logic(module, scripts, tmp_path):
+    from RadFMModuleLib.settings import ModelSettings
+
+    logic = module.RadFMModuleLogic(start_client=lambda python: ScriptedWorkerClient(scripts))
+    logic.assistant.settings = ModelSettings(str(tmp_path), "cpu", "float32", worker_python=sys.executable)
+    return logic
+
+
+# ---------------------------------------------------------------------------------- the stand-in itself
+def test_standin_array_from_volume_follows_slicer(slicer):
+    rgb = slicer.mrmlScene.AddNode(slicer.VectorVolumeNode("Photo", np.zeros((2, 3, 4, 3), np.uint8)))
+    assert rgb.IsA("vtkMRMLScalarVolumeNode") and slicer.util.arrayFromVolume(rgb).shape == (2, 3, 4, 3)
+    tensors = slicer.mrmlScene.AddNode(slicer.DiffusionTensorVolumeNode("DTI", np.zeros((2, 3, 4, 3, 3))))
+    assert slicer.util.arrayFromVolume(tensors).shape == (2, 3, 4, 3, 3)
+    streaming = slicer.mrmlScene.AddNode(slicer.StreamingVolumeNode("Video", np.zeros((1, 3, 4, 3), np.uint8)))
+    with pytest.raises(RuntimeError, match="Unsupported volume type: vtkMRMLStreamingVolumeNode"):
+        slicer.util.arrayFromVolume(streaming)
+
+
+def test_standin_segment_export_goes_through_a_temporary_node(slicer):
+    volume = add_ct(slicer)
+    segmentation = slicer.mrmlScene.AddNode(slicer.SegmentationNode("S", IJK_TO_RAS))
+    segmentation.add_segment("s1", "Lesion", np.ones(SHAPE, bool))
+    seen = []
+    scene = slicer.mrmlScene
+    for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent):
+        scene.AddObserver(event, lambda caller, name: seen.append(name))
+    before = set(scene.nodes)
+    mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, "s1", volume)
+    assert mask.dtype == np.int16 and mask.shape == SHAPE and mask.all()
+    assert len(seen) == 2 and set(scene.nodes) == before  # __temp__ added, then removed
+
+
+def test_standin_error_display_reraises_and_long_text_is_stored_in_a_file(slicer, tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        with slicer.util.tryWithErrorDisplay("Failed."):
+            1 / 0
+    assert slicer.util.shown == ["Failed.\n\ndivision by zero"]
+    short, long = (slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", n) for n in ("short", "long"))
+    short.SetText("x" * 255)
+    long.SetText("é" * 256)
+    slicer.util.saveScene(str(tmp_path / "scene.mrb"))
+    import zipfile
+
+    assert zipfile.ZipFile(tmp_path / "scene.mrb").namelist() == [f"Data/{long.GetID()}.txt", "scene.json"]
+    slicer.util.loadScene(str(tmp_path / "scene.mrb"))
+    assert sorted(n.GetText() for n in slicer.util.getNodesByClass("vtkMRMLTextNode")) == ["x" * 255, "é" * 256]
+
+
+# ---------------------------------------------------------------------------------- item 6: scans only
+def test_only_true_scalar_volumes_are_offered_and_a_colour_volume_says_why(slicer, module):
+    from RadFMModuleLib.scene_adapters import SlicerScene
+
+    ct = add_ct(slicer)
+    rgb = slicer.mrmlScene.AddNode(slicer.VectorVolumeNode("Photo", np.zeros((2, 3, 4, 3), np.uint8)))
+    slicer.mrmlScene.AddNode(slicer.DiffusionWeightedVolumeNode("DWI", np.zeros((2, 3, 4, 6), np.int16)))
+    slicer.mrmlScene.AddNode(slicer.DiffusionTensorVolumeNode("DTI", np.zeros((2, 3, 4, 3, 3))))
+    slicer.mrmlScene.AddNode(slicer.StreamingVolumeNode("Video", np.zeros((1, 3, 4, 3), np.uint8)))
+    slicer.mrmlScene.AddNode(slicer.LabelMapVolumeNode("labels", np.zeros(SHAPE, np.uint8), IJK_TO_RAS))
+    scene = SlicerScene()
+    items = {item.name: item for item in scene.volumes()}
+    assert [n for n, i in items.items() if i.kind == "volume"] == ["CT"] and "labels" not in items
+    assert {n: i.kind for n, i in items.items()} == {"CT": "volume", "Photo": "unsupported", "DWI": "unsupported",
+                                                     "DTI": "unsupported", "Video": "unsupported"}
+    assert "grey-scale" in items["Photo"].detail and "Vector to Scalar Volume" in items["Photo"].detail
+    assert "streaming" in items["Video"].detail
+    with pytest.raises(ValueError, match="Photo is a colour or vector volume"):
+        scene.volume(rgb.GetID())
+    assert scene.volume(ct.GetID()).array.shape == SHAPE
+
+    widget = module.RadFMModuleWidget()
+    try:
+        box = widget.panel.volume_box
+        assert [box.itemText(n) for n in range(box.count())] == ["CT"]
+        assert "Photo (a colour or vector volume" in widget.panel.skipped_label.text()
+    finally:
+        widget.cleanup()
+
+
+# ---------------------------------------------------------------------------------- items 7, 10: live scene, self-test
+def test_module_self_test_runs_light_with_setup_and_cleanup(slicer, module, monkeypatch):
+    """RadFMModuleTest.runTest: the widget follows added, moved and renamed regions; the end-to-end part stays off."""
+    monkeypatch.delenv(module.END_TO_END_VARIABLE, raising=False)
+    monkeypatch.setitem(sys.modules, "SampleData", None)  # no download on build machines
+    test = module.RadFMModuleTest()
+    test.runTest()
+    widget = module.RadFMModuleWidget()
+    widget.cleanup()  # observers gone: later scene changes reach no dead panel
+    assert not any(slicer.mrmlScene.HasObserver(e) for e in (slicer.mrmlScene.NodeAddedEvent,
+                                                              slicer.mrmlScene.EndCloseEvent))
+
+
+def test_light_self_test_needs_no_torch(tmp_path):
+    """In a fresh Python where torch, SimpleITK, transformers and SampleData cannot be imported."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"
+        for name in ("torch", "SimpleITK", "transformers", "SampleData"):
+            sys.modules[name] = None
+        sys.path[:0] = [{str(PROJECT / "RadFMModule")!r}, {str(PROJECT / "Testing")!r}]
+        import slicer_standin
+        sys.modules.update(slicer_standin.install())
+        from RadFMModuleLib.qt_shim import QtCore, QtWidgets
+        app = QtWidgets.QApplication([])
+        QtCore.QSettings.setDefaultFormat(QtCore.QSettings.IniFormat)
+        QtCore.QSettings.setPath(QtCore.QSettings.IniFormat, QtCore.QSettings.UserScope, {str(tmp_path)!r})
+        import RadFMModule
+        RadFMModule.RadFMModuleTest().runTest()
+        print("light self-test passed")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "RADFM_SELFTEST_END_TO_END"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "light self-test passed" in out.stdout and "end-to-end self-test skipped" in out.stderr
+
+
+# ---------------------------------------------------------------------------------- item 8: thumbnails with the scene
+def test_thumbnails_survive_saving_and_reopening_the_scene(slicer, module, tmp_path, monkeypatch):
+    import RadFMSlicer.ask
+
+    monkeypatch.setattr(RadFMSlicer.ask.time, "strftime", lambda *args: "20260101-120000")  # two asks, one second
+    ct = add_ct(slicer, "CT", 40)
+    bright = add_ct(slicer, "CT bright", 900)
+    logic = scripted_logic(module, [tokens("First."), tokens("Second.")], tmp_path)
+    try:
+        first = logic.ask("One?", volume=ct)
+        second = logic.ask("Two?", volume=bright)
+        pictures = [Path(t.images[0].preview_png) for t in (first, second)]
+        saved = {t.question: p.read_bytes() for t, p in zip((first, second), pictures)}
+    finally:
+        logic.assistant.close()
+    assert pictures[0].name != pictures[1].name  # named to the second, they overwrote each other
+    assert saved["One?"] != saved["Two?"]
+    assert not pictures[0].exists()  # the assistant that made them is closed: its folder is gone
+
+    slicer.util.saveScene(str(tmp_path / "study.mrb"))
+    slicer.mrmlScene.Clear(0)
+    slicer.util.loadScene(str(tmp_path / "study.mrb"))
+    widget = module.RadFMModuleWidget()
+    try:
+        turns = widget.logic.assistant.session.turns
+        assert [Path(t.images[0].preview_png).read_bytes() for t in turns] == [saved["One?"], saved["Two?"]]
+        assert all(not view.thumbs.isEmpty() for view in widget.panel.answers)  # "what the model saw" is shown
+        folder = Path(turns[0].images[0].preview_png).parent
+        slicer.mrmlScene.Clear(0)  # a new scene: its conversation is empty, the thumbnails go
+        assert widget.logic.assistant.session.turns == [] and list(folder.iterdir()) == []
+    finally:
+        widget.cleanup()
+
+
+# ---------------------------------------------------------------------------------- issue 16 item 3: corrupt session
+def test_a_corrupt_conversation_is_kept_aside_and_the_panel_opens(slicer, module, tmp_path):
+    from RadFMModuleLib.scene_adapters import SlicerScene
+
+    broken = '{"format": 1, "turns": [{"task": "vqa", "question": "Q?", "images": [{"role": 3}]'  # cut short
+    SlicerScene().save_session_json(broken)
+    add_ct(slicer)
+    widget = module.RadFMModuleWidget()
+    try:
+        assert "could not be read" in widget.panel.status_label.text()
+        assert "RadFM conversation (unreadable, kept)" in widget.panel.status_label.text()
+        logic = widget.logic
+        logic.assistant.start_client = lambda python: ScriptedWorkerClient([tokens("Fine.")])
+        logic.assistant.settings.checkpoint_folder, logic.assistant.settings.worker_python = str(tmp_path), sys.executable
+        logic.ask("Anything?")
+    finally:
+        widget.cleanup()
+    texts = {n.GetName(): n.GetText() for n in slicer.util.getNodesByClass("vtkMRMLTextNode")}
+    assert texts["RadFM conversation (unreadable, kept)"] == broken  # not overwritten by the next turn
+    assert json.loads(texts["RadFM conversation"])["turns"][0]["answer"] == "Fine."
+
+
+# ---------------------------------------------------------------------------------- item 5: install once
+@pytest.fixture
+def installed(monkeypatch):
+    from RadFMModuleLib import dependencies
+
+    present = set()
+    monkeypatch.setattr(dependencies, "_satisfied", lambda requirement: requirement in present)
+    return present
+
+
+def test_a_second_ask_during_the_install_starts_no_second_install(slicer, module, installed, monkeypatch, tmp_path):
+    """Slicer's pip_install processes Qt events: a click on Ask arriving then must be ignored."""
+    from RadFMModuleLib import dependencies
+
+    add_ct(slicer)
+    widget = module.RadFMModuleWidget()
+    panel = widget.panel
+    pip_runs, asked_meanwhile = [], []
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, askConfirmation, torchVersionRequirement):
+            installed.add(dependencies.TORCH)
+            return types.ModuleType("torch")
+
+    def pip_install(args, **kwargs):
+        pip_runs.append(Path(args[1]).read_text())
+        asked_meanwhile.append(panel.busy_now)
+        panel.input.setPlainText("Again?")
+        panel.ask("vqa")  # what a click delivered by processEvents() does
+        installed.update(args[2:])
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
+    panel.assistant.start_client = lambda python: ScriptedWorkerClient([tokens("Done.")])
+    panel.folder_edit.setText(str(tmp_path))
+    try:
+        panel.input.setPlainText("Is there an effusion?")
+        panel.ask("vqa")
+        assert len(pip_runs) == 1 and asked_meanwhile == [True]
+        assert len([q for q in slicer.util.shown if "Install them now?" in q]) == 1
+        assert f"torch=={importlib.metadata.version('torch')}" in pip_runs[0]  # PyTorchUtils' torch is kept
+        assert panel.busy_now  # the first ask goes on to the worker
+    finally:
+        widget.cleanup()
+
+
+def test_a_changed_package_already_in_use_asks_for_a_restart(slicer, installed, monkeypatch):
+    from RadFMModuleLib import dependencies
+    from RadFMModuleLib.settings import ModelSettings
+
+    installed.add(dependencies.TORCH)
+    versions = [{"tqdm": "4.60.0", "numpy": "1.26.0"}, {"tqdm": "4.67.1", "numpy": "1.26.0"}]
+    monkeypatch.setattr(dependencies, "installed_versions", lambda: versions.pop(0))
+    monkeypatch.setattr(slicer.util, "pip_install", lambda args, **kw: installed.update(args[2:]))
+    import tqdm  # noqa: F401  (imported in this session, as Slicer's own modules may have)
+
+    assert not dependencies.ensure(ModelSettings(precision="float32"))
+    assert "changed tqdm" in slicer.util.shown[-1] and "Slicer must restart" in slicer.util.shown[-1]
+    assert slicer.util.restarts == [True]
+
+
+@pytest.mark.parametrize("python, message", [
+    ("/nonexistent/bin/python", "does not exist"),
+    (os.path.join(os.path.expanduser(os.environ.get("PYENV_ROOT", "~/.pyenv")), "versions", "3.9.18", "bin", "python"),
+     "cannot import torch"),
+])
+def test_a_chosen_worker_python_is_checked_before_it_is_trusted(slicer, python, message):
+    from RadFMModuleLib import dependencies
+    from RadFMModuleLib.settings import ModelSettings
+
+    if message == "cannot import torch" and not os.path.isfile(python):
+        pytest.skip(f"no Python without torch at {python}")
+    lines = []
+    assert not dependencies.ensure(ModelSettings(worker_python=python), log=lines.append)
+    assert message in slicer.util.shown[-1] and lines == [slicer.util.shown[-1]]
+    assert dependencies.ensure(ModelSettings(worker_python=sys.executable))
