@@ -25,7 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import ImageError
-from .imaging import Volume, read_info
+from .imaging import Volume, read_info, read_pixels
 
 MIDLINE_MM = 10.0
 NARROW_FOV_MM = 50.0
@@ -181,8 +181,7 @@ def load_mask(path, vol: Volume) -> np.ndarray:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ImageError(f"Label map not found: {path}")
-    read_info(path)  # unreadable -> ImageError
-    image = sitk.ReadImage(path)
+    image, _ = read_pixels(read_info(path), path)  # unreadable or truncated -> ImageError
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetNumberOfComponentsPerPixel() != 1 or image.GetDimension() not in (2, 3):

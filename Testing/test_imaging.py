@@ -378,3 +378,99 @@ def test_bad_preprocess_options(kwargs, message):
 def test_window_width_must_be_positive():
     with pytest.raises(ImageError, match="width must be a number > 0"):
         Window(40, -10)
+
+
+# ----------------------------------------------------------------------------- files that lie
+def _scan_file(tmp_path, ext, data=None, compress=False):
+    data = np.linspace(-500, 500, 20 * 30 * 40, dtype=np.float32).reshape(20, 30, 40) if data is None else data
+    path = tmp_path / f"scan{ext}"
+    if ext.startswith(".nii"):
+        nibabel.save(nibabel.Nifti1Image(np.transpose(data, (2, 1, 0)), np.eye(4)), path)
+    else:
+        sitk.WriteImage(sitk.GetImageFromArray(data), str(path), compress)
+    return path
+
+
+def _cut(path, keep=0.6):
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep)])
+    return path
+
+
+@pytest.mark.parametrize("ext, compress", [(".nii", False), (".nii.gz", False), (".mha", False), (".mha", True),
+                                           (".nrrd", False), (".nrrd", True)])
+def test_a_truncated_file_is_refused_as_truncated(tmp_path, ext, compress):
+    path = _cut(_scan_file(tmp_path, ext, compress=compress))
+    with pytest.raises(ImageError, match=f"{path.name} is truncated"):
+        load_volume(path)
+
+
+def test_a_nifti_header_declaring_more_voxels_than_the_file_holds_is_truncated(tmp_path):
+    path = _scan_file(tmp_path, ".nii", data=(np.arange(6000, dtype=np.int16) % 97).reshape(10, 20, 30))
+    raw = bytearray(path.read_bytes())
+    raw[42:44] = np.int16(40).tobytes()  # dim[1]: 30 -> 40 columns, data left as is
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ImageError, match=r"is truncated: its header declares 16,000 bytes .* holds 12,000"):
+        load_volume(path)
+
+
+def test_a_truncated_jpeg_is_refused_and_prints_nothing(tmp_path, capfd):
+    Image.fromarray((np.indices((64, 64)).sum(0) % 251).astype(np.uint8)).save(tmp_path / "x.jpg")
+    path = _cut(tmp_path / "x.jpg", 0.5)
+    with pytest.raises(ImageError, match="x.jpg is truncated"):
+        load_volume(path)
+    assert capfd.readouterr() == ("", "")  # libjpeg's own warning went to stdout before
+
+
+def test_a_truncated_label_map_is_refused(tmp_path):
+    from RadFMSlicer.regions import load_mask
+
+    volume = load_volume(_scan_file(tmp_path, ".nii.gz"))
+    mask = _cut(_scan_file(tmp_path, ".mha", data=np.ones((20, 30, 40), np.uint8)), 0.5)
+    with pytest.raises(ImageError, match="truncated"):
+        load_mask(mask, volume)
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz", ".mha", ".nrrd"])
+def test_nan_voxels_are_reported_in_every_format(tmp_path, ext):
+    data = np.linspace(-500, 500, 20 * 30 * 40, dtype=np.float32).reshape(20, 30, 40)
+    data[:10] = np.nan
+    vol = load_volume(_scan_file(tmp_path, ext, data=data))
+    assert any("12000 NaN/inf voxels set to the lowest finite value" in n for n in vol.notes), vol.notes
+    assert vol.voxels.min() > -500.1 and np.isfinite(vol.voxels).all()
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".mha"])
+def test_an_all_nan_scan_is_refused_as_nan_not_as_constant(tmp_path, ext):
+    path = _scan_file(tmp_path, ext, data=np.full((4, 5, 6), np.nan, np.float32))
+    with pytest.raises(ImageError, match="only NaN/inf values"):
+        load_volume(path)
+
+
+def _dicom_series(folder, orientations, positions):
+    from pydicom.uid import generate_uid
+
+    folder.mkdir()
+    series = generate_uid()
+    for k, (orientation, position) in enumerate(zip(orientations, positions)):
+        ds = pydicom.dcmread(MR_SMALL)
+        ds.ImageOrientationPatient, ds.ImagePositionPatient = list(orientation), list(position)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.InstanceNumber = series, generate_uid(), k + 1
+        ds.save_as(folder / f"{k}.dcm")
+    return folder
+
+
+def test_unevenly_spaced_series_is_noted_not_warned_on_stderr(tmp_path, capfd):
+    z = [0, 2, 4, 6, 12, 14, 16]  # a missing stretch of slices
+    folder = _dicom_series(tmp_path / "gap", [(1, 0, 0, 0, 1, 0)] * 7, [(0, 0, v) for v in z])
+    vol = load_volume(folder)
+    assert any("slices unevenly spaced" in n for n in vol.notes), vol.notes
+    assert "WARNING" not in capfd.readouterr().err
+
+
+def test_a_radial_series_is_not_stacked_as_a_volume(tmp_path):
+    angles = [np.pi * k / 7 for k in range(7)]
+    folder = _dicom_series(tmp_path / "radial", [(np.cos(a), np.sin(a), 0, 0, 0, -1) for a in angles],
+                           [(-32 * np.cos(a), -32 * np.sin(a), 32) for a in angles])
+    with pytest.raises(ImageError, match="mixes slice orientations"):
+        load_volume(folder)

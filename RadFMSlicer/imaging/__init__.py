@@ -10,13 +10,28 @@ The steps, one module each, in the order data flows:
 * :mod:`.model_input` -- ``preprocess`` resizes to the ``[3, 512, 512, D]`` RadFM input.
 """
 
+import importlib
+
 from .geometry import LPS_TO_RAS, MAX_INPLANE, MAX_SLICES, MAX_VOXELS, Grid, Volume
-from .io import SUPPORTED, load_volume, read_info, volume_from_array
-from .model_input import MAX_DEPTH, MODEL_SIZE, ModelImage, choose_depth, preprocess
 from .windows import PERCENTILES, WINDOW_PRESETS, Window, describe_window, resolve_window
+
+# io needs SimpleITK and model_input torch: their names (the rest of __all__) load on first
+# use, so Slicer's process (the panel and the session only describe windows) runs without them.
+_LAZY_MODULES = ("io", "model_input")
+
+
+def __getattr__(name):
+    if name in __all__:
+        for module in _LAZY_MODULES:
+            module = importlib.import_module(f".{module}", __name__)
+            if hasattr(module, name):
+                return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "LPS_TO_RAS", "MAX_DEPTH", "MAX_INPLANE", "MAX_SLICES", "MAX_VOXELS", "MODEL_SIZE", "PERCENTILES",
     "SUPPORTED", "WINDOW_PRESETS", "Grid", "ModelImage", "Volume", "Window", "choose_depth",
-    "describe_window", "load_volume", "preprocess", "read_info", "resolve_window", "volume_from_array",
+    "describe_window", "load_volume", "preprocess", "read_info", "read_pixels", "resolve_window",
+    "volume_from_array",
 ]

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import math
 import os
+import re
+import struct
+import sys
+import tempfile
+import threading
+import zlib
 
 import numpy as np
 import SimpleITK as sitk
@@ -64,12 +73,25 @@ def _meta(reader, key):
 def read_info(path):
     reader = sitk.ImageFileReader()
     reader.SetFileName(path)
+    messages = []  # what the readers tried print to stdout/stderr while probing the file
     try:
-        reader.ReadImageInformation()
+        with _reader_messages(messages):
+            reader.ReadImageInformation()
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1].replace("sitk::ERROR: ", "")
-        raise ImageError(f"Cannot read {path} ({reason}); supported: {SUPPORTED}.") from None
+        if _TRUNCATED.search("; ".join(messages)):
+            raise ImageError(f"{path} is truncated: {'; '.join(messages)}; copy or export the file again.") from None
+        raise ImageError(f"Cannot read {path} ({reason}): not a supported image, or a damaged one; "
+                         f"supported: {SUPPORTED}.") from None
     return reader
+
+
+def _dicom_numbers(text: str) -> list[float]:
+    """A DICOM multi-value number such as "1\\0\\0\\0\\1\\0"."""
+    try:
+        return [float(v) for v in text.split("\\")]
+    except ValueError:
+        return []
 
 
 def _dicom_series(folder):
@@ -106,6 +128,132 @@ def _pick_series(folder, series):
     return files, notes
 
 
+# NIfTI-1 / NIfTI-2 header fields: (dim int[8], bitpix, vox_offset) as (offset, struct code).
+_NIFTI_LAYOUTS = {348: ((40, "8h"), (72, "h"), (108, "f")), 540: ((16, "8q"), (14, "h"), (168, "q"))}
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}  # datatype codes whose voxels can be NaN/inf
+_CHUNK = 1 << 24
+
+
+def _nifti_nonfinite(path: str) -> "np.ndarray | None":
+    """Check a NIfTI file holds every voxel its header declares; flag its NaN/inf voxels.
+
+    SimpleITK neither notices a truncated NIfTI (missing voxels come back as noise or 0)
+    nor keeps NaN (it reads them as 0), so the raw voxel bytes are checked here. Returns
+    a flat (file order = ``[k, j, i]`` C order) mask of non-finite voxels, or None if none.
+    """
+    opener = gzip.open if path.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.read(540)
+            for endian in "<>":
+                layout = _NIFTI_LAYOUTS.get(struct.unpack(endian + "i", header[:4])[0])
+                if layout:
+                    break
+            else:
+                return None  # not a NIfTI header: SimpleITK will say so
+            (o_dim, c_dim), (o_bits, c_bits), (o_off, c_off) = layout
+            dim = struct.unpack_from(endian + c_dim, header, o_dim)
+            bits = struct.unpack_from(endian + c_bits, header, o_bits)[0]
+            datatype = struct.unpack_from(endian + "h", header, 70 if layout is _NIFTI_LAYOUTS[348] else 12)[0]
+            n_voxels = math.prod(max(1, d) for d in dim[1:1 + min(max(dim[0], 1), 7)])
+            expected = n_voxels * bits // 8
+            f.seek(int(struct.unpack_from(endian + c_off, header, o_off)[0]))
+            dtype = np.dtype(_NIFTI_FLOATS[datatype]).newbyteorder(endian) if datatype in _NIFTI_FLOATS else None
+            held, flagged = 0, None
+            while held < expected:
+                chunk = f.read(min(_CHUNK, expected - held))
+                if not chunk:
+                    break
+                if dtype is not None:
+                    bad = ~np.isfinite(np.frombuffer(chunk[: len(chunk) - len(chunk) % dtype.itemsize], dtype))
+                    if bad.any():
+                        flagged = np.zeros(n_voxels, bool) if flagged is None else flagged
+                        start = held // dtype.itemsize
+                        flagged[start:start + bad.size] = bad
+                held += len(chunk)
+    except EOFError as e:
+        raise ImageError(f"{path} is truncated ({e}): copy or export the file again.") from None
+    except (zlib.error, gzip.BadGzipFile) as e:
+        raise ImageError(f"{path} is corrupt ({e}): copy or export the file again.") from None
+    if held < expected:
+        raise ImageError(f"{path} is truncated: its header declares {expected:,} bytes of voxels but the file "
+                         f"holds {held:,}; copy or export the file again.")
+    return flagged
+
+
+_CAPTURE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _reader_messages(into: list):
+    """Collect what ITK, GDCM, MetaIO and libjpeg print straight to the process's fds 1 and 2.
+
+    Their warnings belong in the image's notes (and their details in an error message),
+    not as raw lines on the terminal, in ``--json`` output (libjpeg writes to stdout) or
+    in the worker's event stream. Other text is passed on where it was going.
+    """
+    captured = []
+    with _CAPTURE_LOCK, contextlib.ExitStack() as stack:  # fds are process-wide: one capture at a time
+        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+            stream.flush()
+            tmp = stack.enter_context(tempfile.TemporaryFile())
+            saved = os.dup(fd)
+            os.dup2(tmp.fileno(), fd)
+            captured.append((fd, saved, tmp, stream))
+        try:
+            yield
+        finally:
+            for fd, saved, tmp, stream in captured:
+                os.dup2(saved, fd)
+                os.close(saved)
+                tmp.seek(0)
+                messages = [m for m in _READER_SPLIT.split(tmp.read().decode("utf-8", "replace")) if m.strip()]
+                into.extend(" ".join(_READER_PREFIX.sub("", m).split()) for m in messages if _READER_LINE.search(m))
+                rest = "".join(m for m in messages if not _READER_LINE.search(m))
+                if rest.strip():
+                    stream.write(rest)
+
+
+_READER_SPLIT = re.compile(r"(?m)^(?=WARNING: |ERROR: |MetaImage: |Premature end of JPEG|Corrupt JPEG)")
+_READER_LINE = re.compile(r"^(WARNING: In |ERROR: In |MetaImage: |\w+ \(0x[0-9a-f]+\): |Premature end|Corrupt JPEG)")
+_READER_PREFIX = re.compile(r"(?s)^(WARNING|ERROR): In \S+, line \d+\s*|\w+ \(0x[0-9a-f]+\): ")
+_TRUNCATED = re.compile(r"not read completely|got only|but received|ended before|truncat|premature", re.I)
+
+
+def _explain(message: str) -> str:
+    """A reader warning as a note a reader of the answer understands."""
+    uneven = re.search(r"Non uniform sampling.*?nonuniformity:\s*([\d.eE+-]+)", message)
+    if uneven:
+        return (f"slices unevenly spaced or not parallel (up to {float(uneven.group(1)):.3g} mm off: a radial, "
+                "localizer or incomplete series?): stacked as one volume anyway, so distances across slices "
+                "are approximate")
+    return f"reader warning: {message}"
+
+
+def read_pixels(reader, path: str, notes: list | None = None) -> "tuple[sitk.Image, np.ndarray | None]":
+    """Run a reader whose information was read: the image, and its NaN/inf mask (NIfTI only).
+
+    The reader's warnings go to ``notes``; a file that holds less than its header declares
+    is refused as truncated.
+    """
+    nonfinite = _nifti_nonfinite(path) if path.lower().endswith((".nii", ".nii.gz")) else None
+    messages = []
+    try:
+        with _reader_messages(messages):
+            image = reader.Execute()
+    except RuntimeError as e:
+        # MetaIO's own lines say what happened; the exception then adds a stale errno ("No such file").
+        detail = "; ".join(messages) or str(e).strip().splitlines()[-1].replace("sitk::ERROR: ", "")
+        problem = "is truncated" if _TRUNCATED.search(detail) else "is truncated or damaged (its header reads, its pixels do not)"
+        raise ImageError(f"{path} {problem}: {detail}; copy or export the file again.") from None
+    cut = [m for m in messages if _TRUNCATED.search(m)]  # libjpeg reads a cut file, filling the rest
+    if cut:
+        raise ImageError(f"{path} is truncated: {'; '.join(cut)}; copy or export the file again.")
+    if notes is not None:
+        notes.extend(_explain(m) for m in messages)
+    return image, nonfinite
+
+
 def load_volume(path, series=None) -> Volume:
     """Read a scan file or DICOM folder (``series``: UID or description to pick one)."""
     path = os.fspath(path)
@@ -117,6 +265,11 @@ def load_volume(path, series=None) -> Volume:
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
         info = read_info(files[0])
+        first, last = _meta(info, "0020|0037"), _meta(read_info(files[-1]), "0020|0037")
+        if first and last and not np.allclose(_dicom_numbers(first), _dicom_numbers(last), atol=1e-3):
+            raise ImageError(f"The DICOM series in {path} mixes slice orientations ({first} ... {last}): "
+                             "it is not one 3D volume (a radial or localizer series?); pick one slice file "
+                             "or another series (--series).")
     else:
         if series is not None:
             raise ImageError(f"series='{series}' only applies to a DICOM folder, but {path} is a single file.")
@@ -128,15 +281,15 @@ def load_volume(path, series=None) -> Volume:
             shape = (size[2] if len(size) == 3 else 1, size[1], size[0])
             check_size(Grid.plan(shape, affine_from_itk(size, info.GetSpacing(), info.GetOrigin(),
                                                  info.GetDirection())).display_shape, path)
-    try:
-        image = reader.Execute()
-    except RuntimeError as e:
-        raise ImageError(f"Cannot read the pixels of {path} ({str(e).strip().splitlines()[-1]}).") from None
+    image, nonfinite = read_pixels(reader, path, notes)
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() not in (2, 3):
         raise ImageError(_not_3d(path, image.GetSize()[::-1]))
     a = sitk.GetArrayViewFromImage(image)
+    if nonfinite is not None and nonfinite.size == a.size:  # put back the NaN/inf SimpleITK read as 0
+        a = np.array(a, dtype=np.float32)
+        a.reshape(-1)[nonfinite] = np.nan
     if image.GetNumberOfComponentsPerPixel() > 1:
         a = _to_gray(a, notes)
     m = affine_from_itk(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
