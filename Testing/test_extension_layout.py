@@ -5,6 +5,8 @@ of the package), the .s4ext against CMakeLists.txt, and the module's import is c
 stay light (no torch, no model code) and to need ``slicer`` only inside RadFMModule/.
 """
 
+import json
+import os
 import re
 import struct
 import subprocess
@@ -81,6 +83,25 @@ def test_s4ext_agrees_with_cmake_and_points_at_files_that_exist():
     assert png_size(PROJECT / "Resources" / "Icons" / "RadFM.png") == (128, 128)
 
 
+def test_catalog_entry_follows_slicers_schema_and_agrees_with_the_s4ext():
+    """Slicer 5.8+ reads the Extensions Index's JSON entry; the schema is Slicer's own (Testing/schemas/)."""
+    import jsonschema
+
+    schema = json.loads((PROJECT / "Testing" / "schemas" / "slicer-extension-catalog-entry-schema-v1.0.1.json").read_text())
+    entry = json.loads((PROJECT / "RadFMSlicer.json").read_text())
+    validator = jsonschema.Draft7Validator(schema)
+    assert [error.message for error in validator.iter_errors(entry)] == []
+    assert entry["$schema"] == schema["$id"]  # the version Slicer 5.8-5.12's index uses
+    for broken in ({k: v for k, v in entry.items() if k != "category"}, {**entry, "tier": 0},
+                   {**entry, "depends": "PyTorch"}):  # the schema does catch what the index would reject
+        assert not validator.is_valid(broken)
+    fields, variables = s4ext_fields(), cmake_variables()
+    assert entry["category"] == fields["category"] == variables["EXTENSION_CATEGORY"]
+    assert entry["build_dependencies"] == fields["depends"].split() == variables["EXTENSION_DEPENDS"].split()
+    assert (entry["scm_url"], entry["scm_revision"]) == (fields["scmurl"], fields["scmrevision"])
+    assert entry["build_subdirectory"] == fields["build_subdirectory"]
+
+
 def test_license_is_the_apache_2_text():
     text = (PROJECT / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
@@ -116,6 +137,60 @@ def test_importing_the_module_is_light_and_describes_it():
     assert title == "RadFM" and categories and contributors
     assert "Research use only" in help_text and "not a medical device" in help_text
     assert "RadFM" in thanks
+
+
+def python39() -> str:
+    """Slicer 5.8's Python version, from pyenv (CI has it); skipped, with the reason printed, elsewhere."""
+    root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    path = os.path.join(root, "versions", "3.9.18", "bin", "python")
+    if not os.path.isfile(path):
+        pytest.skip(f"no Python 3.9 at {path} (pyenv install 3.9.18)")
+    return path
+
+
+def test_on_slicer_5_8_python_the_module_loads_and_names_the_slicer_it_needs():
+    """Python 3.9 (Slicer 5.8): every module file compiles; the module imports and its panel says what it needs."""
+    script = textwrap.dedent(f"""
+        import sys, types, pathlib
+        for path in sorted(pathlib.Path({str(MODULE)!r}).rglob("*.py")):
+            compile(path.read_text(encoding="utf-8"), str(path), "exec")  # a SyntaxError names the file
+        shown = []
+
+        class Label:
+            def __init__(self, text): shown.append(text)
+            def setWordWrap(self, on): pass
+
+        class Layout:
+            def addWidget(self, widget): pass
+
+        class Base:
+            def __init__(self, *args): pass
+
+        bases = types.ModuleType("slicer.ScriptedLoadableModule")
+        for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleLogic", "ScriptedLoadableModuleTest"):
+            setattr(bases, name, type(name, (Base,), {{}}))
+        bases.ScriptedLoadableModuleWidget = type("ScriptedLoadableModuleWidget", (Base,), {{"setup": lambda self: None}})
+        slicer = types.ModuleType("slicer")
+        slicer.util = types.SimpleNamespace(VTKObservationMixin=type("VTKObservationMixin", (Base,), {{}}))
+        sys.modules.update({{"slicer": slicer, "slicer.ScriptedLoadableModule": bases,
+                            "qt": types.SimpleNamespace(QLabel=Label)}})
+        sys.path.insert(0, {str(MODULE)!r})
+        import RadFMModule
+        RadFMModule.RadFMModule(types.SimpleNamespace())
+        widget = RadFMModule.RadFMModuleWidget()
+        widget.layout = Layout()
+        widget.setup()
+        try:
+            RadFMModule.RadFMModuleLogic()
+        except RuntimeError as exc:
+            shown.append("logic: " + str(exc))
+        print(repr(shown))
+    """)
+    out = subprocess.run([python39(), "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    panel, logic = eval(out.stdout.strip().splitlines()[-1])
+    assert "RadFM needs Slicer 5.10 or newer" in panel and "Python 3.9" in panel
+    assert logic == "logic: " + panel
 
 
 # ---------------------------------------------------------------------------------- first use
