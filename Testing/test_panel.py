@@ -21,80 +21,16 @@ PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "RadFMModule"))
 
 from RadFMModuleLib import chat_panel  # noqa: E402
-from RadFMModuleLib.assistant import TASK_TOKENS, Assistant, SceneItem, VolumeData  # noqa: E402
-from RadFMModuleLib.chat_panel import CURSOR, NOTICE, AnswerView, ChatPanel  # noqa: E402
+from RadFMModuleLib.assistant import TASK_TOKENS, Assistant  # noqa: E402
+from RadFMModuleLib.chat_panel import ChatPanel  # noqa: E402
 from RadFMModuleLib.qt_shim import QtCore, QtGui, QtWidgets  # noqa: E402
 from RadFMModuleLib.settings import ModelSettings  # noqa: E402
+from RadFMModuleLib.turn_views import CURSOR, NOTICE, STOP_NOTES, AnswerView  # noqa: E402
 from RadFMSlicer.session import Session  # noqa: E402
+from panel_scene import IJK_TO_RAS, SHAPE, FakeScene, nodule_mask  # noqa: E402
 from scripted_worker import CRASH, PAUSE, ScriptedWorkerClient, tokens  # noqa: E402
 
 SCREENSHOT = PROJECT / "Resources" / "Screenshots" / "RadFMPanel.png"
-# Stored like most CT series: i -> patient left, j -> posterior, k -> superior (LPS order in RAS).
-IJK_TO_RAS = np.array([[-0.8, 0, 0, 32.0], [0, -0.8, 0, 40.0], [0, 0, 5.0, -30.0], [0, 0, 0, 1]])
-SHAPE = (12, 80, 80)  # k, j, i
-NODULE = (7, 30, 24)  # k, j, i: right upper lung (small i = patient right)
-
-
-def chest_phantom(nodule: bool) -> np.ndarray:
-    """Axial chest CT in HU: body, two lungs, spine, and (optionally) a solid nodule."""
-    k, j, i = np.indices(SHAPE)
-    ct = np.full(SHAPE, -1000, dtype=np.int16)
-    ct[((i - 40) / 36) ** 2 + ((j - 40) / 28) ** 2 < 1] = 40
-    for center in (24, 56):
-        ct[((i - center) / 12) ** 2 + ((j - 36) / 18) ** 2 < 1] = -850
-    ct[(i - 40) ** 2 + (j - 60) ** 2 < 25] = 700
-    if nodule:
-        ct[nodule_mask()] = 30
-    return ct
-
-
-def nodule_mask() -> np.ndarray:
-    k, j, i = np.indices(SHAPE)
-    return (i - NODULE[2]) ** 2 + (j - NODULE[1]) ** 2 + (5 * (k - NODULE[0])) ** 2 < 25
-
-
-def ras(ijk) -> list:
-    return (IJK_TO_RAS @ [*ijk, 1])[:3].tolist()
-
-
-class FakeScene:
-    """The assistant's Scene protocol in plain Python; the conversation is kept in ``saved``."""
-
-    NAMES = {"ct": "CT chest 2024-03-01", "prior": "CT chest 2023-09-12"}
-    ROI_IJK = ((48, 20, 3), (64, 40, 8))
-
-    def __init__(self):
-        self.arrays = {"ct": chest_phantom(nodule=True), "prior": chest_phantom(nodule=False)}
-        self.saved = None
-
-    def volumes(self):
-        return [SceneItem(key, name, "volume") for key, name in self.NAMES.items()]
-
-    def regions(self):
-        return [SceneItem("seg/lesion", "Lesion RUL", "segment"), SceneItem("roi1", "ROI 1", "box"),
-                SceneItem("line1", "Line 1", "line", "23.4 mm")]
-
-    def shown_volume_id(self):
-        return "ct"
-
-    def volume(self, volume_id):
-        return VolumeData(self.NAMES[volume_id], self.arrays[volume_id], IJK_TO_RAS, (-600.0, 1500.0), "1")
-
-    def segment_mask(self, segment_id, volume_id):
-        return nodule_mask()
-
-    def box_ras(self, box_id):
-        corners = np.array([ras(ijk) for ijk in self.ROI_IJK])
-        return [corners.min(0).tolist(), corners.max(0).tolist()]
-
-    def line_length_mm(self, line_id):
-        return 23.4
-
-    def load_session_json(self):
-        return self.saved
-
-    def save_session_json(self, text):
-        self.saved = text
 
 
 @pytest.fixture
@@ -370,6 +306,89 @@ def test_typing_does_not_fire_single_key_viewer_shortcuts(open_panel, qtbot, mai
     assert panel.input.toPlainText() == "a a" and panel.history_edit.text() == "a a"
 
 
+# ---------------------------------------------------------------------------------- Slicer's PythonQt
+def python_event_filters(panel) -> list:
+    return [obj for obj in panel.findChildren(QtCore.QObject) if type(obj).eventFilter is not QtCore.QObject.eventFilter]
+
+
+def test_event_filters_take_a_shortcut_override_as_pythonqt_hands_it_over(open_panel, qtbot):
+    """PythonQt converts only KeyPress/KeyRelease to QKeyEvent: ShortcutOverride reaches Python as a plain QEvent."""
+    panel, scene, clients = open_panel(tokens("Yes."))
+    filters = python_event_filters(panel)
+    assert filters
+    for kind in (QtCore.QEvent.ShortcutOverride, QtCore.QEvent.FocusIn, QtCore.QEvent.Paint):
+        for watcher in filters:
+            assert watcher.eventFilter(panel.input, QtCore.QEvent(kind)) is False  # not consumed, and no raise
+    qtbot.keyClicks(panel.input, "Any effusion?")
+    qtbot.keyClick(panel.input, QtCore.Qt.Key_Return)
+    wait_idle(qtbot, panel)
+    assert clients[0].asks[0]["question"] == "Any effusion?"
+
+
+def test_closing_needs_no_python_visible_base_close_event(open_panel, qtbot, monkeypatch):
+    """Under PythonQt super().closeEvent raises AttributeError; here the base method is hidden the same way."""
+    panel, scene, clients = open_panel(tokens("The lungs") + [PAUSE])
+    panel.input.setPlainText("Describe the lungs.")
+    panel.ask("vqa")
+    qtbot.waitUntil(paused(clients))
+    monkeypatch.delattr(QtWidgets.QWidget, "closeEvent")
+    panel.close()
+    assert clients[0].closed and not panel.busy_now and not panel.isVisible()
+
+
+def test_a_turn_that_cannot_be_recorded_leaves_the_panel_usable(open_panel, qtbot, monkeypatch):
+    """Recording imported SimpleITK in a Slicer without it: the panel stayed busy forever."""
+    panel, scene, clients = open_panel(tokens("No effusion."), tokens("Clear."))
+    record = panel.assistant.record
+    monkeypatch.setattr(panel.assistant, "record", lambda turn: (_ for _ in ()).throw(
+        ImportError("No module named 'SimpleITK'")))
+    panel.input.setPlainText("Any effusion?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    view = panel.answers[-1]
+    assert "could not be recorded" in view.frame.findChild(QtWidgets.QLabel, "error").text()
+    assert view.body.text() == "No effusion." and "see the log" in panel.status_label.text()
+    assert "SimpleITK" in panel.log_view.toPlainText()
+    assert panel.ask_button.isEnabled() and not panel.stop_button.isEnabled()
+    monkeypatch.setattr(panel.assistant, "record", record)
+    panel.input.setPlainText("Any effusion?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    assert panel.answers[-1].body.text() == "Clear."
+
+
+def test_the_panel_moves_through_explicit_states(open_panel, qtbot, monkeypatch):
+    panel, scene, clients = open_panel(tokens("The lungs are") + [PAUSE] + tokens(" clear."))
+    seen = []
+    set_state = panel._set_state
+    monkeypatch.setattr(panel, "_set_state", lambda state: (seen.append(state), set_state(state)))
+    panel.input.setPlainText("Describe the lungs.")
+    panel.ask("vqa")
+    assert panel.state == chat_panel.CONNECTING and panel.stop_button.isEnabled()
+    qtbot.waitUntil(paused(clients))
+    assert panel.state == chat_panel.GENERATING
+    panel.stop()
+    assert panel.state == chat_panel.STOPPING and not panel.stop_button.isEnabled() and not panel.ask_button.isEnabled()
+    wait_idle(qtbot, panel)
+    assert seen == [chat_panel.CONNECTING, chat_panel.GENERATING, chat_panel.STOPPING, chat_panel.IDLE]
+
+
+def test_log_pane_shows_worker_messages_and_install_output(open_panel, qtbot):
+    panel, scene, clients = open_panel(tokens("Clear.") + [PAUSE])
+    assert not panel.log_section.body.isVisible()  # folded away until opened
+    panel.log("Installing RadFM's Python packages\u2026\nSuccessfully installed numpy")
+    panel.input.setPlainText("Any effusion?")
+    panel.ask("vqa")
+    qtbot.waitUntil(paused(clients))
+    threading.Thread(target=clients[0].on_stderr, args=("Loading checkpoint shards: 100%",)).start()
+    qtbot.waitUntil(lambda: "Loading checkpoint shards: 100%" in panel.log_view.toPlainText())
+    lines = panel.log_view.toPlainText().splitlines()
+    assert lines[:2] == ["Installing RadFM's Python packages\u2026", "Successfully installed numpy"]
+    assert lines.index("Loading the model on cpu (float32); this can take a few minutes\u2026") > 1
+    panel.log_section.toggle.click()
+    assert panel.log_section.body.isVisible() == panel.isVisible()
+
+
 # ---------------------------------------------------------------------------------- the real worker
 # Loaded by the worker's Python at start-up: psutil is a test extra, so a plain install has none.
 WITHOUT_PSUTIL = """
@@ -406,7 +425,7 @@ def test_real_worker_streams_an_answer_and_stops_on_request(qtbot, store, fixtur
     loading = next(n for n, text in enumerate(statuses) if text.startswith("Loading the model on cpu (float32)"))
     writing = next(n for n, text in enumerate(statuses) if text.startswith("Writing\u2026"))
     assert statuses[0] == "Starting the model worker\u2026" and loading < statuses.index("Generating\u2026") < writing
-    assert statuses[-1] == chat_panel.STOP_NOTES.get(turn.stop_reason, "Answer complete.") == panel.status_label.text()
+    assert statuses[-1] == STOP_NOTES.get(turn.stop_reason, "Answer complete.") == panel.status_label.text()
     assert "Image 1: CT chest 2023-09-12 (current)" in view.details.text() and str(fixture_dir) in view.details.text()
     assert len(thumbnails(view)) == 1 and view.details_button.isEnabled()
 

@@ -8,256 +8,28 @@ never freezes. Every answer shows what the model saw and the research-use-only n
 
 import time
 
+import queue
+
+from RadFMSlicer import storage
+
 from .assistant import WINDOW_AS_SHOWN, ConnectJob, Note, Selection
 from .qt_shim import QtCore, QtGui, QtWidgets, ask_existing_dir, ask_open_path, ask_save_path, get
 from .settings import DEVICES, PRECISIONS, ModelSettings
+from .turn_views import (STOP_NOTES, STYLE, TASK_LABELS, AnswerView, EnterSends, Section, UserTurnView, hrow,
+                         text_label, theme_colors)
 
-TASK_BUTTONS = [("Draft report", "report"), ("Diagnosis and rationale", "rationale"), ("Modality", "modality")]
-TASK_LABELS = {"vqa": "Question", "diagnosis": "Diagnosis", **{task: label for label, task in TASK_BUTTONS}}
+TASK_BUTTONS = [(TASK_LABELS[task], task) for task in ("report", "rationale", "modality")]
 WINDOWS = [("As shown in the viewer", WINDOW_AS_SHOWN), ("Automatic", None), ("Soft tissue", "soft_tissue"),
            ("Lung", "lung"), ("Bone", "bone"), ("Brain", "brain")]
 KIND_LABELS = {"segment": "segment", "box": "ROI box", "line": "line"}
-STOP_NOTES = {"length": "Stopped at the length limit.", "cancelled": "Stopped before the end."}
-NOTICE = "Research use only. Not a medical device: check every statement against the images."
-CURSOR = "\u258d"
 TICK_MS = 50
 RATE_AFTER_S = 4 * TICK_MS / 1000  # tokens arrive in batches, one per tick: a rate over fewer ticks is noise
-THUMB_PX = 96
+LOG_MS = 250  # the log pane drains worker lines this often, busy or not (a crash while idle is logged too)
+LOG_LINES = 2000
 
-
-def _theme(palette) -> dict:
-    """Colours derived from the application palette, so Slicer's dark theme stays readable."""
-    text, base = palette.color(QtGui.QPalette.Text), palette.color(QtGui.QPalette.Base)
-    accent = palette.color(QtGui.QPalette.Highlight)
-
-    def mix(a, b, t):
-        return QtGui.QColor(*(round(x * (1 - t) + y * t) for x, y in
-                              zip((a.red(), a.green(), a.blue()), (b.red(), b.green(), b.blue())))).name()
-
-    return {"text": text.name(), "base": base.name(), "accent": accent.name(), "muted": mix(text, base, 0.42),
-            "user": mix(base, accent, 0.09), "border": mix(base, text, 0.16), "error": "#b3261e"}
-
-
-STYLE = """
-QScrollArea#conversation, QWidget#turns {{ background: {base}; }}
-QScrollArea#conversation {{ border: 1px solid {border}; border-radius: 4px; }}
-QFrame#userTurn {{ background: {user}; border-radius: 6px; }}
-QFrame#answerTurn {{ background: {base}; border: 1px solid {border}; border-left: 3px solid {accent};
-                    border-radius: 6px; }}
-QLabel {{ color: {text}; }}
-QLabel#who {{ font-weight: bold; }}
-QLabel#muted, QLabel#notice, QLabel#status {{ color: {muted}; }}
-QLabel#notice {{ font-style: italic; }}
-QLabel#error {{ color: {error}; }}
-QLabel#details {{ color: {text}; background: {user}; border-radius: 4px; padding: 6px; }}
-QLabel#empty {{ color: {muted}; padding: 24px; }}
-QPushButton#link {{ color: {accent}; background: transparent; border: none; padding: 2px 0px; margin-right: 14px; }}
-QPushButton#link:hover {{ text-decoration: underline; }}
-QPushButton#link:disabled {{ color: {muted}; }}
-"""
-
-
-def _label(text="", name=None, rich=False, point_delta=0) -> QtWidgets.QLabel:
-    label = QtWidgets.QLabel(text)
-    label.setWordWrap(True)
-    label.setTextFormat(QtCore.Qt.RichText if rich else QtCore.Qt.PlainText)
-    label.setTextInteractionFlags(QtCore.Qt.TextSelectableByMouse)
-    if name:
-        label.setObjectName(name)
-    if point_delta:
-        font = get(label, "font")
-        font.setPointSizeF(font.pointSizeF() + point_delta)
-        label.setFont(font)
-    return label
-
-
-def _row(*widgets, stretch_at=None) -> QtWidgets.QHBoxLayout:
-    row = QtWidgets.QHBoxLayout()
-    row.setContentsMargins(0, 0, 0, 0)
-    for n, widget in enumerate(widgets):
-        if n == stretch_at:
-            row.addStretch(1)
-        row.addWidget(widget)
-    if stretch_at == len(widgets):
-        row.addStretch(1)
-    return row
-
-
-class KeyGuard(QtCore.QObject):
-    """Keeps typing away from Slicer's single-key viewer shortcuts; Enter sends, Shift+Enter breaks a line.
-
-    Qt asks the focused widget first (ShortcutOverride); accepting every key without
-    Ctrl/Alt/Meta makes it a keystroke for the text box instead of a shortcut.
-    """
-
-    COMMAND_KEYS = QtCore.Qt.ControlModifier | QtCore.Qt.AltModifier | QtCore.Qt.MetaModifier
-
-    def __init__(self, parent, on_enter=None):
-        super().__init__(parent)
-        self.on_enter = on_enter
-
-    def eventFilter(self, watched, event):
-        kind = event.type()
-        if kind == QtCore.QEvent.ShortcutOverride and not (event.modifiers() & self.COMMAND_KEYS):
-            event.accept()
-            return True
-        if (self.on_enter and kind == QtCore.QEvent.KeyPress
-                and event.key() in (QtCore.Qt.Key_Return, QtCore.Qt.Key_Enter)
-                and not (event.modifiers() & QtCore.Qt.ShiftModifier)):
-            self.on_enter()
-            return True
-        return False
-
-
-class Section:
-    """A titled block that folds away (ctkCollapsibleButton is Slicer-only)."""
-
-    def __init__(self, title: str, expanded: bool):
-        self.widget = QtWidgets.QWidget()
-        self.toggle = QtWidgets.QToolButton()
-        self.toggle.setText(title)
-        self.toggle.setCheckable(True)
-        self.toggle.setAutoRaise(True)
-        self.toggle.setToolButtonStyle(QtCore.Qt.ToolButtonTextBesideIcon)
-        font = get(self.toggle, "font")
-        font.setBold(True)
-        self.toggle.setFont(font)
-        self.body = QtWidgets.QWidget()
-        layout = QtWidgets.QVBoxLayout(self.widget)
-        layout.setContentsMargins(0, 0, 0, 0)
-        layout.setSpacing(2)
-        layout.addWidget(self.toggle)
-        layout.addWidget(self.body)
-        self.toggle.toggled.connect(self.set_open)
-        self.toggle.setChecked(expanded)
-        self.set_open(expanded)
-
-    def set_open(self, expanded: bool):
-        self.toggle.setArrowType(QtCore.Qt.DownArrow if expanded else QtCore.Qt.RightArrow)
-        self.body.setVisible(expanded)
-
-
-class UserTurnView:
-    def __init__(self, task: str, question: str, context: str):
-        self.frame = QtWidgets.QFrame()
-        self.frame.setObjectName("userTurn")
-        layout = QtWidgets.QVBoxLayout(self.frame)
-        layout.setContentsMargins(10, 8, 10, 8)
-        layout.setSpacing(3)
-        layout.addWidget(_label(f"You \u00b7 {TASK_LABELS.get(task, task)}", "who"))
-        if question:
-            layout.addWidget(_label(question, point_delta=0.5))
-        if context:
-            layout.addWidget(_label(context, "muted", point_delta=-1))
-
-
-class AnswerView:
-    """One answer: streams in, then shows thumbnails of what the model saw and its provenance."""
-
-    def __init__(self, task: str):
-        self.text = ""
-        self.frame = QtWidgets.QFrame()
-        self.frame.setObjectName("answerTurn")
-        layout = QtWidgets.QVBoxLayout(self.frame)
-        layout.setContentsMargins(10, 8, 10, 8)
-        layout.setSpacing(6)
-        self.state = _label("", "muted", point_delta=-1)
-        who = _label(f"RadFM \u00b7 {TASK_LABELS.get(task, task)}", "who")
-        who.setWordWrap(False)
-        header = _row(who, self.state, stretch_at=1)
-        layout.addLayout(header)
-        self.body = _label(CURSOR, point_delta=0.5)
-        layout.addWidget(self.body)
-        self.thumbs = QtWidgets.QHBoxLayout()
-        self.thumbs.setSpacing(6)
-        layout.addLayout(self.thumbs)
-        self.copy_button = QtWidgets.QPushButton("Copy answer")
-        self.details_button = QtWidgets.QPushButton()
-        for button in (self.copy_button, self.details_button):
-            button.setObjectName("link")
-            button.setCursor(QtCore.Qt.PointingHandCursor)
-            button.setEnabled(False)
-        self.details_button.setCheckable(True)
-        layout.addLayout(_row(self.copy_button, self.details_button, stretch_at=2))
-        self.details = _label("", "details", point_delta=-1)
-        self.details.setVisible(False)
-        layout.addWidget(self.details)
-        layout.addWidget(_label(NOTICE, "notice", point_delta=-1.5))
-        self.details_button.toggled.connect(self._show_details)
-        self._show_details(False)
-        self.copy_button.clicked.connect(self.copy)
-        self.state.setText("writing\u2026")
-
-    def _show_details(self, shown: bool):
-        self.details.setVisible(shown)
-        self.details_button.setText("What the model saw " + ("\u25be" if shown else "\u25b8"))
-
-    def append(self, delta: str):
-        self.text += delta
-        self.body.setText(self.text + CURSOR)
-
-    def finish(self, turn):
-        """Show the recorded turn (a ``RadFMSlicer.session.Turn``): final text, images, provenance."""
-        if turn.error:
-            return self.fail(turn.error, turn.answer)
-        self.text = turn.answer
-        self.body.setText(turn.answer or "(no answer)")
-        self.state.setText(STOP_NOTES.get(turn.stop_reason, ""))
-        for image in turn.images:
-            self._add_thumbnail(image)
-        self.thumbs.addStretch(1)
-        self.details.setText(describe_turn(turn))
-        self.copy_button.setEnabled(bool(self.text))
-        self.details_button.setEnabled(True)
-
-    def fail(self, message: str, partial: str = ""):
-        self.text = partial
-        self.body.setText(partial)
-        self.body.setVisible(bool(partial))
-        self.state.setText("no answer")
-        error = _label(f"The model could not answer: {message}", "error")
-        self.frame.layout().insertWidget(2, error)
-        self.copy_button.setEnabled(bool(partial))
-
-    def copy(self):
-        QtWidgets.QApplication.clipboard().setText(self.text)
-
-    def _add_thumbnail(self, image):
-        pixmap = QtGui.QPixmap(image.preview_png or "")
-        if pixmap.isNull():
-            return
-        button = QtWidgets.QToolButton()
-        button.setAutoRaise(True)
-        button.setToolButtonStyle(QtCore.Qt.ToolButtonTextUnderIcon)
-        button.setIcon(QtGui.QIcon(pixmap))
-        button.setIconSize(pixmap.size().scaled(THUMB_PX * 2, THUMB_PX, QtCore.Qt.KeepAspectRatio))
-        button.setText(f"{image.role}: {image.label}" if image.role != image.label else image.label)
-        button.setToolTip(f"{image.source}\nClick to open the full-size picture of what the model saw.")
-        button.clicked.connect(lambda: QtGui.QDesktopServices.openUrl(QtCore.QUrl.fromLocalFile(image.preview_png)))
-        self.thumbs.addWidget(button)
-
-
-def describe_turn(turn) -> str:
-    """The provenance block: each image as the model got it, the prompt, model and timing."""
-    from RadFMSlicer.imaging import describe_window  # loaded with the session already
-
-    lines = []
-    for n, image in enumerate(turn.images, 1):
-        lines.append(f"Image {n}: {image.label} ({image.role})")
-        lines.append(f"   source {image.source}")
-        window = describe_window(image.window) if image.window else "window unknown"
-        lines.append(f"   {window}; resampled to {image.resample.get('size')} ({image.resample.get('interpolation')})")
-        if image.crop_box:
-            lines.append(f"   crop box {image.crop_box}")
-        lines += [f"   {line}" for line in ([image.facts] if image.facts else []) + list(image.notes)]
-    lines.append(f"Prompt: {turn.prompt}")
-    for key, value in turn.provenance.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k} {v}" for k, v in value.items() if v is not None)
-        if value not in (None, ""):
-            lines.append(f"{key.replace('_', ' ').capitalize()}: {value}")
-    lines.append(f"Asked {turn.created}")
-    return "\n".join(lines)
+# What the panel is doing; every button and status follows from it.
+IDLE, CONNECTING, GENERATING, STOPPING = "idle", "connecting", "generating", "stopping"
+INSTALLING = "installing"  # before_connect runs (Slicer's install dialogs and pip process Qt events)
 
 
 class ChatPanel(QtWidgets.QWidget):
@@ -270,21 +42,28 @@ class ChatPanel(QtWidgets.QWidget):
         self.store = settings_store
         self.assistant.settings = ModelSettings.load(settings_store)
         self.before_connect = None
-        self._job = None  # a ConnectJob, then the worker request
+        self.state = IDLE
+        self._job = None  # CONNECTING: a ConnectJob; GENERATING and STOPPING: the worker request
         self._pending = None  # ask arguments waiting for the worker
         self._answer = None  # the AnswerView being written
         self.answers = []
         self._tokens = 0
-        self._stopping = False
         self._started = 0.0
         self._closed = False
-        self.setStyleSheet(STYLE.format(**_theme(get(self, "palette"))))
+        self._worker_lines = queue.Queue()  # filled by the worker client's stderr thread, drained on the GUI thread
+        self.assistant.on_worker_line = self._worker_lines.put
+        self.setStyleSheet(STYLE.format(**theme_colors(get(self, "palette"))))
         self._build()
         self._timer = QtCore.QTimer(self)
         self._timer.setInterval(TICK_MS)
         self._timer.timeout.connect(self._tick)
+        self._log_timer = QtCore.QTimer(self)
+        self._log_timer.setInterval(LOG_MS)
+        self._log_timer.timeout.connect(self._drain_worker_lines)
+        self._log_timer.start()
         self.refresh_scene()
         self.show_conversation(self.assistant.restore())
+        self._set_status(self.assistant.restore_note)
 
     # ------------------------------------------------------------------ layout
     def _build(self):
@@ -307,6 +86,10 @@ class ChatPanel(QtWidgets.QWidget):
         for label, widget in [("Scan", self.volume_box), ("Prior", self.prior_box), ("Regions", self.region_list),
                               ("Window", self.window_box), ("History", self.history_edit)]:
             form.addRow(label, widget)
+            if widget is self.volume_box:  # why a volume in the scene is not in the list (a colour volume...)
+                self.skipped_label = text_label("", "muted", point_delta=-1)
+                self.skipped_label.setVisible(False)
+                form.addRow("", self.skipped_label)
         root.addWidget(study.widget)
 
         self.conversation = QtWidgets.QScrollArea()
@@ -318,7 +101,7 @@ class ChatPanel(QtWidgets.QWidget):
         self.turns_layout = QtWidgets.QVBoxLayout(turns)
         self.turns_layout.setContentsMargins(8, 8, 8, 8)
         self.turns_layout.setSpacing(10)
-        self.empty_label = _label("Pick a scan, then draft a report or ask a question.", "empty")
+        self.empty_label = text_label("Pick a scan, then draft a report or ask a question.", "empty")
         self.empty_label.setAlignment(QtCore.Qt.AlignCenter)
         self.turns_layout.addWidget(self.empty_label)
         self.turns_layout.addStretch(1)
@@ -341,7 +124,7 @@ class ChatPanel(QtWidgets.QWidget):
         self.input = QtWidgets.QPlainTextEdit()
         self.input.setPlaceholderText("Ask about this scan. Enter sends, Shift+Enter starts a new line.")
         self.input.setTabChangesFocus(True)
-        self.input.setFixedHeight(self.input.fontMetrics().lineSpacing() * 3 + 14)
+        self.input.setFixedHeight(QtGui.QFontMetrics(get(self.input, "font")).lineSpacing() * 3 + 14)
         self.ask_button = QtWidgets.QPushButton("Ask")
         self.ask_button.setDefault(True)
         self.stop_button = QtWidgets.QPushButton("Stop")
@@ -358,7 +141,7 @@ class ChatPanel(QtWidgets.QWidget):
         ask_row.addLayout(buttons)
         root.addLayout(ask_row)
 
-        self.status_label = _label("", "status", point_delta=-1)
+        self.status_label = text_label("", "status", point_delta=-1)
         self.busy = QtWidgets.QProgressBar()
         self.busy.setRange(0, 0)
         self.busy.setMaximumSize(72, 10)
@@ -371,17 +154,14 @@ class ChatPanel(QtWidgets.QWidget):
         for text, fmt in (("As Markdown\u2026", "md"), ("As JSON\u2026", "json")):
             menu.addAction(text).triggered.connect(lambda checked=False, fmt=fmt: self._export_dialog(fmt))
         self.export_button.setMenu(menu)
-        status_row = _row(self.busy, self.status_label, self.export_button)
+        status_row = hrow(self.busy, self.status_label, self.export_button)
         status_row.setStretch(1, 1)
         root.addLayout(status_row)
 
         root.addWidget(self._build_settings())
-        self._guards = [KeyGuard(self, on_enter=lambda: self.ask("vqa"))]
-        self.input.installEventFilter(self._guards[0])
-        for edit in self.findChildren(QtWidgets.QLineEdit):
-            guard = KeyGuard(self)
-            edit.installEventFilter(guard)
-            self._guards.append(guard)
+        root.addWidget(self._build_log())
+        self.enter_sends = EnterSends(self, on_enter=lambda: self.ask("vqa"))
+        self.input.installEventFilter(self.enter_sends)
 
     def _build_settings(self):
         settings = self.assistant.settings
@@ -404,15 +184,41 @@ class ChatPanel(QtWidgets.QWidget):
         browse_python = QtWidgets.QToolButton()
         browse_python.setText("\u2026")
         browse_python.clicked.connect(lambda: self._browse(self.python_edit, ask_open_path))
-        form.addRow("Checkpoint", _row(self.folder_edit, browse_folder))
+        form.addRow("Checkpoint", hrow(self.folder_edit, browse_folder))
         form.addRow("Device", self.device_box)
         form.addRow("Precision", self.precision_box)
-        form.addRow("Worker Python", _row(self.python_edit, browse_python))
+        form.addRow("Worker Python", hrow(self.python_edit, browse_python))
         for edit in (self.folder_edit, self.python_edit):
             edit.textChanged.connect(self._save_settings)
         for box in (self.device_box, self.precision_box):
             box.currentIndexChanged.connect(self._save_settings)
         return section.widget
+
+    def _build_log(self):
+        section = Section("Log", expanded=False)
+        layout = QtWidgets.QVBoxLayout(section.body)
+        layout.setContentsMargins(4, 0, 0, 0)
+        self.log_view = QtWidgets.QPlainTextEdit()
+        self.log_view.setReadOnly(True)
+        self.log_view.setMaximumBlockCount(LOG_LINES)
+        self.log_view.setLineWrapMode(QtWidgets.QPlainTextEdit.NoWrap)
+        self.log_view.setFixedHeight(QtGui.QFontMetrics(get(self.log_view, "font")).lineSpacing() * 8 + 10)
+        self.log_view.setPlaceholderText("Worker messages and package installs appear here.")
+        layout.addWidget(self.log_view)
+        self.log_section = section
+        return section.widget
+
+    def log(self, text: str):
+        """Add lines to the log pane (worker stderr, connection steps, install output). GUI thread only."""
+        for line in str(text).rstrip("\n").splitlines() or [""]:
+            self.log_view.appendPlainText(line)
+
+    def _drain_worker_lines(self):
+        lines = []
+        while not self._worker_lines.empty():
+            lines.append(self._worker_lines.get_nowait())
+        if lines:
+            self.log("\n".join(lines))
 
     def _browse(self, edit, ask):
         path = ask(self, "Choose", get(edit, "text"))
@@ -437,8 +243,12 @@ class ChatPanel(QtWidgets.QWidget):
         self.prior_box.clear()
         self.prior_box.addItem("None", None)
         for item in volumes:
-            self.volume_box.addItem(item.name, item.id)
-            self.prior_box.addItem(item.name, item.id)
+            if item.kind == "volume":
+                self.volume_box.addItem(item.name, item.id)
+                self.prior_box.addItem(item.name, item.id)
+        skipped = [f"{item.name} ({item.detail})" for item in volumes if item.kind != "volume"]
+        self.skipped_label.setText("Not offered: " + "; ".join(skipped) if skipped else "")
+        self.skipped_label.setVisible(bool(skipped))
         for box, value in ((self.volume_box, current), (self.prior_box, prior)):
             index = box.findData(value)
             box.setCurrentIndex(max(index, 0))
@@ -450,7 +260,7 @@ class ChatPanel(QtWidgets.QWidget):
             entry.setFlags(QtCore.Qt.ItemIsEnabled | QtCore.Qt.ItemIsUserCheckable)
             entry.setCheckState(QtCore.Qt.Checked if item.id in checked else QtCore.Qt.Unchecked)
             self.region_list.addItem(entry)
-        if not self.region_list.count():
+        if not get(self.region_list, "count"):
             self.region_list.addItem("No segments, ROI boxes or lines in the scene")
 
     def selection(self) -> Selection:
@@ -461,6 +271,20 @@ class ChatPanel(QtWidgets.QWidget):
             window=get(self.window_box, "currentData"),
             history=get(self.history_edit, "text"),
         )
+
+    def select(self, selection: Selection):
+        """Show a kept selection (scan, prior, regions, window) as far as the scene still has its items."""
+        for box, value in ((self.volume_box, selection.volume_id), (self.prior_box, selection.prior_id),
+                           (self.window_box, selection.window)):
+            for n in range(get(box, "count")):
+                if box.itemData(n) == value:
+                    box.setCurrentIndex(n)
+                    break
+        for n in range(get(self.region_list, "count")):
+            entry = self.region_list.item(n)
+            if entry.flags() & QtCore.Qt.ItemIsUserCheckable:
+                wanted = entry.data(QtCore.Qt.UserRole) in selection.region_ids
+                entry.setCheckState(QtCore.Qt.Checked if wanted else QtCore.Qt.Unchecked)
 
     def _checked_regions(self) -> list:
         entries = [self.region_list.item(n) for n in range(get(self.region_list, "count"))]
@@ -479,7 +303,7 @@ class ChatPanel(QtWidgets.QWidget):
     # ------------------------------------------------------------------ asking
     @property
     def busy_now(self) -> bool:
-        return self._job is not None
+        return self.state != IDLE
 
     def ask(self, task: str):
         """Send the typed question (task "vqa") or run a task button; ignored while busy."""
@@ -491,26 +315,33 @@ class ChatPanel(QtWidgets.QWidget):
             self._pending = self.assistant.build_ask(task, question, selection)
         except (ValueError, OSError) as exc:
             return self._set_status(str(exc))
-        if self.before_connect and not self.before_connect():
-            return self._set_status("RadFM cannot start until its Python packages are installed.")
+        if self.before_connect:
+            self._set_state(INSTALLING)  # busy first: a click or Enter during the install must not start another
+            try:
+                ready = self.before_connect()
+            finally:
+                self._set_state(IDLE)
+            if self._closed:
+                return
+            if not ready:
+                return self._set_status("RadFM cannot start until its Python packages are installed.")
         self.input.clear()
         self._add_turn_views(UserTurnView(task, question, self._context(selection)))
         self._answer = AnswerView(task)
         self._add_turn_views(self._answer)
         self._tokens = 0
-        self._stopping = False
-        self._set_busy(True)
         self._job = ConnectJob(self.assistant)
+        self._set_state(CONNECTING)
         self._timer.start()
 
     def stop(self):
         """Stop the answer being written (the words so far are kept)."""
-        if isinstance(self._job, ConnectJob):
+        if self.state == CONNECTING:
             self._job.cancel()
             self._close_turn({"stop_reason": "cancelled"}, "Stopped before the model was ready.")
-        elif self._job is not None:
+        elif self.state == GENERATING:
             self._job.cancel()
-            self._stopping = True  # tokens already on their way still arrive: keep saying so
+            self._set_state(STOPPING)  # tokens already on their way still arrive: keep saying "Stopping"
             self._set_status("Stopping\u2026")
 
     def _tick(self):
@@ -528,33 +359,47 @@ class ChatPanel(QtWidgets.QWidget):
     def _handle(self, event):
         if event.kind == "status":  # the worker's are bare phrases ("generating"): punctuate them like ours
             text = event.text[:1].upper() + event.text[1:]
-            if not self._stopping:
+            self.log(event.text)
+            if self.state != STOPPING:
                 self._set_status(text if text.endswith("\u2026") else text + "\u2026")
         elif event.kind == "ready":
             self._job = self.assistant.client.ask(**self._pending)
+            self._set_state(GENERATING)
             self._set_status("Reading the images\u2026")
         elif event.kind == "token":
             if not self._tokens:
                 self._started = time.monotonic()
             self._tokens += 1
             self._answer.append(event.text)
-            if not self._stopping:
+            if self.state != STOPPING:
                 self._set_status(f"Writing\u2026 {self._tokens} token{'s' if self._tokens > 1 else ''}{self._rate()}")
         elif event.kind == "done":
             stop_reason = event.data.get("stop_reason", "")
             turn = event.data.get("turn") or {"stop_reason": stop_reason}  # no turn: cancelled before it began
             self._close_turn(turn, STOP_NOTES.get(stop_reason, "Answer complete."))
         elif event.kind == "error":
+            self.log(f"Error: {event.text}")
             self._close_turn({"stop_reason": "error", "error": event.text},
                              "The model could not answer; the conversation is kept. Ask again to restart the worker.")
 
     def _close_turn(self, turn: dict, status: str):
-        """Record the turn (a worker turn, or what we know of a failed one) and show it."""
-        known = {"task": self._pending["task"], "question": self._pending["question"], "answer": self._answer.text}
-        self._answer.finish(self.assistant.record({**known, **turn}))
-        self.answers.append(self._answer)
+        """Record the turn (a worker turn, or what we know of a failed one) and show it.
+
+        The panel is idle again before recording: a turn that cannot be saved is shown as
+        failed, never leaves the panel busy.
+        """
+        view, pending = self._answer, self._pending
         self._job = self._pending = None
-        self._set_busy(False)
+        self._set_state(IDLE)
+        self.answers.append(view)
+        known = {"task": pending["task"], "question": pending["question"], "answer": view.text}
+        try:
+            view.finish(self.assistant.record({**known, **turn}))
+        except Exception as exc:  # the GUI boundary: say what failed, keep the words and the panel usable
+            message = f"the answer could not be recorded ({type(exc).__name__}: {exc})"
+            self.log(f"Error: {message}")
+            view.fail(message, view.text)
+            status = "The answer could not be saved in the scene; see the log."
         self._set_status(status)
 
     def _rate(self) -> str:
@@ -562,11 +407,12 @@ class ChatPanel(QtWidgets.QWidget):
         elapsed = time.monotonic() - self._started
         return f", {(self._tokens - 1) / elapsed:.1f} tokens/s" if elapsed >= RATE_AFTER_S else ""
 
-    def _set_busy(self, busy: bool):
+    def _set_state(self, state: str):
+        self.state = state
         for button in self.task_buttons:
-            button.setEnabled(not busy)
-        self.stop_button.setEnabled(busy)
-        self.busy.setVisible(busy)
+            button.setEnabled(state == IDLE)
+        self.stop_button.setEnabled(state in (CONNECTING, GENERATING))
+        self.busy.setVisible(state != IDLE)
 
     def _set_status(self, text: str):
         self.status_label.setText(text)
@@ -597,7 +443,7 @@ class ChatPanel(QtWidgets.QWidget):
         self.cancel_quietly()
         self.refresh_scene()
         self.show_conversation(self.assistant.restore())
-        self._set_status("")
+        self._set_status(self.assistant.restore_note)
 
     def copy_answer(self, index: int = -1):
         answered = [view for view in self.answers if view.text]
@@ -608,8 +454,11 @@ class ChatPanel(QtWidgets.QWidget):
         """Write the conversation as Markdown ("md") or JSON ("json")."""
         session = self.assistant.session
         text = session.to_markdown() if fmt == "md" else session.to_json()
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
+        try:
+            storage.write_text(path, text)  # atomic: a failed save keeps the previous file
+        except storage.StorageError as exc:
+            self._set_status(str(exc))
+            return
         self._set_status(f"Conversation saved to {path}")
 
     def _export_dialog(self, fmt: str):
@@ -625,7 +474,7 @@ class ChatPanel(QtWidgets.QWidget):
             self._job.cancel()
         self._job = self._pending = None
         self._timer.stop()
-        self._set_busy(False)
+        self._set_state(IDLE)
 
     def shutdown(self):
         """Cancel, stop the worker and remove temporary files. Safe to call twice."""
@@ -635,5 +484,7 @@ class ChatPanel(QtWidgets.QWidget):
             self.assistant.close()
 
     def closeEvent(self, event):
+        """Closing the panel ends its worker. No super() call: PythonQt has no Python-visible base method."""
         self.shutdown()
-        super().closeEvent(event)
+        self._log_timer.stop()
+        event.accept()

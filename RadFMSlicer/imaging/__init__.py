@@ -13,7 +13,7 @@ The steps, one module each, in the order data flows:
 import importlib
 
 from .geometry import LPS_TO_RAS, MAX_INPLANE, MAX_SLICES, MAX_VOXELS, Grid, Volume
-from .windows import PERCENTILES, WINDOW_PRESETS, Window, describe_window, resolve_window
+from .windows import PERCENTILES, WINDOW_PRESETS, Window, describe_window, parse_window, resolve_window
 
 # io needs SimpleITK and model_input torch: their names (the rest of __all__) load on first
 # use, so Slicer's process (the panel and the session only describe windows) runs without them.
@@ -32,6 +32,6 @@ def __getattr__(name):
 __all__ = [
     "LPS_TO_RAS", "MAX_DEPTH", "MAX_INPLANE", "MAX_SLICES", "MAX_VOXELS", "MODEL_SIZE", "PERCENTILES",
     "SUPPORTED", "WINDOW_PRESETS", "Grid", "ModelImage", "Volume", "Window", "choose_depth",
-    "describe_window", "load_volume", "preprocess", "read_info", "read_pixels", "resolve_window",
+    "describe_window", "load_volume", "parse_window", "preprocess", "read_info", "read_pixels", "resolve_window",
     "volume_from_array",
 ]

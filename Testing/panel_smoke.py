@@ -1,0 +1,166 @@
+"""The chat panel driven as a radiologist would, in whichever Qt binding this Python has.
+
+Runs inside real PythonQt (the binding Slicer uses, with its flat ``qt`` module) from
+``test_pythonqt_panel.py`` and under PySide6 from ``test_panel.py``. Either way torch,
+transformers and SimpleITK are blocked, as in a Slicer whose Python has none of them:
+the model runs in a worker process of another Python (WORKER_PYTHON) on FIXTURE_DIR.
+
+Keys are sent as Qt delivers them (ShortcutOverride, KeyPress, KeyRelease per
+character; PythonQt hands the first to Python as a plain QEvent), then Enter, the
+streamed answer, Stop in the middle of a report, export, and a restore in a new panel.
+
+usage: panel_smoke.py WORKER_PYTHON FIXTURE_DIR OUT_DIR
+Prints one line per step; exits with status 1 and the reason at the first failure.
+"""
+
+import os
+import sys
+import time
+
+BLOCKED = ("torch", "transformers", "SimpleITK")
+for _name in BLOCKED:
+    sys.modules[_name] = None  # any import of them now raises ImportError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROJECT = os.path.dirname(HERE)
+sys.path[:0] = [HERE, os.path.join(PROJECT, "RadFMModule"), PROJECT]
+
+from panel_scene import FakeScene  # noqa: E402
+from RadFMModuleLib import assistant as assistant_module  # noqa: E402
+from RadFMModuleLib.assistant import Assistant  # noqa: E402
+from RadFMModuleLib.chat_panel import ChatPanel  # noqa: E402
+from RadFMModuleLib.qt_shim import IN_SLICER, QtCore, QtGui, QtWidgets, get  # noqa: E402
+from RadFMModuleLib.settings import ModelSettings  # noqa: E402
+from RadFMModuleLib.turn_views import STOP_NOTES  # noqa: E402
+from RadFMSlicer.session import Session  # noqa: E402
+
+QUESTION = "Is there a pleural effusion?"
+TIMEOUT_S = 240
+
+
+def step(text):
+    print(f"ok   {text}", flush=True)
+
+
+def check(condition, what):
+    if not condition:
+        raise SystemExit(f"FAIL {what}")
+
+
+def wait_until(condition, what):
+    end = time.monotonic() + TIMEOUT_S
+    while not condition():
+        check(time.monotonic() < end, f"timed out after {TIMEOUT_S} s waiting for {what}")
+        QtWidgets.QApplication.processEvents()
+        time.sleep(0.01)
+
+
+def send(widget, kind, key, text):
+    event = QtGui.QKeyEvent(kind, key, QtCore.Qt.NoModifier, text)
+    event.ignore()  # as Qt's shortcut map sends ShortcutOverride: accepted only if the widget claims the key
+    QtWidgets.QApplication.sendEvent(widget, event)
+    return event.isAccepted()
+
+
+def type_keys(widget, text):
+    """Each character as a keyboard delivers it; the text box must claim every key from the shortcuts."""
+    for char in text:
+        key = ord(char.upper())  # Qt key codes of ASCII keys are their upper-case character codes
+        check(send(widget, QtCore.QEvent.ShortcutOverride, key, char),
+              f"the text box claims {char!r} (ShortcutOverride accepted), so no single-key shortcut fires")
+        send(widget, QtCore.QEvent.KeyPress, key, char)
+        send(widget, QtCore.QEvent.KeyRelease, key, char)
+
+
+def open_panel(scene, store):
+    panel = ChatPanel(Assistant(scene), store)
+    panel.resize(440, 940)
+    panel.show()
+    return panel
+
+
+def main(worker_python, fixture, out):
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    binding = "PythonQt (flat qt module)" if IN_SLICER else "PySide6"
+    step(f"binding {binding}, Python {sys.version.split()[0]}, Qt {QtCore.qVersion()}; "
+         f"{', '.join(BLOCKED)} blocked")
+    store = QtCore.QSettings(os.path.join(out, "radfm.ini"), QtCore.QSettings.IniFormat)
+    ModelSettings(checkpoint_folder=fixture, device="cpu", precision="float32", worker_python=worker_python).save(store)
+    scene = FakeScene()
+    assistant_module.TASK_TOKENS["vqa"] = 16  # the first answer short (the tiny model rarely ends by itself)
+
+    panel = open_panel(scene, store)
+    check(get(panel.region_list, "count") == 3, "the panel lists the scene's segment, ROI box and line")
+    step(f"panel built: scan {get(panel.volume_box, 'currentText')!r}, {get(panel.region_list, 'count')} regions")
+
+    panel.input.setFocus()
+    type_keys(panel.input, QUESTION)
+    check(panel.input.toPlainText() == QUESTION, f"typed text arrives in the box (got {panel.input.toPlainText()!r})")
+    type_keys(panel.history_edit, "58 y, cough")
+    check(get(panel.history_edit, "text") == "58 y, cough", "typed history arrives in the history box")
+    step(f"typed {len(QUESTION)} keys into the question box and 11 into history, every ShortcutOverride claimed")
+
+    send(panel.input, QtCore.QEvent.KeyPress, QtCore.Qt.Key_Return, "\r")
+    check(panel.state == "connecting" and panel.input.toPlainText() == "", "Enter sends the question")
+    step("Enter sent the question; the panel is connecting")
+    wait_until(lambda: not panel.busy_now, "the first answer")
+    turn, view = panel.assistant.session.turns[-1], panel.answers[-1]
+    check(turn.error is None and turn.stop_reason in ("eos", "length"), f"an answer streams in (turn: {turn.error})")
+    check(get(view.body, "text") == turn.answer != "", "the streamed words are the recorded answer")
+    check(get(panel.status_label, "text") == STOP_NOTES.get(turn.stop_reason, "Answer complete."), "status says done")
+    check(view.thumbs.count() >= 1 and "Image 1: CT chest 2024-03-01 (current)" in get(view.details, "text"),
+          "the answer shows what the model saw")
+    log = panel.log_view.toPlainText()
+    check("Starting the model worker" in log and "Loading the model" in log, "the log pane shows the worker's start")
+    step(f"streamed {turn.provenance['timing']['new_tokens']} tokens ({turn.stop_reason}); "
+         f"{len(log.splitlines())} log lines")
+
+    assistant_module.TASK_TOKENS["report"] = 1500  # a long answer, to stop in the middle
+    panel.task_buttons[0].click()  # Draft report
+    wait_until(lambda: panel._answer is not None and panel._answer.text.strip(), "the report's first words")
+    panel.stop_button.click()
+    check(panel.state == "stopping" and get(panel.status_label, "text") == "Stopping\u2026", "Stop says stopping")
+    wait_until(lambda: not panel.busy_now, "the stopped report")
+    turn, view = panel.assistant.session.turns[-1], panel.answers[-1]
+    check(turn.stop_reason == "cancelled" and turn.provenance["timing"]["new_tokens"] < 1500, "Stop cancels")
+    check(get(view.state, "text") == "Stopped before the end." and get(view.body, "text") == turn.answer,
+          "the words so far are kept")
+    check(panel.ask_button.isEnabled() and not panel.stop_button.isEnabled(), "the panel is idle again")
+    step(f"Stop after {turn.provenance['timing']['new_tokens']} report tokens; the words so far kept")
+
+    markdown, as_json = os.path.join(out, "talk.md"), os.path.join(out, "talk.json")
+    panel.export(markdown, "md")
+    panel.export(as_json, "json")
+    with open(markdown, encoding="utf-8") as f:
+        text = f.read()
+    check(QUESTION in text and "Research use only" in text, "the Markdown export has the question and the notice")
+    with open(as_json, encoding="utf-8") as f:
+        exported = Session.from_json(f.read())
+    check([t.stop_reason for t in exported.turns][-1] == "cancelled" and len(exported.turns) == 2, "JSON export")
+    step("exported Markdown and JSON")
+
+    reopened = open_panel(scene, store)
+    check([get(v.body, "text") for v in reopened.answers] == [t.answer for t in exported.turns],
+          "a new panel restores the conversation saved in the scene")
+    check(reopened.answers[0].thumbs.count() >= 1, "restored answers keep their thumbnails")
+    step(f"restored {len(reopened.answers)} answers in a new panel")
+
+    panel.grab().save(os.path.join(out, "panel.png"))
+    worker = panel.assistant.client.proc
+    panel.close()
+    reopened.close()
+    deadline = time.monotonic() + 10
+    while worker.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    check(worker.poll() is not None and panel.state == "idle", "closing the panel ends its worker")
+    step("closed the panel: worker ended")
+
+    check(all(sys.modules[name] is None for name in BLOCKED), "no blocked package was loaded")
+    del app
+    print("PANEL SMOKE PASSED", flush=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4:
+        raise SystemExit(__doc__.split("\n\n")[-1])
+    main(*sys.argv[1:])
