@@ -36,6 +36,9 @@ def add_model_arguments(p: argparse.ArgumentParser, required: bool = True) -> No
                    help="weight-only quantization of the LLM's linear layers (see README: precision tiers)")
     p.add_argument("--compile-decode", action="store_true",
                    help="static KV cache + torch.compile'd decode step: faster tokens on a GPU after a slow first answer")
+    p.add_argument("--llm-backend", default="local", choices=["local", "vllm"],
+                   help="vllm: keep the vision half here, generate on a vLLM server (README: Serve a reading room)")
+    p.add_argument("--vllm-url", default=None, help="the vLLM server for --llm-backend vllm, e.g. http://gpu:8000")
 
 
 def add_image_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -122,12 +125,27 @@ def request_from_args(args, image_paths=None, question=None, task=None):
     )
 
 
+def vllm_url(args) -> str | None:
+    """The vLLM server to generate on, or None for the local LLM."""
+    if getattr(args, "llm_backend", "local") != "vllm":
+        return None
+    if not args.vllm_url:
+        raise RadFMError("--llm-backend vllm needs --vllm-url http://HOST:PORT (a vllm serve --enable-prompt-embeds)")
+    return args.vllm_url
+
+
+def token_from_args(args) -> str | None:
+    from .worker.http import read_token_file
+
+    return read_token_file(args.token_file) if args.token_file else None
+
+
 def load_engine(args):
     from .engine import RadFMEngine
 
     print(f"Loading {args.checkpoint} on {args.device} ...", file=sys.stderr, flush=True)
     engine = RadFMEngine.load(args.checkpoint, device=args.device, dtype=args.dtype, quantization=args.quantization,
-                             compile_decode=args.compile_decode)
+                             compile_decode=args.compile_decode, vllm_url=vllm_url(args))
     tier = f", LLM linears {engine.quantization}" if engine.quantization else ""
     print(f"Loaded as {str(engine.dtype).replace('torch.', '')}{tier}", file=sys.stderr, flush=True)
     return engine
@@ -141,9 +159,15 @@ def cmd_ask(args) -> int:
     request = request_from_args(args)
     session = Session.read(args.session) if args.session else Session()
     request.include_previous_turns = args.include_previous_turns
-    engine = load_engine(args)
     stream = None if args.json else (lambda delta: print(delta, end="", flush=True))
-    turn = ask(engine, request, session, on_text=stream)
+    if args.server:
+        from .remote import RemoteClient, ask_server
+
+        turn = ask_server(RemoteClient(args.server, token_from_args(args)), request, session, on_text=stream)
+    elif not args.checkpoint:
+        raise RadFMError("radfm ask needs --checkpoint FOLDER (or --server URL of a radfm serve)")
+    else:
+        turn = ask(load_engine(args), request, session, on_text=stream)
     if args.session:
         append_turn(args.session, turn)  # re-read under the file's lock: a concurrent ask's turn is kept
     if args.json:
@@ -275,6 +299,25 @@ def cmd_eval_compare(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Serve the model to a reading room (logic in :mod:`RadFMSlicer.worker.http`)."""
+    from .checkpoint import locate_checkpoint
+
+    try:
+        from .worker.http import ServeConfig, serve
+    except ImportError as exc:
+        raise RadFMError(f"radfm serve needs FastAPI and uvicorn: pip install 'RadFMSlicer[server]' ({exc})") from None
+    locate_checkpoint(args.checkpoint)  # a wrong folder is one line, before anything listens
+    config = ServeConfig(
+        checkpoint=args.checkpoint, host=args.host, port=args.port, token=token_from_args(args),
+        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, device=args.device, dtype=args.dtype,
+        quantization=args.quantization, vllm_url=vllm_url(args), cache_dir=args.cache_dir, cache_mb=args.cache_mb,
+        max_upload_mb=args.max_upload_mb, queue_limit=args.queue_limit,
+    )
+    serve(config)
+    return 0
+
+
 def cmd_convert(args) -> int:
     from .convert import convert_checkpoint, convert_for_vllm
 
@@ -295,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ask", help="answer one question about one scan (streams the answer)")
-    add_model_arguments(p)
+    add_model_arguments(p, required=False)
+    p.add_argument("--server", default=None, metavar="URL", help="ask a radfm serve instead of loading the model here")
+    p.add_argument("--token-file", default=None, help="file holding the server's token (with --server)")
     add_image_arguments(p)
     add_question_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -336,6 +381,19 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="per-case deltas and paired bootstrap intervals between two runs of one manifest")
     compare.add_argument("runs", nargs=2, metavar="RUN", help="two run folders made by radfm eval")
     compare.add_argument("--out", help="folder for compare.json (default: RUN_B/compare-<RUN_A name>)")
+
+    p = sub.add_parser("serve", help="serve the model over HTTP to a reading room (README: Serve a reading room)")
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this computer only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--token-file", default=None, help="private file (chmod 600) holding the token clients must send")
+    p.add_argument("--ssl-certfile", default=None, help="TLS certificate (PEM); with --ssl-keyfile turns https on")
+    p.add_argument("--ssl-keyfile", default=None, help="TLS private key (PEM)")
+    p.add_argument("--cache-dir", default=None, help="private folder for uploaded scans (default: a new temporary one)")
+    p.add_argument("--cache-mb", type=float, default=4096, help="uploads kept, in MB; least recently used go first")
+    p.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload, unpacked, in MB")
+    p.add_argument("--queue-limit", type=int, default=16, help="questions waiting at most; more get 'busy, N ahead'")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="the official pytorch_model.bin to sharded 16-bit safetensors (faster, leaner loads)")
     p.add_argument("--checkpoint", required=True, help="folder with pytorch_model.bin and Language_files/")

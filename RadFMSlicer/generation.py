@@ -156,7 +156,33 @@ class CompiledDecoder:
         return logits.clone()  # a CUDA graph overwrites its output on the next step
 
 
-class Generation:
+class StreamedAnswer:
+    """What every generation offers, local or on a vLLM server: iterate for text deltas,
+    ``result`` once finished, ``cancel()`` from any thread."""
+
+    def __init__(self):
+        self._cancel = threading.Event()
+        self.result: GenerationResult | None = None
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def __iter__(self) -> Iterator[str]:
+        raise NotImplementedError
+
+    def run(self, on_text: Callable[[str], None] | None = None) -> GenerationResult:
+        """Generate to the end, passing each delta to ``on_text``."""
+        for delta in self:
+            if on_text:
+                on_text(delta)
+        return self.result
+
+
+class Generation(StreamedAnswer):
     """One answer being generated. Iterate for text deltas; ``result`` once finished.
 
     ``cancel()`` may be called from any thread: no further forward pass starts after it.
@@ -177,15 +203,7 @@ class Generation:
         self._embeds = embeds
         self.settings = settings
         self._budget = token_budget(prompt_ids.shape[1], settings, max_positions)
-        self._cancel = threading.Event()
-        self.result: GenerationResult | None = None
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
+        super().__init__()
 
     def token_ids(self) -> Iterator[int]:
         """The raw loop: yields each new token id; sets ``self.result`` at the end."""
@@ -237,10 +255,3 @@ class Generation:
         tail = decoder.finish()
         if tail:
             yield tail
-
-    def run(self, on_text: Callable[[str], None] | None = None) -> GenerationResult:
-        """Generate to the end, passing each delta to ``on_text``."""
-        for delta in self:
-            if on_text:
-                on_text(delta)
-        return self.result

@@ -358,3 +358,23 @@ class RemoteClient:
             self._call("POST", f"/asks/{server_id}/cancel", ok=(200, 404)).read()
         except (RadFMError, OSError):
             pass  # the stream reports what happened
+
+
+def ask_server(client: RemoteClient, request, session=None, on_text=None, timeout: float = 600.0):
+    """:func:`RadFMSlicer.ask.ask` over a server: the same request in, the same turn out (added to ``session``)."""
+    from .session import Turn
+
+    previous = session.previous_turns() if (session is not None and request.include_previous_turns) else None
+    pending = client.ask(question=request.question, images=request.images, task=request.task,
+                         regions=request.regions, history=request.history, window=request.window,
+                         interpolation=request.interpolation, include_previous_turns=bool(previous),
+                         previous_turns=previous, **request.settings.to_dict())
+    for event in pending.events(timeout):
+        if event.kind == "token" and on_text:
+            on_text(event.text)
+        elif event.kind == "error":
+            raise RadFMError(event.text)
+    turn = Turn.from_dict(pending.final.data["turn"])
+    if session is not None:
+        session.add_turn(turn)
+    return turn

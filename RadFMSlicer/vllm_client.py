@@ -16,14 +16,13 @@ engine, the worker and the HTTP server do not care which one produced an answer.
 import base64
 import io
 import json
-import threading
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
 from .errors import RadFMError
-from .generation import GenerationResult, GenerationSettings, token_budget
+from .generation import GenerationResult, GenerationSettings, StreamedAnswer, token_budget
 from .remote import http_request, iter_sse, read_error
 from .tokenizer import EOS_ID
 
@@ -91,22 +90,14 @@ class VLLMBackend:
         return {"llm_backend": "vllm", "vllm_url": self.url, "vllm_model": self.model}
 
 
-class VLLMGeneration:
+class VLLMGeneration(StreamedAnswer):
     """One answer streamed from vLLM; closing the stream (cancel) makes vLLM abort it."""
 
     def __init__(self, backend: VLLMBackend, body: dict, prompt_tokens: int):
+        super().__init__()
         self._backend = backend
         self._body = body
         self._prompt_tokens = prompt_tokens
-        self._cancel = threading.Event()
-        self.result: GenerationResult | None = None
-
-    def cancel(self) -> None:
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
 
     def __iter__(self) -> Iterator[str]:
         start = time.perf_counter()
@@ -141,9 +132,3 @@ class VLLMGeneration:
             time_to_first_token_s=first_token_s, total_s=time.perf_counter() - start,
             timings={"llm_backend": "vllm", "completion_tokens": new_tokens},
         )
-
-    def run(self, on_text: Callable[[str], None] | None = None) -> GenerationResult:
-        for delta in self:
-            if on_text:
-                on_text(delta)
-        return self.result

@@ -204,10 +204,13 @@ class WorkerClient:
         return self.send("hello").result(timeout)
 
     def load(self, folder, device: str = "cpu", dtype: str | None = None, quantization: str | None = None,
-             compile_decode: bool = False, timeout: float = 3600) -> dict:
-        """Load a checkpoint in the worker; blocks; raises WorkerError with the worker's message."""
+             compile_decode: bool = False, vllm_url: str | None = None, timeout: float = 3600) -> dict:
+        """Load a checkpoint in the worker; blocks; raises WorkerError with the worker's message.
+
+        ``vllm_url``: the worker keeps the vision half and asks that vLLM server for the tokens.
+        """
         args = {"checkpoint": str(folder), "device": device, "dtype": dtype, "quantization": quantization,
-                "compile_decode": compile_decode}
+                "compile_decode": compile_decode, "vllm_url": vllm_url}
         data = self.send("load", **args).result(timeout)
         self.load_args = args
         return data

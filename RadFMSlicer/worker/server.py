@@ -142,7 +142,8 @@ class WorkerServer:
     def op_load(self, rid, request) -> None:
         from ..engine import RadFMEngine
 
-        args = {k: request.get(k) for k in ("checkpoint", "device", "dtype", "quantization", "compile_decode")}
+        args = {k: request.get(k) for k in ("checkpoint", "device", "dtype", "quantization", "compile_decode",
+                                            "vllm_url")}
         if not args["checkpoint"]:
             raise RadFMError("load needs a 'checkpoint' folder")
         self.emit(rid, "status", f"loading model from {args['checkpoint']}")
@@ -150,7 +151,7 @@ class WorkerServer:
         start = time.perf_counter()
         self.engine = RadFMEngine.load(args["checkpoint"], device=args["device"] or "cpu", dtype=args["dtype"],
                                        quantization=args["quantization"],
-                                       compile_decode=bool(args["compile_decode"]))
+                                       compile_decode=bool(args["compile_decode"]), vllm_url=args["vllm_url"])
         self.load_args = args
         self.emit(rid, "done", "model loaded", model=self.engine.describe(),
                   load_s=round(time.perf_counter() - start, 2))

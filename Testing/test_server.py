@@ -1,0 +1,317 @@
+"""radfm serve and RemoteClient on 127.0.0.1: same answers as here, safe refusals, nothing private sent."""
+
+import contextlib
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import threading
+import time
+import zipfile
+from types import SimpleNamespace
+
+import numpy as np
+import pydicom
+import pydicom.data
+import pytest
+
+pytest.importorskip("fastapi")
+import uvicorn  # noqa: E402
+
+from RadFMSlicer.ask import AskRequest, ImageInput, ask  # noqa: E402
+from RadFMSlicer.cli import main as radfm  # noqa: E402
+from RadFMSlicer.generation import GenerationSettings  # noqa: E402
+from RadFMSlicer.remote import RemoteClient, image_id, upload_body  # noqa: E402
+from RadFMSlicer.worker import WorkerError  # noqa: E402
+from RadFMSlicer.worker.http import Ask, FairQueue, HTTPError, ServeConfig, create_app  # noqa: E402
+
+TOKEN = "reading-room-token-0123456789"
+CT = pydicom.data.get_testdata_file("CT_small.dcm")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint, tmp_path_factory):
+    port = free_port()
+    cache = tmp_path_factory.mktemp("serve") / "uploads"
+    config = ServeConfig(checkpoint=str(tiny_checkpoint), port=port, token=TOKEN, cache_dir=str(cache),
+                         cache_mb=24, max_upload_mb=8, queue_limit=3)
+    app = create_app(config)
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, app=app, cache=cache)
+    uv.should_exit = True
+    thread.join(30)
+
+
+def call(server, method, path, body=None, token=TOKEN, headers=None):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    headers = dict(headers or {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    connection.request(method, "/v1" + path, body=body, headers=headers)
+    response = connection.getresponse()
+    return response.status, response.read()
+
+
+def worker_pid(server) -> int:
+    return json.loads(call(server, "GET", "/model")[1])["pid"]
+
+
+def test_health_is_open_everything_else_needs_the_token(server):
+    status, body = call(server, "GET", "/health", token=None)
+    assert status == 200 and json.loads(body) == {"status": "ok", "tls": False, "token_required": True}
+    for token in (None, "wrong-token", TOKEN + "x"):
+        assert call(server, "GET", "/model", token=token) == (401, b'{"detail":"unauthorized"}')
+        assert call(server, "POST", "/ask", b"{}", token=token)[0] == 401
+    info = json.loads(call(server, "GET", "/model")[1])
+    assert info["loaded"] and len(info["model"]["checkpoint_fingerprint"]) == 16
+    assert info["model"]["dtype"] == "float32" and info["model"]["device"] == "cpu"
+    assert "checkpoint" not in info["model"] and info["memory"]["free_ram_mb"] > 0
+
+
+def test_remote_answer_is_the_local_answer(server, tiny_engine):
+    settings = GenerationSettings(max_new_tokens=12)
+    local = ask(tiny_engine, AskRequest(task="vqa", question="Is there an effusion?", images=[ImageInput(path=CT)],
+                                        settings=settings))
+    client = RemoteClient(server.url, TOKEN)
+    assert client.load()["model"]["checkpoint_fingerprint"] == local.provenance["model"]["checkpoint_fingerprint"]
+    request = client.ask("Is there an effusion?", images=[CT], max_new_tokens=12)
+    events = list(request.events(60))
+    assert [e.kind for e in events][-1] == "done", events[-1]
+    tokens = "".join(e.text for e in events if e.kind == "token")
+    assert tokens == local.answer == request.final.data["answer"]
+    turn = request.final.data["turn"]
+    assert turn["images"][0]["label"] == "CT_small.dcm" and turn["images"][0]["window"] == local.images[0].window
+
+
+def test_wrong_token_and_gone_server_are_worker_errors(server):
+    with pytest.raises(WorkerError, match="refused the token"):
+        RemoteClient(server.url, "not-the-token-at-all-000").load()
+    with pytest.raises(WorkerError, match="cannot reach the RadFM server"):
+        RemoteClient(f"http://127.0.0.1:{free_port()}").load()
+
+
+def bad_upload(voxels, matrix=np.eye(4)) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, voxels=voxels, ijk_to_ras=matrix)
+    return buffer.getvalue()
+
+
+def test_bad_uploads_and_asks_get_one_line_refusals(server):
+    good = upload_body(np.arange(64, dtype=np.int16).reshape(4, 4, 4), np.eye(4))
+    status, body = call(server, "POST", "/images", good)
+    assert status == 200 and json.loads(body)["id"] == image_id(np.arange(64, dtype=np.int16).reshape(4, 4, 4), np.eye(4))
+    assert oct((server.cache).stat().st_mode & 0o777) == "0o700"
+    cases = [
+        (good[: len(good) // 2], 400, "not a complete .npz"),
+        (bad_upload(np.zeros((4, 4, 4), complex)), 400, "voxels of type complex128 are not an image"),
+        (bad_upload(np.zeros(4, np.int16)), 400, "2D or 3D"),
+        (bad_upload(np.zeros((4, 4)), np.eye(3)), 400, "finite 4x4"),
+        (bad_upload(np.zeros((256, 128, 128), np.float32)), 413, "more than 8 MB"),
+        (b"\0" * (9 << 20), 413, "larger than 8 MB"),
+    ]
+    for body, status, message in cases:
+        got_status, got = call(server, "POST", "/images", body)
+        assert (got_status, message in json.loads(got)["detail"]) == (status, True), (status, got)
+    unknown_id = "0" * 64
+    asks = [
+        (b"{not json", 400, "malformed JSON"),
+        (json.dumps({"question": "q", "images": [{"id": unknown_id}]}).encode(), 404, "unknown image id"),
+        (json.dumps({"question": "q", "images": [{"path": "/etc/passwd"}]}).encode(), 400, "never reads a path"),
+        (json.dumps({"question": "q", "images": []}).encode(), 400, "no image given"),
+        (json.dumps({"images": [{"id": json.loads(call(server, "POST", "/images", good)[1])["id"]}],
+                     "settings": {"max_new_tokens": 0}}).encode(), 400, "max_new_tokens must be a positive integer"),
+    ]
+    for body, status, message in asks:
+        got_status, got = call(server, "POST", "/ask", body, headers={"Content-Type": "application/json"})
+        assert (got_status, message in json.loads(got)["detail"]) == (status, True), (status, got)
+    assert call(server, "GET", "/health", token=None)[0] == 200  # still serving
+
+
+def open_stream(server, body: dict):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", "/v1/ask", json.dumps(body),
+                       {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    return connection, connection.getresponse()
+
+
+def read_until(response, kind: str) -> list[dict]:
+    seen, event = [], None
+    for raw in response:
+        line = raw.decode().strip()
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            seen.append({"event": event, **json.loads(line[5:])})
+            if event in (kind, "done", "error"):
+                return seen
+    return seen
+
+
+def uploaded_ct(server) -> str:
+    client = RemoteClient(server.url, TOKEN)
+    return client.encode([CT]).result(60)["images"][0]
+
+
+def wait_idle(server, seconds=20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while json.loads(call(server, "GET", "/model")[1])["busy"]:
+        assert time.monotonic() < deadline, "the worker is still generating"
+        time.sleep(0.05)
+
+
+def test_closing_the_stream_cancels_the_answer(server):
+    image = uploaded_ct(server)
+    connection, response = open_stream(server, {"question": "q", "images": [{"id": image}],
+                                                "settings": {"max_new_tokens": 1500}})
+    assert read_until(response, "token")[-1]["event"] == "token"
+    started = time.monotonic()
+    connection.close()
+    wait_idle(server)
+    assert time.monotonic() - started < 5
+    # the next reader is served at once
+    done = RemoteClient(server.url, TOKEN).ask("next", images=[CT], max_new_tokens=4).wait(60)
+    assert done.kind == "done"
+
+
+def test_worker_killed_mid_answer_is_a_503_and_the_server_goes_on(server):
+    image = uploaded_ct(server)
+    connection, response = open_stream(server, {"question": "q", "images": [{"id": image}],
+                                                "settings": {"max_new_tokens": 1500}})
+    read_until(response, "token")
+    os.kill(worker_pid(server), signal.SIGKILL)
+    final = read_until(response, "error")[-1]
+    assert final["event"] == "error" and final["data"]["http_status"] == 503
+    assert "killed by SIGKILL" in final["text"]
+    connection.close()
+    done = RemoteClient(server.url, TOKEN).ask("again", images=[CT], max_new_tokens=4).wait(120)
+    assert done.kind == "done", done.text
+
+
+def test_a_full_queue_answers_busy_with_the_count_ahead(server):
+    image = uploaded_ct(server)
+    body = {"question": "q", "images": [{"id": image}], "settings": {"max_new_tokens": 1500}}
+    streams = [open_stream(server, body) for _ in range(4)]  # one running + queue_limit 3 waiting
+    for _, response in streams:
+        read_until(response, "status")
+    status, detail = call(server, "POST", "/ask", json.dumps(body).encode())
+    assert status == 429 and json.loads(detail)["detail"].startswith("busy, 3 ahead")
+    for connection, _ in streams:
+        connection.close()
+    wait_idle(server)
+
+
+def test_only_the_configured_address_listens(server):
+    import psutil
+
+    listening = [c.laddr for c in psutil.Process().net_connections("inet") if c.status == psutil.CONN_LISTEN]
+    assert [a for a in listening if a.port == server.port] == [("127.0.0.1", server.port)]
+    assert all(a.ip in ("127.0.0.1", "::1") for a in listening)
+
+
+def server_log(server) -> str:
+    return "\n".join(server.app.state.worker.stderr_tail())
+
+
+def test_the_client_sends_no_patient_identifier(server, tmp_path, caplog):
+    """Every byte the client sends passes a recording proxy; the DICOM's name, id and file name are in none."""
+    scan = pydicom.dcmread(CT)
+    scan.PatientName, scan.PatientID = "Quxworth^Zelda", "PID-558812"
+    pixels = scan.pixel_array.copy()
+    pixels[0, 0] += 1  # a scan the server has not seen, so that it is uploaded
+    scan.PixelData = pixels.tobytes()
+    path = tmp_path / "Quxworth_Zelda_CT.dcm"
+    scan.save_as(path)
+    secrets = [b"Quxworth", b"Zelda", b"PID-558812", b"Quxworth_Zelda"]
+
+    sent = bytearray()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def relay(source, target, record):
+        with contextlib.suppress(OSError):  # either side closing ends the relay
+            while data := source.recv(65536):
+                if record:
+                    sent.extend(data)
+                target.sendall(data)
+        target.close()
+
+    def accept():
+        while True:
+            try:
+                downstream, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", server.port))
+            threading.Thread(target=relay, args=(downstream, upstream, True), daemon=True).start()
+            threading.Thread(target=relay, args=(upstream, downstream, False), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    logs = caplog
+    caplog.set_level("DEBUG")
+    client = RemoteClient(f"http://127.0.0.1:{listener.getsockname()[1]}", TOKEN)
+    request = client.ask("Any finding?", images=[str(path)], regions=[{"name": "Zelda's lesion",
+                                                                        "box_ijk": [[40, 40, 0], [80, 80, 0]]}],
+                         max_new_tokens=4)
+    final = request.wait(60)
+    listener.close()
+    assert final.kind == "done", final.text
+    assert final.data["turn"]["images"][0]["label"] == path.name  # provenance completed on the client
+    assert final.data["turn"]["images"][1]["label"] == "Zelda's lesion"
+    assert sent.count(b"POST /v1/images") == 1
+    payloads = [sent]
+    start = sent.find(b"PK\x03\x04")
+    archive = zipfile.ZipFile(io.BytesIO(bytes(sent[start:sent.find(b"POST /v1/ask")])))
+    assert sorted(archive.namelist()) == ["ijk_to_ras.npy", "voxels.npy"]
+    payloads += [archive.read(name) for name in archive.namelist()]
+    for secret in secrets + [b"Zelda's lesion", b"Any finding?"]:
+        assert not any(secret in payload for payload in payloads[1:]), secret
+        if secret != b"Any finding?":  # the prompt is sent, nothing else
+            assert secret not in sent, secret
+        assert secret.decode() not in logs.text and secret.decode() not in server_log(server), secret
+
+
+def test_fair_queue_takes_clients_in_turn():
+    import asyncio
+
+    async def order():
+        queue = FairQueue(limit=10)
+        asks = [Ask(f"{c}{n}", c, {}, []) for c, n in [("A", 1), ("A", 2), ("A", 3), ("B", 1), ("C", 1)]]
+        ahead = [queue.add(a) for a in asks]
+        return ahead, [(await queue.next()).id for _ in asks]
+
+    ahead, taken = asyncio.run(order())
+    assert taken == ["A1", "B1", "C1", "A2", "A3"]
+    assert ahead == [0, 1, 2, 1, 2]
+    full = FairQueue(limit=1)
+    full.add(Ask("x", "A", {}, []))
+    with pytest.raises(HTTPError, match="busy, 1 ahead"):
+        full.add(Ask("y", "B", {}, []))
+
+
+def test_serve_refuses_unsafe_settings_in_one_line(fixture_dir, tmp_path, capsys):
+    assert radfm(["serve", "--checkpoint", str(fixture_dir), "--host", "0.0.0.0"]) == 2
+    assert "--token-file" in capsys.readouterr().err
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    token.chmod(0o644)
+    assert radfm(["serve", "--checkpoint", str(fixture_dir), "--host", "0.0.0.0", "--token-file", str(token)]) == 2
+    assert f"chmod 600 {token}" in capsys.readouterr().err
+    token.chmod(0o600)
+    token.write_text("short")
+    assert radfm(["serve", "--checkpoint", str(fixture_dir), "--host", "0.0.0.0", "--token-file", str(token)]) == 2
+    assert "at least 16" in capsys.readouterr().err
+    assert radfm(["serve", "--checkpoint", str(tmp_path / "nowhere")]) == 2
+    assert "checkpoint folder not found" in capsys.readouterr().err
