@@ -14,6 +14,7 @@ import numpy as np
 from .engine import RadFMEngine
 from .errors import ImageError, PromptError
 from .generation import Generation, GenerationResult, GenerationSettings
+from .image_cache import NO_CACHE, ImageCache
 from .imaging import ModelImage, Volume, load_volume, preprocess, volume_from_array
 from .preview import render_montage
 from .prompts import ORDINALS, PromptImage, build_prompt, task_question
@@ -42,6 +43,7 @@ class ImageInput:
     window: object = None  # overrides the request's window for this image
     series: str | None = None
     modality: str | None = None  # for an array ("CT", "MR"): picks the automatic window as a file's tag would
+    array_file: str | None = None  # the .npy the array came in (set by from_json): names the scan cheaply
 
     @classmethod
     def from_json(cls, item: "str | dict") -> "ImageInput":
@@ -59,6 +61,7 @@ class ImageInput:
             if not Path(array_file).is_file():
                 raise ImageError(f"array file not found: {array_file}")
             item["array"] = np.load(array_file, mmap_mode="r", allow_pickle=False)
+            item["array_file"] = array_file
             item.setdefault("name", Path(array_file).stem)
         _check_fields(cls, item, "image")
         return cls(**item)
@@ -123,10 +126,10 @@ class AskRequest:
     include_previous_turns: bool = False
     preview_dir: str | None = None  # write a montage PNG per image here (thumbnails, audits)
 
-    def model_image(self, item: ImageInput, volume: Volume) -> ModelImage:
+    def model_image(self, item: ImageInput, volume: Volume, device=None) -> ModelImage:
         """``item``'s scan as the model sees it: its own window, else the request's."""
         window = item.window if item.window is not None else self.window
-        return preprocess(volume, window, interpolation=self.interpolation)
+        return preprocess(volume, window, interpolation=self.interpolation, device=device)
 
 
 @dataclass
@@ -139,15 +142,20 @@ class PreparedAsk:
     records: list[ImageRecord]
 
 
-def prepare(request: AskRequest, session: Session | None = None, tokens_per_image: int = 32) -> PreparedAsk:
-    """Load, reorient, window and resample every image and region; write the prompt."""
+def prepare(request: AskRequest, session: Session | None = None, tokens_per_image: int = 32,
+            images: ImageCache = NO_CACHE, device=None) -> PreparedAsk:
+    """Load, reorient, window and resample every image and region (on ``device``); write the prompt.
+
+    ``images``: what a long-lived caller (the worker) keeps between questions, so that a
+    follow-up about an unchanged scan reads and preprocesses nothing again.
+    """
     if not request.images:
         raise ImageError("no image given: RadFM answers about an image (--image PATH)")
     question = task_question(request.task, request.question)
     volumes, model_images, records, labels = [], [], [], []
     for k, item in enumerate(request.images):
-        volume = item.load()
-        image = request.model_image(item, volume)
+        volume = images.volume(item)
+        image = images.model_image(request, item, volume, device)
         label = ROLE_LABELS.get(item.role, item.role)
         volumes.append(volume)
         model_images.append(image)
@@ -159,7 +167,7 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
                              f"but {len(volumes)} image(s) were given")
         region = region_input.locate(volumes[region_input.image])
         parent = model_images[region_input.image]
-        image = preprocess(region.volume, parent.window, interpolation=request.interpolation)
+        image = preprocess(region.volume, parent.window, interpolation=request.interpolation, device=device)
         if len(labels) >= len(ORDINALS):
             raise PromptError(f"at most {len(ORDINALS)} images and regions per question")
         facts = region.facts(ORDINALS[len(labels)])
@@ -170,7 +178,7 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
     # The user's own words: build_prompt applies the task template itself (once).
     prompt = build_prompt(request.task, labels, request.question, request.history, previous, tokens_per_image)
     if request.preview_dir:
-        _write_previews(model_images, records, Path(request.preview_dir))
+        _write_previews(model_images, records, Path(request.preview_dir), images)
     return PreparedAsk(question, prompt, model_images, records)
 
 
@@ -183,18 +191,28 @@ def _record(image: ModelImage, role: str, label: str, facts: str | None, region:
                        notes=info["notes"], facts=facts)
 
 
-def _write_previews(images: list[ModelImage], records: list[ImageRecord], folder: Path) -> None:
+def _write_previews(images: list[ModelImage], records: list[ImageRecord], folder: Path, cache: ImageCache) -> None:
+    """A montage PNG per image; one drawn before for the same image and title is written again, not redrawn."""
     folder.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for k, (image, record) in enumerate(zip(images, records)):
         out = folder / f"{stamp}-{k}-{record.role}.png"
-        record.preview_png = render_montage([image], out, titles=[record.label], tile=64)
+        key = None if image.key is None else (image.key, record.label)
+        png = None if key is None else cache.previews.get(key)
+        if png is None:
+            render_montage([image], out, titles=[record.label], tile=64)
+            if key is not None:
+                cache.previews.put(key, out.read_bytes())
+        else:
+            out.write_bytes(png)
+        record.preview_png = str(out)
 
 
-def start(engine: RadFMEngine, request: AskRequest, session: Session | None = None) -> tuple[PreparedAsk, Generation]:
-    """Prepare the inputs and encode the images; the returned generation has not run yet."""
-    prepared = prepare(request, session, engine.model.dims.num_latents)
-    generation = engine.stream(prepared.prompt, [m.tensor for m in prepared.model_images], request.settings)
+def start(engine: RadFMEngine, request: AskRequest, session: Session | None = None,
+          images: ImageCache = NO_CACHE) -> tuple[PreparedAsk, Generation]:
+    """Prepare the inputs (on the engine's device) and encode the images; the generation has not run yet."""
+    prepared = prepare(request, session, engine.model.dims.num_latents, images, engine.device)
+    generation = engine.stream(prepared.prompt, prepared.model_images, request.settings)
     return prepared, generation
 
 

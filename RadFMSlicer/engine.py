@@ -17,7 +17,6 @@ Low-level API (tests and benchmarks)::
 
 import logging
 import os
-from collections import OrderedDict
 from typing import Sequence
 
 import numpy as np
@@ -29,6 +28,7 @@ from .errors import CheckpointError, ImageError
 from .generation import (
     CompiledDecoder, DynamicDecoder, Generation, GenerationResult, GenerationSettings, explain_out_of_memory,
 )
+from .image_cache import LRUCache
 from .model import RadFMModel
 from .model.radfm import FRAME_PATCH_SIZE, PATCH_SIZE
 from .quantization import check_tier, choose_dtype
@@ -57,39 +57,6 @@ def tensor_and_key(image) -> tuple[torch.Tensor, str | None]:
     return image.tensor, image.key
 
 
-class EncodingCache:
-    """The image tokens of the most recently used images (least recently used evicted first)."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: str) -> torch.Tensor | None:
-        tokens = self._entries.get(key)
-        if tokens is None:
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return tokens
-
-    def put(self, key: str, tokens: torch.Tensor) -> None:
-        if self.capacity <= 0:
-            return
-        self._entries[key] = tokens
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
 class RadFMEngine:
     def __init__(
         self,
@@ -104,7 +71,7 @@ class RadFMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.files = files
-        self.cache = EncodingCache(cache_size)
+        self.cache = LRUCache(cache_size)  # image key -> image tokens
         self.device = next(model.parameters()).device
         self.dtype = model.embedding_layer.fc.weight.dtype
         self.quantization = quantization

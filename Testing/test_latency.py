@@ -5,6 +5,10 @@ is built, plus the recipe), so asking again about an encoded scan hashes, checks
 preprocesses nothing; anything that changes the pixels the model sees changes the key.
 """
 
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +17,7 @@ from RadFMSlicer import engine as engine_module
 from RadFMSlicer.generation import GenerationSettings
 from RadFMSlicer.imaging import preprocess, volume_from_array
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "RadFMModule"))  # the module's Lib, as in Slicer
 CT_GEOMETRY = np.diag([-0.7, -0.7, 2.5, 1.0])
 
 
@@ -108,3 +113,109 @@ def test_nearest_preprocess_equals_interpolating_the_windowed_volume(shape):
     reference = torch.nn.functional.interpolate(windowed[None, None], size=tuple(image.resample["size"]))[0, 0]
     assert torch.equal(image.tensor[0], reference) and torch.equal(image.tensor[2], reference)
     assert not np.shares_memory(image.tensor.numpy(), volume.voxels)  # windowing never edits the scan
+
+
+# ------------------------------------------------------------------ viewer -> worker
+def handed_over(tmp_path, array, window="40,400") -> dict:
+    """An image as the panel hands it to the worker: the viewer's array saved once as .npy."""
+    path = tmp_path / "volume.npy"
+    if not path.exists():
+        np.save(path, array)
+    return {"array": str(path), "ijk_to_ras": CT_GEOMETRY.tolist(), "name": "ct", "window": window}
+
+
+@pytest.fixture
+def made(monkeypatch):
+    """Counts of scans read and model images made (what a follow-up must not redo)."""
+    from RadFMSlicer import ask
+
+    counts = {"loads": 0, "preprocessed": 0}
+    real_load, real_preprocess = ask.ImageInput.load, ask.preprocess
+
+    def load(item):
+        counts["loads"] += 1
+        return real_load(item)
+
+    def preprocess_(*args, **kwargs):
+        counts["preprocessed"] += 1
+        return real_preprocess(*args, **kwargs)
+
+    monkeypatch.setattr(ask.ImageInput, "load", load)
+    monkeypatch.setattr(ask, "preprocess", preprocess_)
+    return counts
+
+
+def prepare_from_json(images_json, cache):
+    from RadFMSlicer.ask import AskRequest, ImageInput, prepare
+
+    request = AskRequest(question="Is there a nodule?", images=[ImageInput.from_json(i) for i in images_json])
+    return prepare(request, images=cache)
+
+
+def test_follow_ups_about_a_handed_over_scan_read_and_preprocess_nothing(tmp_path, made):
+    from RadFMSlicer.image_cache import ImageCache
+
+    cache, array = ImageCache(), ct_array()
+    first = prepare_from_json([handed_over(tmp_path, array)], cache)
+    for _ in range(3):
+        again = prepare_from_json([handed_over(tmp_path, array)], cache)
+    assert made == {"loads": 1, "preprocessed": 1}
+    assert again.model_images[0] is first.model_images[0]
+
+
+def test_another_window_is_preprocessed_again_without_reading_the_scan(tmp_path, made):
+    from RadFMSlicer.image_cache import ImageCache
+
+    cache, array = ImageCache(), ct_array()
+    soft = prepare_from_json([handed_over(tmp_path, array, "40,400")], cache).model_images[0]
+    lung = prepare_from_json([handed_over(tmp_path, array, "-600,1500")], cache).model_images[0]
+    assert made == {"loads": 1, "preprocessed": 2}
+    assert lung.key != soft.key and not torch.equal(lung.tensor, soft.tensor)
+
+
+def test_a_rewritten_file_is_read_again(tmp_path, made):
+    from RadFMSlicer.image_cache import ImageCache
+
+    cache, array = ImageCache(), ct_array()
+    before = prepare_from_json([handed_over(tmp_path, array)], cache).model_images[0]
+    changed = array.copy()
+    changed[:, :32] = 1000  # the user edited the volume; the file is written again
+    path = tmp_path / "volume.npy"
+    np.save(path, changed)
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # a later modification time
+    after = prepare_from_json([handed_over(tmp_path, changed)], cache).model_images[0]
+    assert made == {"loads": 2, "preprocessed": 2}
+    assert after.key != before.key and not torch.equal(after.tensor, before.tensor)
+
+
+class OneScanScene:
+    """The viewer with one CT node (the assistant's Scene protocol, what build_ask reads)."""
+
+    def __init__(self, array):
+        self.array, self.version = array, "1"
+
+    def volume(self, volume_id):
+        from RadFMModuleLib.assistant import VolumeData
+
+        return VolumeData("CT", self.array, CT_GEOMETRY, (40.0, 400.0), self.version)
+
+    def regions(self):
+        return []
+
+
+def test_the_viewer_hands_a_volume_over_once_per_change_as_int16(tmp_path):
+    from RadFMModuleLib.assistant import Assistant, Selection
+    from RadFMModuleLib.settings import ModelSettings
+
+    scene = OneScanScene(ct_array())
+    assistant = Assistant(scene, start_client=None, settings=ModelSettings(checkpoint_folder=str(tmp_path)))
+    files = [assistant.build_ask("vqa", q, Selection("ct"))["images"][0]["array"] for q in ("Nodule?", "Effusion?")]
+    assert files[0] == files[1]  # the second question hands nothing over
+    handed = np.load(files[0])
+    assert handed.dtype == np.int16 and np.array_equal(handed, scene.array)
+    scene.array = scene.array.copy()
+    scene.array[0, 0, 0] += 7
+    scene.version = "2"  # the node's voxels changed
+    changed = assistant.build_ask("vqa", "Nodule?", Selection("ct"))["images"][0]["array"]
+    assert changed != files[0] and np.array_equal(np.load(changed), scene.array)
