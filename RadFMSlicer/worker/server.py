@@ -24,6 +24,7 @@ import traceback
 
 from .. import __version__
 from ..errors import RadFMError
+from ..image_cache import ImageCache
 from .protocol import OPS, PROTOCOL_VERSION, WORK_OPS, Event, ask_request_from_json
 
 
@@ -51,6 +52,7 @@ class WorkerServer:
         self._state_lock = threading.Lock()
         self.engine = None
         self.load_args: dict | None = None
+        self.images = ImageCache()  # scans and model images of recent questions: follow-ups reuse them
 
     def emit(self, request_id, kind: str, text: str = "", /, **data) -> None:
         self.sink(request_id, Event(kind, text, data))
@@ -162,6 +164,7 @@ class WorkerServer:
         import torch
 
         self.engine = None
+        self.images.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -179,8 +182,8 @@ class WorkerServer:
         records = []
         for item in ask_request.images:
             self.emit(rid, "status", f"encoding {item.name or item.path}")
-            image = ask_request.model_image(item, item.load())
-            engine.encode_images([image.tensor])
+            image = self.images.model_image(ask_request, item, self.images.volume(item), engine.device)
+            engine.encode_images([image])
             records.append(image.to_dict())
         self.emit(rid, "done", f"{len(records)} image(s) encoded", images=records)
 
@@ -195,7 +198,7 @@ class WorkerServer:
             session.add_turn({"task": "vqa", "question": question, "answer": answer})
         self.emit(rid, "status", "preparing and encoding images")
         t0 = time.perf_counter()
-        prepared, generation = start(engine, ask_request, session)
+        prepared, generation = start(engine, ask_request, session, self.images)
         prepare_s = time.perf_counter() - t0
         with self._state_lock:
             self._current_generation = generation
