@@ -5,6 +5,7 @@ settings live in ``RadFMModuleLib`` (Slicer-free); the model runs in a separate 
 process (``RadFMSlicer.worker``), so nothing heavy is imported when Slicer starts.
 """
 
+import json
 import logging
 import os
 import platform
@@ -115,9 +116,34 @@ class RadFMModuleWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservation
         for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent):
             self.addObserver(scene, event, self._follow_nodes)
         self.addObserver(scene, scene.StartCloseEvent, lambda *args: self.panel.cancel_quietly())
-        self.addObserver(scene, scene.EndCloseEvent, lambda *args: self.panel.reload())
-        self.addObserver(scene, scene.EndImportEvent, lambda *args: self.panel.reload())
+        self.addObserver(scene, scene.EndCloseEvent, self._reload)
+        self.addObserver(scene, scene.EndImportEvent, self._reload)
         self._follow_nodes()
+        self._applying = False
+        self._show_kept_selection(self.logic.kept_selection())
+        for box in (self.panel.volume_box, self.panel.prior_box, self.panel.window_box):
+            box.activated.connect(self._keep_selection)  # the radiologist's choices only, not a refresh's
+        self.panel.region_list.itemChanged.connect(self._keep_selection)
+
+    def _reload(self, *args):
+        """A scene was closed or loaded: its conversation, and the choices saved with it."""
+        kept = self.logic.kept_selection()  # before the panel's refresh re-lists (and re-checks) regions
+        self.panel.reload()
+        self._show_kept_selection(kept)
+
+    def _show_kept_selection(self, kept):
+        if kept is None:
+            return
+        self._applying = True
+        try:
+            self.panel.select(kept)
+        finally:
+            self._applying = False
+        self._keep_selection()
+
+    def _keep_selection(self, *args):
+        if not self._applying:
+            self.logic.keep_selection(self.panel.selection())
 
     def _follow_nodes(self, *args):
         """Observe the markups and segmentations now in the scene (and only those), then refresh."""
@@ -161,7 +187,8 @@ class RadFMModuleLogic(ScriptedLoadableModuleLogic):
         logic.assistant.settings.checkpoint_folder = "/models/RadFM"
         print(logic.ask("Is there a pleural effusion?", window="lung").answer)
 
-    The conversation is kept in the scene (a text node), like the panel's.
+    The conversation is kept in the scene (a text node), like the panel's; the panel's choices
+    (scan, prior, regions, window) in the module's parameter node, so the scene saves both.
     """
 
     def __init__(self, start_client=start_slicer_worker):
@@ -195,6 +222,25 @@ class RadFMModuleLogic(ScriptedLoadableModuleLogic):
                 self.assistant.record({"task": task, "question": question, "stop_reason": "error", "error": event.text})
                 raise RuntimeError(event.text)
         raise RuntimeError("the worker ended without an answer")
+
+
+    def keep_selection(self, selection: Selection) -> None:
+        node = self.getParameterNode()
+        node.SetNodeReferenceID("Scan", selection.volume_id)  # references follow node ids renamed on import
+        node.SetNodeReferenceID("Prior", selection.prior_id)
+        node.SetParameter("Regions", json.dumps(list(selection.region_ids)))
+        node.SetParameter("Window", json.dumps(selection.window))
+
+    def kept_selection(self) -> "Selection | None":
+        """The selection saved in the scene, or None if nothing was chosen in it yet."""
+        node = self.getParameterNode()
+        if not node.GetParameter("Window"):
+            return None
+        try:
+            regions, window = json.loads(node.GetParameter("Regions") or "[]"), json.loads(node.GetParameter("Window"))
+        except ValueError:
+            return None
+        return Selection(node.GetNodeReferenceID("Scan"), node.GetNodeReferenceID("Prior"), tuple(regions), window)
 
 
 def _node_id(node):

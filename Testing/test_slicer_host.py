@@ -294,3 +294,37 @@ def test_a_chosen_worker_python_is_checked_before_it_is_trusted(slicer, python, 
     assert not dependencies.ensure(ModelSettings(worker_python=python), log=lines.append)
     assert message in slicer.util.shown[-1] and lines == [slicer.util.shown[-1]]
     assert dependencies.ensure(ModelSettings(worker_python=sys.executable))
+
+
+# ---------------------------------------------------------------------------------- selections in the parameter node
+def test_selections_are_kept_in_the_parameter_node_and_shown_again(slicer, module, tmp_path):
+    ct, prior = add_ct(slicer, "CT"), add_ct(slicer, "CT prior")
+    segmentation = slicer.mrmlScene.AddNode(slicer.SegmentationNode("S", IJK_TO_RAS))
+    segmentation.add_segment("s1", "Lesion", np.ones(SHAPE, bool))
+    widget = module.RadFMModuleWidget()
+    try:
+        panel = widget.panel
+        for box, value in ((panel.prior_box, prior.GetID()), (panel.window_box, "lung")):
+            box.setCurrentIndex(box.findData(value))
+            box.activated.emit(box.currentIndex())  # as a click does
+        panel.region_list.item(0).setCheckState(module.QtCore.Qt.Checked)
+        node = widget.logic.getParameterNode()
+        assert node.GetNodeReferenceID("Prior") == prior.GetID() and node.GetParameter("Window") == '"lung"'
+        assert json.loads(node.GetParameter("Regions")) == [f"{segmentation.GetID()}/s1"]
+    finally:
+        widget.cleanup()
+    slicer.util.saveScene(str(tmp_path / "study.mrb"))
+    reopened = module.RadFMModuleWidget()  # the module opened again on this scene
+    try:
+        selection = reopened.panel.selection()
+        assert (selection.volume_id, selection.prior_id, selection.window) == (ct.GetID(), prior.GetID(), "lung")
+        assert selection.region_ids == (f"{segmentation.GetID()}/s1",)
+        slicer.mrmlScene.Clear(0)  # a new scene: nothing kept
+        assert reopened.logic.kept_selection() is None
+        import zipfile
+
+        saved = json.loads(zipfile.ZipFile(tmp_path / "study.mrb").read("scene.json"))
+        (parameters,) = [r for r in saved if r["class"] == "vtkMRMLScriptedModuleNode"]
+        assert parameters["references"]["Prior"] == prior.GetID() and parameters["parameters"]["Window"] == '"lung"'
+    finally:
+        reopened.cleanup()
