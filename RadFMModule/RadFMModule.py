@@ -224,7 +224,7 @@ class RadFMModuleLogic(ScriptedLoadableModuleLogic):
         raise RuntimeError("the worker ended without an answer")
 
 
-    def keep_selection(self, selection: Selection) -> None:
+    def keep_selection(self, selection: "Selection") -> None:
         node = self.getParameterNode()
         node.SetNodeReferenceID("Scan", selection.volume_id)  # references follow node ids renamed on import
         node.SetNodeReferenceID("Prior", selection.prior_id)

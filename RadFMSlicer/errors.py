@@ -5,6 +5,8 @@ subclass of :class:`RadFMError` with a one-line message saying what is wrong and
 do; the CLI prints it without a traceback and the worker sends it back as an error reply.
 """
 
+import re
+
 
 class RadFMError(Exception):
     """Base class: a problem the user can fix, described in one actionable line."""
@@ -12,6 +14,17 @@ class RadFMError(Exception):
 
 class CheckpointError(RadFMError):
     """The checkpoint folder, weight file or tokenizer folder is missing or unusable."""
+
+
+class DeviceMemoryError(CheckpointError):
+    """A precision tier does not fit the device's free memory; the message names the tiers that do."""
+
+    FITS = "tiers that fit: "  # then "<tier> (~<GiB> GiB), ..."
+
+    @classmethod
+    def tiers_in(cls, message: str) -> list:
+        """The fitting tiers a DeviceMemoryError's message names (it reaches the Slicer panel as text)."""
+        return re.findall(r"(\w+) \(~", message.split(cls.FITS, 1)[1]) if cls.FITS in message else []
 
 
 class ImageError(RadFMError):

@@ -26,7 +26,7 @@ import logging
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, DeviceMemoryError
 from .model import RadFMDims
 from .model.radfm import RadFMEmbedding
 
@@ -143,8 +143,9 @@ def check_device_memory(dims: RadFMDims, device: torch.device, tier: str) -> Non
     if need <= free:
         return
     fitting = [f"{t} (~{estimate_memory(dims, t) / GIB:.1f} GiB)" for t in TIERS if estimate_memory(dims, t) <= free]
-    advice = f"tiers that fit: {', '.join(fitting)}" if fitting else "no tier fits: close other GPU programs or use --device cpu"
-    raise CheckpointError(
+    advice = (DeviceMemoryError.FITS + ", ".join(fitting) if fitting
+              else "no tier fits: close other GPU programs or use --device cpu")
+    raise DeviceMemoryError(
         f"{tier} needs about {need / GIB:.1f} GiB on {device} but only {free / GIB:.1f} GiB are free; {advice}"
     )
 

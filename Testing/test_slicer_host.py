@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import types
 from pathlib import Path
 
@@ -328,3 +329,44 @@ def test_selections_are_kept_in_the_parameter_node_and_shown_again(slicer, modul
         assert parameters["references"]["Prior"] == prior.GetID() and parameters["parameters"]["Window"] == '"lung"'
     finally:
         reopened.cleanup()
+
+
+# ---------------------------------------------------------------------------------- the GPU check offers what fits
+def test_a_precision_too_big_for_the_gpu_is_met_with_an_offer_of_one_that_fits(slicer, module, monkeypatch, tmp_path):
+    """The worker's memory check (quantization.check_device_memory, at the real model's size) names
+    the tiers that fit; the panel offers the best of them and, taken, it is the saved precision."""
+    import torch
+
+    from bench.common import REAL_DIMS as dims
+    from RadFMSlicer.errors import DeviceMemoryError
+    from RadFMSlicer.quantization import GIB, check_device_memory, estimate_memory
+    from RadFMSlicer.worker.client import WorkerError
+
+    free = (estimate_memory(dims, "int8") + estimate_memory(dims, "bfloat16")) // 2  # int8 fits, bfloat16 not
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 24 * GIB))
+    with pytest.raises(DeviceMemoryError) as raised:
+        check_device_memory(dims, torch.device("cuda", 0), "bfloat16")
+
+    class TooBig(ScriptedWorkerClient):
+        def load(self, folder, **kwargs):
+            raise WorkerError(str(raised.value))
+
+    add_ct(slicer)
+    widget = module.RadFMModuleWidget()
+    panel = widget.panel
+    try:
+        panel.before_connect = None
+        panel.assistant.start_client = lambda python: TooBig([])
+        panel.folder_edit.setText(str(tmp_path))
+        panel.precision_box.setCurrentText("bfloat16")
+        panel.input.setPlainText("Any effusion?")
+        panel.ask("vqa")
+        deadline = time.monotonic() + 10
+        while panel.busy_now and time.monotonic() < deadline:
+            slicer.app.processEvents()
+        assert "does not fit this GPU; int8 weights does" in panel.status_label.text()
+        assert panel.offer_button.isVisibleTo(panel) and panel.offer_button.text() == "Use int8 weights"
+        panel.offer_button.click()
+        assert panel.assistant.settings.precision == "int8 weights" and not panel.offer_button.isVisibleTo(panel)
+    finally:
+        widget.cleanup()

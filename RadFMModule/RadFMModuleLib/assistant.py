@@ -21,7 +21,9 @@ from typing import Protocol
 
 import numpy as np
 
-from .settings import ModelSettings
+from RadFMSlicer.errors import DeviceMemoryError, RadFMError
+
+from .settings import ModelSettings, precision_for_tiers
 
 TASK_TOKENS = {"report": 512, "rationale": 384, "vqa": 256, "diagnosis": 256, "modality": 32}
 WINDOW_AS_SHOWN = "view"  # use each volume's current window/level from the viewer
@@ -217,8 +219,6 @@ class Assistant:
         A conversation that cannot be read is set aside in the scene, untouched, and
         ``restore_note`` says so; a new conversation starts.
         """
-        from RadFMSlicer.errors import RadFMError
-
         text, self.restore_note = self.scene.load_session_json(), ""
         try:
             self._session = self._new_session(text) if text else None
@@ -285,7 +285,9 @@ class ConnectJob:
             assistant.connect(lambda text: self._events.put(Note("status", text)))
             self._events.put(Note("ready"))
         except Exception as exc:  # WorkerError, a bad Python path, a missing folder...
-            self._events.put(Note("error", str(exc) or type(exc).__name__))
+            text = str(exc) or type(exc).__name__
+            fits = precision_for_tiers(DeviceMemoryError.tiers_in(text))  # the GPU check named what fits
+            self._events.put(Note("error", text, {"precision": fits} if fits else None))
 
     def poll(self) -> list:
         if self._cancelled:

@@ -19,6 +19,17 @@ PRECISIONS = {
 }
 
 
+# Best answers first: what the GPU check offers when the chosen precision does not fit.
+PREFERRED = ("bfloat16", "float16", "int8 weights", "int4 weights", "nf4 weights", "float32")
+
+
+def precision_for_tiers(tiers) -> "str | None":
+    """The preferred precision among tiers (``quantization.TIERS`` names: "bfloat16", "int8"...)."""
+    offered = {quantization or dtype: name for name, (dtype, quantization) in PRECISIONS.items()}
+    fitting = {offered[tier] for tier in tiers if tier in offered}
+    return next((name for name in PREFERRED if name in fitting), None)
+
+
 @dataclass
 class ModelSettings:
     checkpoint_folder: str = ""
