@@ -282,20 +282,18 @@ def cmd_eval(args) -> int:
                        window=args.window, interpolation=args.interpolation, manifest=str(args.manifest))
     print(format_table(summary))
     out = Path(args.out)
-    print(f"cases: {out / 'cases.jsonl'}\nsummary: {out / 'summary.json'}", file=sys.stderr)
+    print(f"cases: {out / 'cases.jsonl'}\nsummary: {out / 'summary.json'}\ngallery: {out / 'index.html'}",
+          file=sys.stderr)
     return 0 if not summary["cases"]["failed"] else 1
 
 
 def cmd_eval_compare(args) -> int:
-    from .evaluation.compare import compare_runs, format_comparison
+    from .evaluation.compare import format_comparison, write_comparison
 
     run_a, run_b = (Path(r) for r in args.runs)
-    result = compare_runs(run_a, run_b)
     out = Path(args.out or run_b / f"compare-{run_a.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(result, indent=2))
-    print(format_comparison(result))
-    print(f"comparison: {out / 'compare.json'}", file=sys.stderr)
+    print(format_comparison(write_comparison(run_a, run_b, out)))
+    print(f"comparison: {out / 'compare.json'}\ngallery: {out / 'index.html'}", file=sys.stderr)
     return 0
 
 

@@ -250,7 +250,7 @@ def test_compare_pairs_cases_and_names_the_biggest_changes_both_ways(tmp_path):
     assert acc["most_improved"] == ["c1"] and acc["most_worsened"] == ["c2"]
     assert bleu["delta"] == pytest.approx(-5.0) and bleu["most_worsened"] == ["r2"]
     assert result["metrics"]["rougeL"]["most_improved"] == ["r2"]
-    assert result["cases"] == {"paired": 5, "only_in_a": 1, "only_in_b": 0}
+    assert result["cases"] == {"paired": 5, "answers_changed": 0, "only_in_a": 1, "only_in_b": 0}
 
 
 def test_cli_eval_refuses_a_bad_manifest_before_loading_and_compare_checks_runs(capsys, tmp_path):
@@ -269,3 +269,146 @@ def test_cli_eval_refuses_a_bad_manifest_before_loading_and_compare_checks_runs(
     assert "no answered case in common" in capsys.readouterr().err
     assert main(["eval", "compare", str(a), str(a), "--out", str(tmp_path / "cmp")]) == 0
     assert "accuracy" in capsys.readouterr().out and (tmp_path / "cmp" / "compare.json").is_file()
+
+
+# --- gallery -----------------------------------------------------------------------------
+def test_word_diff_marks_what_the_answer_dropped_and_added():
+    from RadFMSlicer.evaluation.gallery import word_diff
+
+    diff = word_diff("no pleural effusion seen", "a small pleural effusion seen today")
+    assert diff == [["-", "no"], ["+", "a small"], ["=", "pleural effusion seen"], ["+", "today"]]
+    assert word_diff("same words", "same words") == [["=", "same words"]]
+
+
+def gallery_data(page: str) -> dict:
+    start = page.index('<script type="application/json" id="data">') + len('<script type="application/json" id="data">')
+    return json.loads(page[start:page.index("</script>", start)])
+
+
+def test_gallery_is_one_offline_file_with_thumbnails_answers_and_failures(fresh_engine, tmp_path):
+    import re
+
+    from RadFMSlicer.evaluation.compare import write_comparison
+    from RadFMSlicer.evaluation.datasets import load_manifest
+    from RadFMSlicer.evaluation.run import run_eval
+    from RadFMSlicer.generation import GenerationSettings
+
+    cases = load_manifest(real_manifest(tmp_path))
+    run_eval(fresh_engine, cases, tmp_path / "a", GenerationSettings(max_new_tokens=3), progress=False)
+    page = (tmp_path / "a" / "index.html").read_text()
+    assert not re.search(r"""(src|href)=["']?(https?:|//|file:)""", page) and "@import" not in page
+    data = gallery_data(page)
+    by_id = {c["id"]: c for c in data["cases"]}
+    assert by_id["4d"]["error"] and by_id["4d"]["images"] == []
+    ct = by_id["ct-modality"]
+    assert ct["answer"] is not None and ct["extra"] == {"site": "pydicom"}
+    assert data["thumbs"][ct["images"][0]["thumb"]].startswith("data:image/jpeg;base64,")
+    # the two CT cases received the same tensor, so the page holds one thumbnail for both
+    assert ct["images"][0]["thumb"] == by_id["ct-effusion"]["images"][0]["thumb"]
+    assert "noise" in data["summary"]["note"] and "Research use only" in data["disclaimer"]
+
+    run_eval(fresh_engine, cases, tmp_path / "b", GenerationSettings(max_new_tokens=5), progress=False)
+    write_comparison(tmp_path / "a", tmp_path / "b", tmp_path / "cmp")
+    data = gallery_data((tmp_path / "cmp" / "index.html").read_text())
+    mr = {c["id"]: c for c in data["cases"]}["mr-report"]
+    assert mr["b"]["answer"].startswith(mr["answer"]) and len(mr["b"]["answer"]) >= len(mr["answer"])
+    assert set(data["compare"]["metrics"]) == {"accuracy", "bleu", "rougeL"}
+
+
+def synthetic_run(folder: Path) -> Path:
+    """A run folder with answered, scored and failed cases and a montage per case (no model needed)."""
+    import numpy as np
+    from PIL import Image
+
+    from RadFMSlicer.evaluation.metrics import score_case
+
+    (folder / "previews").mkdir(parents=True)
+    rows = [("m1", "modality", "CT", "CT scan.", "A"), ("m2", "modality", "MRI", "CT.", "B"),
+            ("r1", "report", "No pleural effusion.", "Small pleural effusion.", "A"),
+            ("r2", "report", "Normal heart size.", "Normal heart size.", "B")]
+    records = []
+    for n, (case_id, task, reference, answer, site) in enumerate(rows):
+        png = folder / "previews" / f"{case_id}.png"
+        Image.fromarray((np.random.default_rng(n).random((64, 96)) * 255).astype(np.uint8)).save(png)
+        records.append({"id": case_id, "task": task, "reference": reference, "answer": answer, "extra": {"site": site},
+                        "scores": score_case(task, answer, reference), "images": ["x.nii"],
+                        "seen": [{"label": "current study", "role": "current", "source": "x.nii",
+                                  "shape": [3, 512, 512, 4], "window": {"mode": "window", "preset": "soft_tissue", "center": 40.0,
+                                                                         "width": 400.0, "low": -160.0, "high": 240.0},
+                                  "preview_png": f"previews/{case_id}.png"}]})
+    records.append({"id": "bad", "task": "modality", "reference": "CT", "images": ["y.nii"], "extra": {"site": "B"},
+                    "error": "y.nii is a 4D image"})
+    write_jsonl(folder / "cases.jsonl", records)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium from Debian (apt-get install chromium), driven by Playwright."""
+    import shutil
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    executable = shutil.which("chromium")
+    if executable is None:
+        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    with playwright.sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def test_gallery_sorts_filters_and_opens_a_case_in_a_real_browser(browser, tmp_path):
+    from RadFMSlicer.evaluation.gallery import write_gallery
+    from RadFMSlicer.evaluation.metrics import breakdown
+    from RadFMSlicer.evaluation.run import read_cases
+
+    run = synthetic_run(tmp_path / "run")
+    records = read_cases(run)
+    answered = [r for r in records if "answer" in r]
+    page_file = write_gallery(run, records, {"metrics": breakdown(answered), "note": "toy model",
+                                             "cases": {"answered": 4, "failed": 1, "not_run": 0}})
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(page_file.as_uri())
+    ids = lambda: page.locator("#body tr.case").evaluate_all("rows => rows.map(r => r.dataset.id)")
+    assert ids()[:2] == ["m2", "r1"] and ids()[-1] == "bad"  # worst score first, the failure (no score) last
+    page.click("th:text-is('score')")
+    assert ids()[:2] == ["m1", "r2"]  # clicking again: best first
+    page.click("th:text-is('id')")
+    assert ids() == ["bad", "m1", "m2", "r1", "r2"]
+    page.select_option("#f-task", "report")
+    assert ids() == ["r1", "r2"]
+    page.select_option("select[data-key=site]", "A")
+    assert ids() == ["r1"]
+    page.click("tr[data-id=r1]")
+    detail = page.locator("tr.detail")
+    assert detail.locator("del").all_text_contents() == ["No"] and detail.locator("ins").all_text_contents() == ["Small"]
+    assert detail.locator("img").evaluate("img => img.naturalWidth") == 96
+    page.select_option("#f-task", "")
+    page.select_option("select[data-key=site]", "")
+    page.fill("#f-text", "4d image")
+    assert ids() == ["bad"] and "FAILED" in page.locator("tr[data-id=bad]").text_content()
+    assert "toy model" in page.locator("#note").text_content()
+    assert errors == []
+
+
+def test_comparison_page_shows_both_answers_and_the_deltas_in_a_real_browser(browser, tmp_path):
+    from RadFMSlicer.evaluation.compare import write_comparison
+    from RadFMSlicer.evaluation.metrics import score_case
+
+    a = synthetic_run(tmp_path / "a")
+    b = synthetic_run(tmp_path / "b")
+    records = [json.loads(line) for line in (b / "cases.jsonl").read_text().splitlines()]
+    records[1].update(answer="MRI.", scores=score_case("modality", "MRI.", "MRI"))  # m2 now right
+    write_jsonl(b / "cases.jsonl", records)
+    page = browser.new_page()
+    write_comparison(a, b, tmp_path / "cmp")
+    page.goto((tmp_path / "cmp" / "index.html").as_uri())
+    row = page.locator("tr[data-id=m2] td").all_text_contents()
+    assert row[:6] == ["m2", "modality", "0.000", "1.000", "1.000", "differ"]
+    assert page.locator("tr[data-id=m1] td").nth(5).text_content() == "same"
+    page.click("tr[data-id=m2]")
+    answers = page.locator("tr.detail pre").all_text_contents()
+    assert "CT." in answers and "MRI." in answers
+    assert "a vs b" in page.title()

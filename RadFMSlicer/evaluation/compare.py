@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import RadFMError
 from . import metrics
+from .gallery import write_gallery
 from .run import read_cases
 
 MOST_CHANGED = 5
@@ -66,7 +67,8 @@ def compare_runs(run_a: "str | Path", run_b: "str | Path") -> dict:
         }
     return {
         "a": _label(Path(run_a)), "b": _label(Path(run_b)),
-        "cases": {"paired": len(shared), "only_in_a": len(set(a) - set(b)), "only_in_b": len(set(b) - set(a))},
+        "cases": {"paired": len(shared), "answers_changed": sum(c["answer_a"] != c["answer_b"] for c in cases),
+                  "only_in_a": len(set(a) - set(b)), "only_in_b": len(set(b) - set(a))},
         "metrics": per_metric, "per_case": cases, "scoring": metrics.provenance(),
     }
 
@@ -85,6 +87,19 @@ def format_comparison(result: dict) -> str:
             if m[way]:
                 lines.append(f"{metric} {way.replace('_', ' ')}: {', '.join(m[way])}")
     c = result["cases"]
+    lines.append(f"{c['answers_changed']} of {c['paired']} paired answers differ in their text")
     if c["only_in_a"] or c["only_in_b"]:
         lines.append(f"not paired (failed or missing in one run): {c['only_in_a']} only in A, {c['only_in_b']} only in B")
     return "\n".join(lines)
+
+
+def write_comparison(run_a: "str | Path", run_b: "str | Path", out: "str | Path") -> dict:
+    """``OUT/compare.json`` and the side-by-side gallery ``OUT/index.html``; returns the comparison."""
+    result = compare_runs(run_a, run_b)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(result, indent=2))
+    summary_file = Path(run_a) / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    write_gallery(run_a, read_cases(run_a), summary, out / "index.html", result, read_cases(run_b))
+    return result

@@ -3,7 +3,8 @@
 ``RUN/cases.jsonl`` holds one record per case (answer, reference, scores, what the model saw,
 provenance, timings; a failed case holds its error instead of an answer) and is appended
 through :mod:`RadFMSlicer.batch`, so a run killed half-way resumes where it stopped.
-``RUN/summary.json`` is rebuilt from ``cases.jsonl`` at the end of every run. Cases that
+``RUN/summary.json`` and the gallery ``RUN/index.html`` are rebuilt from ``cases.jsonl`` at the
+end of every run. Cases that
 share a scan are answered one after another, so the engine's encoding cache encodes each
 distinct image once.
 """
@@ -21,6 +22,7 @@ from ..errors import RadFMError
 from ..generation import GenerationSettings
 from . import metrics
 from .datasets import Case
+from .gallery import write_gallery
 
 SUMMARY_FORMAT = 1
 TOY_WIDTH = 1024  # an LLM narrower than this is a test checkpoint: its text is noise
@@ -89,7 +91,8 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
     hits, misses = engine.cache.hits, engine.cache.misses
     started = time.perf_counter()
     failed = 0
-    with open(out, "a") as f, tqdm(todo, unit="case", file=sys.stderr, disable=not progress) as bar:
+    with open(out, "a") as f, tqdm(todo, unit="case", file=sys.stderr, disable=not progress, desc=str(run_dir),
+                                   total=len(cases), initial=len(cases) - len(todo)) as bar:  # resumed: starts part-way
         for case in bar:
             record = answer_case(engine, case, run_dir, settings, window, interpolation)
             failed += "error" in record
@@ -101,8 +104,11 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
         "images_encoded": engine.cache.misses - misses, "images_from_cache": engine.cache.hits - hits,
     }
     model = engine.describe() | {"toy": engine.model.dims.llm_dim < TOY_WIDTH}
-    summary = write_summary(run_dir, cases, {"manifest": manifest, "model": model, "settings": settings.to_dict(),
-                                             "window": window, "interpolation": interpolation, "last_run": this_run})
+    records = manifest_records(run_dir, cases)
+    summary = write_summary(run_dir, records, len(cases), {
+        "manifest": manifest, "model": model, "settings": settings.to_dict(), "window": window,
+        "interpolation": interpolation, "last_run": this_run})
+    write_gallery(run_dir, records, summary)
     return summary
 
 
@@ -122,17 +128,21 @@ def read_cases(run_dir: "str | Path") -> list[dict]:
     return list(latest.values())
 
 
-def write_summary(run_dir: Path, cases: list[Case], info: dict) -> dict:
-    """``RUN/summary.json``: metrics overall, per task and per extra column, failures, provenance."""
+def manifest_records(run_dir: Path, cases: list[Case]) -> list[dict]:
+    """The run's latest record of each manifest case, in manifest order (cases not yet run left out)."""
     order = {case.id: n for n, case in enumerate(cases)}
-    records = sorted((r for r in read_cases(run_dir) if r["id"] in order), key=lambda r: order[r["id"]])
+    return sorted((r for r in read_cases(run_dir) if r["id"] in order), key=lambda r: order[r["id"]])
+
+
+def write_summary(run_dir: Path, records: list[dict], total: int, info: dict) -> dict:
+    """``RUN/summary.json``: metrics overall, per task and per extra column, failures, provenance."""
     answered = [r for r in records if "answer" in r]
     failures = [{"id": r["id"], "error": r["error"]} for r in records if "answer" not in r]
     summary = {
         "format": SUMMARY_FORMAT,
         "note": TOY_NOTE if info["model"].get("toy") else None,
-        "cases": {"total": len(cases), "answered": len(answered), "failed": len(failures),
-                  "not_run": len(cases) - len(records)},
+        "cases": {"total": total, "answered": len(answered), "failed": len(failures),
+                  "not_run": total - len(records)},
         "metrics": metrics.breakdown(answered),
         "failures": failures,
         "scoring": metrics.provenance(),
