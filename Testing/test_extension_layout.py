@@ -186,7 +186,7 @@ def test_on_slicer_5_8_python_the_module_loads_and_names_the_slicer_it_needs():
             shown.append("logic: " + str(exc))
         print(repr(shown))
     """)
-    out = subprocess.run([python39(), "-c", script], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([python39(), "-B", "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     panel, logic = eval(out.stdout.strip().splitlines()[-1])
     assert "RadFM needs Slicer 5.10 or newer" in panel and "Python 3.9" in panel
