@@ -320,6 +320,7 @@ class RadFMModuleTest(ScriptedLoadableModuleTest):
             self._wait_for(lambda: not any("Nodule" in r for r in regions()), "the segment removed")
         finally:
             widget.cleanup()
+            widget.parent.deleteLater()  # the window Slicer's base class made for it
         self.delayDisplay("Panel: scans and regions follow the scene")
 
     def _tiny_model(self, folder):
