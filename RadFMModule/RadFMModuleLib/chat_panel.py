@@ -154,7 +154,10 @@ class ChatPanel(QtWidgets.QWidget):
         for text, fmt in (("As Markdown\u2026", "md"), ("As JSON\u2026", "json")):
             menu.addAction(text).triggered.connect(lambda checked=False, fmt=fmt: self._export_dialog(fmt))
         self.export_button.setMenu(menu)
-        status_row = hrow(self.busy, self.status_label, self.export_button)
+        self.offer_button = QtWidgets.QPushButton()  # the GPU check's offer: a precision that fits
+        self.offer_button.setVisible(False)
+        self.offer_button.clicked.connect(self._take_offer)
+        status_row = hrow(self.busy, self.status_label, self.offer_button, self.export_button)
         status_row.setStretch(1, 1)
         root.addLayout(status_row)
 
@@ -379,8 +382,19 @@ class ChatPanel(QtWidgets.QWidget):
             self._close_turn(turn, STOP_NOTES.get(stop_reason, "Answer complete."))
         elif event.kind == "error":
             self.log(f"Error: {event.text}")
+            fits = (event.data or {}).get("precision")
             self._close_turn({"stop_reason": "error", "error": event.text},
+                             f"The chosen precision does not fit this GPU; {fits} does." if fits else
                              "The model could not answer; the conversation is kept. Ask again to restart the worker.")
+            if fits:
+                self._offered = fits
+                self.offer_button.setText(f"Use {fits}")
+                self.offer_button.setVisible(True)
+
+    def _take_offer(self):
+        self.precision_box.setCurrentText(self._offered)  # saved with the other settings
+        self.offer_button.setVisible(False)
+        self._set_status(f"Precision set to {self._offered}: ask again.")
 
     def _close_turn(self, turn: dict, status: str):
         """Record the turn (a worker turn, or what we know of a failed one) and show it.
