@@ -6,6 +6,7 @@ answer produced anywhere records the same provenance.
 
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,7 +195,7 @@ def _record(image: ModelImage, role: str, label: str, facts: str | None, region:
 def _write_previews(images: list[ModelImage], records: list[ImageRecord], folder: Path, cache: ImageCache) -> None:
     """A montage PNG per image; one drawn before for the same image and title is written again, not redrawn."""
     folder.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}"  # unique: asks in one second don't share
     for k, (image, record) in enumerate(zip(images, records)):
         out = folder / f"{stamp}-{k}-{record.role}.png"
         key = None if image.key is None else (image.key, record.label)
