@@ -81,24 +81,23 @@ def _looks_like_ct(vol: Volume) -> bool:
     return -3100 <= low <= -500 and 0 <= high <= 4000
 
 
-def resolve_window(vol: Volume, window=None) -> dict:
-    """Turn any accepted window spelling into a description dict with absolute low/high.
+def parse_window(window=None) -> "dict | str | None":
+    """Check a window spelling without a volume: None (automatic), "percentile" or a window dict.
 
     Accepted: None/"auto" (CT -> soft tissue, else percentile), a :class:`Window`, a preset
     name, "percentile", "center,width" text, or a dict from ``ModelImage.window`` (reuse).
+    Front ends call it before the model loads, so a bad spelling costs no wait.
     """
     if window is None or (isinstance(window, str) and window.strip().lower() == "auto"):
-        if vol.default_window is not None:
-            return dict(vol.default_window)
-        if _looks_like_ct(vol):
-            why = "modality CT" if vol.modality else "CT-like values"
-            return _window_dict(WINDOW_PRESETS["soft_tissue"], "soft_tissue", auto=why)
-        return _percentile_window(vol, auto="not CT")
+        return None
     if isinstance(window, Window):
         return _window_dict(window)
     if isinstance(window, dict):  # e.g. the main image's ModelImage.window, reused for a region
-        low, high = float(window["low"]), float(window["high"])
-        if not high > low:
+        try:
+            low, high = float(window["low"]), float(window["high"])
+        except (KeyError, TypeError, ValueError):
+            raise ImageError(f"A window object needs numbers 'low' and 'high' (got {window!r:.80}).") from None
+        if not (math.isfinite(low) and math.isfinite(high) and high > low):
             raise ImageError(f"Window range must have high > low (got {low:g}..{high:g}).")
         if window.get("mode") == "percentile":
             return {"mode": "percentile", "percentiles": list(window.get("percentiles", PERCENTILES)),
@@ -109,7 +108,7 @@ def resolve_window(vol: Volume, window=None) -> dict:
         if key in WINDOW_PRESETS:
             return _window_dict(WINDOW_PRESETS[key], key)
         if key == "percentile":
-            return _percentile_window(vol)
+            return key
         parts = window.replace("/", ",").split(",")
         if len(parts) == 2:
             try:
@@ -118,6 +117,21 @@ def resolve_window(vol: Volume, window=None) -> dict:
                 pass
     raise ImageError(f"Unknown window {window!r}: use one of auto, percentile, {', '.join(WINDOW_PRESETS)}, "
                      "or 'center,width' such as '40,400'.")
+
+
+def resolve_window(vol: Volume, window=None) -> dict:
+    """Turn any accepted window spelling (see :func:`parse_window`) into a dict with absolute low/high."""
+    spec = parse_window(window)
+    if spec is None:
+        if vol.default_window is not None:
+            return dict(vol.default_window)
+        if _looks_like_ct(vol):
+            why = "modality CT" if vol.modality else "CT-like values"
+            return _window_dict(WINDOW_PRESETS["soft_tissue"], "soft_tissue", auto=why)
+        return _percentile_window(vol, auto="not CT")
+    if spec == "percentile":
+        return _percentile_window(vol)
+    return spec
 
 
 def describe_window(w: dict) -> str:
