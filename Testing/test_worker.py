@@ -67,7 +67,7 @@ def test_missing_file_is_named_and_worker_keeps_serving(client):
 
 
 def test_malformed_line_gets_an_error_and_worker_keeps_serving(client):
-    client.proc.stdin.write("{not json\n")
+    client.proc.stdin.write(b"{not json\n")
     client.proc.stdin.flush()
     assert client.hello()["protocol"] == 1
 
@@ -128,3 +128,275 @@ def test_worker_exits_when_its_client_disappears(tiny_checkpoint):
         time.sleep(0.1)
     assert not process_exists(pid)
     c.close()
+
+
+# =============================================================================== faults
+# Each test injects a fault from the fault-injection run (issue 16, issue 11) and checks what
+# a user would notice: an error event naming the cause, no request left without a final
+# event, no process left behind, the worker still serving.
+import json  # noqa: E402
+import math  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+
+import psutil  # noqa: E402
+
+from RadFMSlicer.worker.protocol import MAX_TEXT_CHARS  # noqa: E402
+from RadFMSlicer.worker.server import WorkerServer  # noqa: E402
+
+LAUNCHER = '''#!{python}
+"""Like Slicer's PythonSlicer: runs the real Python as a child, exits 1 if the child dies from a signal."""
+import os, subprocess, sys
+os.write(2, b"launcher: \\xff\\xfe not UTF-8\\n")
+os.write(2, b"launcher: starting the real python\\n")
+child = subprocess.Popen([sys.executable, *sys.argv[1:]])
+code = child.wait()
+sys.exit(1 if code < 0 else code)
+'''
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    path = tmp_path / "PythonSlicer"
+    path.write_text(LAUNCHER.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)
+
+
+def wait_gone(pids, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while any(process_exists(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if process_exists(p)]
+
+
+class Recorder:
+    """A sink that keeps (id, event) pairs."""
+
+    def __init__(self):
+        self.events = []
+
+    def __call__(self, request_id, event):
+        json.dumps(event.data)  # what the stdio sink would have to write
+        self.events.append((request_id, event))
+
+    def finals(self, request_id=None):
+        return [e for rid, e in self.events if e.final and (request_id is None or rid == request_id)]
+
+
+def served(lines: list[bytes], last_id) -> Recorder:
+    """Serve ``lines`` from a pipe kept open until request ``last_id`` has its final event."""
+    sink = Recorder()
+    read_end, write_end = os.pipe()
+    with open(read_end, "rb") as stream, open(write_end, "wb", buffering=0) as feed:
+        thread = threading.Thread(target=WorkerServer(sink, heartbeat_s=0).serve, args=(stream,))
+        thread.start()
+        threading.Thread(target=feed.write, args=(b"".join(lines),), daemon=True).start()
+        deadline = time.monotonic() + 30
+        while not sink.finals(last_id) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    thread.join(10)
+    return sink
+
+
+MALFORMED = [
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"id": "a", "op": ["ask"]}', b'{"id": "b", "op": {"x": 1}}', b'{"id": "c", "op": 7}',
+    b'{"id": "d", "op": "cancel", "target": ["r1"]}', b'{"id": "e", "op": "cancel", "target": {"a": 1}}',
+    *[b'{"id": %s, "op": "%s"}' % (bad, op) for bad in (b'["x"]', b'{"x": 1}', b"true")
+      for op in (b"load", b"encode", b"ask", b"unload")],
+    b'{"id": "f", "op": "ask", "question": "\xff\xfe caf\xe9"}',
+    b"\xff\xfe\xfd", b"null", b"42", b'"ask"', b"{}",
+]
+
+
+def test_malformed_requests_get_errors_and_the_work_thread_keeps_serving():
+    """Each of these killed the worker or its work thread (then every later load hung)."""
+    sink = served([line + b"\n" for line in MALFORMED] + [b'{"id": "last", "op": "load"}\n'], "last")
+    errors = [e for rid, e in sink.events if e.kind == "error" and rid not in ("f", "last")]
+    assert len(errors) == len(MALFORMED) - 1
+    assert "no model loaded" in sink.finals("f")[0].text  # invalid UTF-8 in a question: decoded leniently, served
+    assert all(e.text.startswith("malformed request") for e in errors), [e.text for e in errors]
+    assert "nested too deeply" in errors[0].text and "'op'" in errors[1].text
+    assert "'target'" in errors[4].text and "'id'" in errors[6].text
+    (last,) = sink.finals("last")
+    assert last.kind == "error" and "checkpoint" in last.text  # answered by a living work thread
+
+
+def test_a_worker_under_a_strict_locale_survives_invalid_utf8_on_stdin():
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "ascii:strict"}
+    with WorkerClient.start(env=env, hang_timeout=30) as c:
+        c.proc.stdin.write(b'\xff\xfe{"op": "hello"\xff}\n' + b"[" * 100_000 + b"\n")
+        c.proc.stdin.flush()
+        assert c.hello()["protocol"] == 1
+        with pytest.raises(WorkerError, match="checkpoint folder not found"):
+            c.load("/no/such/checkpoint", timeout=60)
+
+
+BAD_FIELDS = [
+    ("ask", {"question": 5}, "'question' must be text"),
+    ("ask", {"history": ["a"]}, "'history' must be text"),
+    ("ask", {"seed": "1"}, "'seed' must be an integer"),
+    ("ask", {"temperature": math.nan}, "'temperature' must be a finite number"),
+    ("ask", {"repetition_penalty": math.nan}, "'repetition_penalty' must be a finite number > 0"),
+    ("ask", {"top_p": 0}, "'top_p' must be a finite number > 0 and <= 1"),
+    ("ask", {"top_k": 1.5}, "'top_k' must be an integer"),
+    ("ask", {"max_new_tokens": True}, "'max_new_tokens' must be an integer"),
+    ("ask", {"images": "scan.nii"}, "'images' must be a list"),
+    ("ask", {"previous_turns": [["only a question"]]}, "'previous_turns[0]' must be a [question, answer] pair"),
+    ("ask", {"question": "x" * (MAX_TEXT_CHARS + 1)}, f"at most {MAX_TEXT_CHARS:,}"),
+    ("encode", {"window": 40}, "'window' must be a preset name"),
+    ("load", {"checkpoint": 5}, "'checkpoint' must be text"),
+    ("load", {"checkpoint": "/x", "compile_decode": "yes"}, "'compile_decode' must be true or false"),
+]
+
+
+@pytest.mark.parametrize("op,fields,message", BAD_FIELDS)
+def test_a_wrongly_typed_field_is_named(op, fields, message):
+    """These came back as 'internal error: TypeError' (NaN penalty was accepted: an empty answer)."""
+    sink = Recorder()
+    WorkerServer(sink, heartbeat_s=0).handle({"id": "r", "op": op, **fields})
+    (final,) = sink.finals("r")
+    assert final.kind == "error" and message in final.text and final.data["kind"] == "protocol"
+
+
+def test_a_50_mb_question_is_refused_at_once():
+    sink = Recorder()
+    start = time.perf_counter()
+    WorkerServer(sink, heartbeat_s=0).handle({"id": "r", "op": "ask", "question": "x" * 50_000_000})
+    assert time.perf_counter() - start < 1.0
+    assert "at most" in sink.finals("r")[0].text
+
+
+def test_cancel_bookkeeping_forgets_misses_and_refuses_duplicate_live_ids():
+    sink = Recorder()
+    server = WorkerServer(sink, heartbeat_s=0)  # work thread not started: requests stay queued
+    server.handle({"id": "c1", "op": "cancel", "target": "later"})
+    assert sink.finals("c1")[0].data["matched"] is False
+    server.handle({"id": "later", "op": "load"})  # reuses the id that was cancelled before it existed
+    server.handle({"id": "later", "op": "unload"})
+    assert "already in use" in sink.finals("later")[0].text
+    for n in range(1000):
+        server.handle({"id": f"c{n}", "op": "cancel", "target": f"gone{n}"})
+    assert not server._cancelled  # nothing remembered for ids that matched nothing
+    server.start()
+    server.close()
+    final = sink.finals("later")[-1]
+    assert final.kind == "error" and "checkpoint" in final.text  # it ran: it was not cancelled at once
+
+
+def test_shutdown_with_queued_work_gives_each_a_final_event_and_exits_cleanly(tiny_checkpoint):
+    c = WorkerClient.start(hang_timeout=60)
+    c.load(tiny_checkpoint)
+    running = c.ask(question="Describe", images=[CT], max_new_tokens=1900)
+    queued = [c.ask(question="Is there", images=[CT], max_new_tokens=1900) for _ in range(3)]
+    next(e for e in running.events(60) if e.kind == "token")
+    popen = c.proc
+    c.send("shutdown").wait(30)
+    start = time.monotonic()
+    for request in [running, *queued]:
+        final = request.wait(30)
+        assert final.kind == "done" and final.data["stop_reason"] == "cancelled", final.text
+    assert popen.wait(timeout=15) == 0 and time.monotonic() - start < 10
+    c.close()
+
+
+def test_a_failed_load_keeps_the_model_already_loaded(client):
+    with pytest.raises(WorkerError, match="still loaded"):
+        client.load("/no/such/checkpoint")
+    assert client.ask(question="Is there", images=[CT], max_new_tokens=2).wait(60).kind == "done"
+
+
+def test_a_stopped_worker_is_reported_ended_and_restarted():
+    """SIGSTOP (as a stuck CUDA call): poll() never reported anything and alive() stayed true."""
+    with WorkerClient.start(hang_timeout=2) as c:
+        c.hello()
+        pid = c.pid
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        request = c.send("status")
+        big = "x" * 2_000_000
+        for _ in range(4):  # far more than a pipe holds: the caller must not block
+            t0 = time.monotonic()
+            c.send("ask", question=big)
+            assert time.monotonic() - t0 < 0.5
+        final = request.wait(30)
+        assert final.kind == "error" and "stopped responding" in final.text, final.text
+        assert time.monotonic() - stopped < 8 and not c.alive()
+        assert wait_gone([pid]) == []
+        assert c.hello()["pid"] != pid and c.restarts == 1
+
+
+def worker_processes(besides=()):
+    """Worker processes started by this test process, other than ``besides`` (a module fixture's)."""
+    return [p for p in psutil.Process().children(recursive=True)
+            if "RadFMSlicer.worker" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE
+            and p.pid not in besides]
+
+
+def test_threads_asking_after_a_crash_share_one_restart_and_close_ends_all():
+    others = {p.pid for p in worker_processes()}
+    c = WorkerClient.start(hang_timeout=30)
+    c.hello()
+    os.kill(c.pid, signal.SIGKILL)
+    while c.alive():
+        time.sleep(0.01)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(c.hello(timeout=60))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 3 and len({r["pid"] for r in results}) == 1  # all answered by one fresh worker
+    assert c.restarts == 1 and len(worker_processes(others)) == 1
+    c.close()
+    assert wait_gone([p.pid for p in worker_processes(others)]) == []
+
+
+ORPHAN_PARENT = """
+import os, sys, time
+from RadFMSlicer.worker.client import WorkerClient
+c = WorkerClient.start(hang_timeout=30)
+print(c.hello()["pid"], flush=True)
+if os.fork() == 0:  # a forked child inherits the worker's pipes and keeps them open
+    time.sleep(30)
+    os._exit(0)
+os._exit(0)  # the parent dies without closing anything
+"""
+
+
+def test_the_worker_exits_when_its_parent_dies_even_if_a_fork_holds_its_pipe():
+    parent = subprocess.run([sys.executable, "-c", ORPHAN_PARENT], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))})
+    worker_pid = int(parent.stdout.split()[0])
+    assert wait_gone([worker_pid], timeout=5) == []
+
+
+def test_kill_9_below_a_launcher_is_named_and_leaves_no_process(launcher, tiny_checkpoint):
+    lines = []
+    c = WorkerClient.start(python=launcher, hang_timeout=30, on_stderr=lines.append)
+    c.hello()
+    launcher_pid, worker_pid = c.proc.pid, c.pid
+    assert launcher_pid != worker_pid and psutil.Process(worker_pid).ppid() == launcher_pid
+    request = c.send("load", checkpoint=str(tiny_checkpoint))
+    os.kill(worker_pid, signal.SIGKILL)
+    final = request.wait(30)
+    assert final.kind == "error" and "killed by a signal" in final.text and "launcher" in final.text, final.text
+    assert wait_gone([launcher_pid, worker_pid]) == []
+    assert "launcher: \ufffd\ufffd not UTF-8" in lines and "launcher: starting the real python" in lines
+    assert c.hello()["pid"] != worker_pid  # restarted below a fresh launcher
+    c.close()
+
+
+def test_close_and_hang_end_the_whole_tree_below_a_launcher(launcher):
+    c = WorkerClient.start(python=launcher, hang_timeout=2)
+    c.hello()
+    tree = [c.proc.pid, c.pid]
+    os.kill(c.pid, signal.SIGSTOP)
+    assert "stopped responding" in c.send("status").wait(30).text
+    assert wait_gone(tree) == []
+    c.hello()
+    tree = [c.proc.pid, c.pid]
+    c.close()
+    assert wait_gone(tree) == []

@@ -1,17 +1,27 @@
 """The worker process: one loaded engine, requests in, events out to a sink.
 
 :class:`WorkerServer` does not know how events travel. It hands each one to its *sink*,
-a callable ``sink(request_id, event)`` (:class:`~.protocol.Event`), which must be safe to
-call from several threads (the reader answers quick ops, the work thread streams work)
-and should not block for long. :class:`JsonLinesSink` writes them as lines on stdout
-(``python -m RadFMSlicer.worker``); another transport supplies its own sink and feeds
-:meth:`WorkerServer.handle` with requests.
+a callable ``sink(request_id, event)`` (:class:`~.protocol.Event`). The contract:
+
+- it is called from several threads (the reader answers quick ops and refusals, the work
+  thread streams work, the heartbeat thread beats), so it must be thread-safe, and it
+  should not block for long (a blocked sink stalls the work and the heartbeat);
+- events of one request arrive in order, and every request handed to :meth:`handle` gets
+  exactly one final event (``done`` or ``error``), also when :meth:`close` cancels it;
+- ``request_id`` is None for events that belong to no request: refusals of a line with no
+  usable id, and the ``heartbeat`` (``data={"pid": ...}``) every ``heartbeat_s`` seconds.
+
+:class:`JsonLinesSink` writes events as lines on stdout (``python -m RadFMSlicer.worker``).
+Another transport supplies its own sink, calls :meth:`WorkerServer.start`, feeds parsed
+requests to :meth:`WorkerServer.handle` and calls :meth:`WorkerServer.close` at the end.
 
 stdout carries only the protocol (anything else a library prints goes to stderr). Work
 (load, encode, ask, unload) is served one request at a time in arrival order; hello,
-status, cancel and shutdown are answered at once. A failing request gets an error event
-and the worker keeps serving. When the input ends (the client went away) the worker
-cancels what it is doing and exits.
+status, cancel and shutdown are answered at once. Nothing a request holds (wrong types,
+100,000-deep JSON, invalid UTF-8) ends the process or its work thread: it gets an error
+event naming the problem and the worker keeps serving. When the input ends or on
+shutdown, queued work is cancelled (each with its final event), the running request is
+cancelled, and the process exits. It also exits when the program that started it is gone.
 """
 
 import json
@@ -25,7 +35,11 @@ import traceback
 from .. import __version__
 from ..errors import RadFMError
 from ..image_cache import ImageCache
-from .protocol import OPS, PROTOCOL_VERSION, WORK_OPS, Event, ask_request_from_json
+from .protocol import (HEARTBEAT, MAX_LINE_BYTES, PROTOCOL_VERSION, WORK_OPS, Event, RequestError,
+                       ask_request_from_json, check_envelope, check_fields, is_request_id)
+
+HEARTBEAT_S = 1.0
+PARENT_POLL_S = 0.5
 
 
 class JsonLinesSink:
@@ -43,13 +57,19 @@ class JsonLinesSink:
 
 
 class WorkerServer:
-    def __init__(self, sink):
+    SHUTDOWN_WAIT_S = 5.0  # for the running request to end after a cancel, before the process exits anyway
+
+    def __init__(self, sink, heartbeat_s: float = HEARTBEAT_S):
         self.sink = sink
+        self.heartbeat_s = heartbeat_s
         self._jobs: "queue.Queue[dict | None]" = queue.Queue()
-        self._cancelled: set[str] = set()
-        self._current_id: str | None = None
+        self._live: dict = {}  # id -> op of every queued or running work request
+        self._cancelled: set = set()  # live ids cancelled before they could stop themselves
+        self._current_id = None
         self._current_generation = None
         self._state_lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._work_thread = threading.Thread(target=self._work_loop, name="radfm-work", daemon=True)
         self.engine = None
         self.load_args: dict | None = None
         self.images = ImageCache()  # scans and model images of recent questions: follow-ups reuse them
@@ -58,56 +78,120 @@ class WorkerServer:
         self.sink(request_id, Event(kind, text, data))
 
     # --- input ----------------------------------------------------------------------------
-    def serve(self, lines) -> None:
-        """Handle JSON lines until the input ends or a shutdown request."""
-        worker = threading.Thread(target=self._work_loop, name="radfm-work", daemon=True)
-        worker.start()
-        for line in lines:
+    def serve(self, stream) -> None:
+        """Handle request lines from a binary stream until it ends or a shutdown request."""
+        if not self._work_thread.is_alive():
+            self.start()
+        for line in request_lines(stream):
+            if line is None:
+                self.emit(None, "error", f"malformed request: a line longer than {MAX_LINE_BYTES:,} bytes",
+                          kind="protocol")
+                continue
             if not line.strip():
                 continue
             try:
                 request = json.loads(line)
-                if not isinstance(request, dict) or "op" not in request:
-                    raise ValueError("a request is a JSON object with an 'op'")
+            except RecursionError:
+                self.emit(None, "error", "malformed request: JSON nested too deeply", kind="protocol")
+                continue
             except ValueError as exc:
                 self.emit(None, "error", f"malformed request: {exc}", kind="protocol")
                 continue
             if not self.handle(request):
                 break
-        self._cancel_everything()
-        self._jobs.put(None)
-        worker.join(timeout=10)
+        self.close()
 
-    def handle(self, request: dict) -> bool:
-        """Answer quick ops now, queue work; False means stop reading."""
-        rid, op = request.get("id"), request["op"]
+    def start(self) -> None:
+        """Start the work thread and the heartbeat (a thread of its own: a long GPU step still beats)."""
+        self._work_thread.start()
+        if self.heartbeat_s > 0:
+            threading.Thread(target=self._beat, name="radfm-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        beat = Event(HEARTBEAT, data={"pid": os.getpid()})  # the pid names the model process below a launcher
+        try:
+            self.sink(None, beat)
+            while not self._stopped.wait(self.heartbeat_s):
+                self.sink(None, beat)
+        except (OSError, ValueError):
+            pass  # the output is gone: the reader's end of input stops the process
+
+    def handle(self, request) -> bool:
+        """Check a parsed request, answer quick ops now, queue work; False means stop reading."""
+        rid = request.get("id") if isinstance(request, dict) and is_request_id(request.get("id")) else None
+        try:
+            check_envelope(request)
+            op = request["op"]
+            if op in WORK_OPS:
+                check_fields(request)
+        except RequestError as exc:
+            self.emit(rid, "error", f"malformed request: {exc}", kind="protocol")
+            return True
         if op == "hello":
             self.emit(rid, "done", "RadFMSlicer worker", version=__version__, protocol=PROTOCOL_VERSION, pid=os.getpid())
         elif op == "status":
             self.emit(rid, "done", "status", **self.status())
         elif op == "cancel":
-            self.cancel(request.get("target"))
-            self.emit(rid, "done", "cancel requested", target=request.get("target"))
+            target = request.get("target")
+            if self.cancel(target):
+                self.emit(rid, "done", "cancel requested", target=target, matched=True)
+            else:
+                self.emit(rid, "done", f"nothing to cancel: no queued or running request has id {target!r}",
+                          target=target, matched=False)
         elif op == "shutdown":
             self.emit(rid, "done", "bye")
             return False
-        elif op in WORK_OPS:
-            self._jobs.put(request)
         else:
-            self.emit(rid, "error", f"unknown op {op!r}; known: {', '.join(OPS)}")
+            with self._state_lock:
+                duplicate = rid is not None and rid in self._live
+                if not duplicate and not self._stopped.is_set():
+                    self._live[rid] = op
+                    self._jobs.put(request)
+            if duplicate:
+                self.emit(rid, "error", f"request id {rid!r} is already in use by a request that has not finished; "
+                                        "use a new id", kind="protocol")
         return True
 
-    def cancel(self, target) -> None:
+    def cancel(self, target) -> bool:
+        """Cancel a queued or running request; False (and nothing remembered) if none has that id."""
         with self._state_lock:
+            if target not in self._live:
+                return False
             if target == self._current_id and self._current_generation is not None:
                 self._current_generation.cancel()
             else:
-                self._cancelled.add(target)
+                self._cancelled.add(target)  # checked when it starts, or when its generation starts
+            return True
 
-    def _cancel_everything(self) -> None:
+    def close(self) -> None:
+        """End of input: cancel queued work (each gets its final event), stop the running one, stop."""
         with self._state_lock:
+            self._stopped.set()
+            queued = []
+            while True:
+                try:
+                    request = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                queued.append(request)
+                self._live.pop(request.get("id"), None)
             if self._current_generation is not None:
                 self._current_generation.cancel()
+        for request in queued:
+            self.emit(request.get("id"), "done", "cancelled: the worker is shutting down", answer="",
+                      stop_reason="cancelled")
+        self._jobs.put(None)
+        if self._work_thread.is_alive():
+            self._work_thread.join(timeout=self.SHUTDOWN_WAIT_S)
+        with self._state_lock:
+            unfinished = list(self._live.items()) if self._work_thread.is_alive() else []
+        for rid, op in unfinished:
+            self.emit(rid, "error", f"the worker shut down before this {op} finished", kind="shutdown")
+
+    @property
+    def finished(self) -> bool:
+        """True once close() left no work running (else the process should exit without waiting)."""
+        return self._stopped.is_set() and not self._work_thread.is_alive()
 
     def status(self) -> dict:
         import psutil
@@ -122,24 +206,32 @@ class WorkerServer:
 
     # --- work -----------------------------------------------------------------------------
     def _work_loop(self) -> None:
+        """Serve work in order; nothing a request holds may end this thread (hello would still answer)."""
         while (request := self._jobs.get()) is not None:
             rid = request.get("id")
-            with self._state_lock:
-                if rid in self._cancelled:
-                    self._cancelled.discard(rid)
-                    self.emit(rid, "done", "", answer="", stop_reason="cancelled")
-                    continue
-                self._current_id = rid
             try:
-                getattr(self, "op_" + request["op"])(rid, request)
-            except RadFMError as exc:
-                self.emit(rid, "error", str(exc), kind=type(exc).__name__)
-            except Exception as exc:  # keep serving: report the bug with its traceback on stderr
+                self._run(rid, request)
+            except Exception:  # the sink itself failed (stdout gone): nothing left to tell
                 traceback.print_exc(file=sys.stderr)
-                self.emit(rid, "error", f"internal error: {type(exc).__name__}: {exc}", kind="internal")
             finally:
                 with self._state_lock:
                     self._current_id, self._current_generation = None, None
+                    self._live.pop(rid, None)
+                    self._cancelled.discard(rid)
+
+    def _run(self, rid, request) -> None:
+        with self._state_lock:
+            if rid in self._cancelled:
+                self.emit(rid, "done", "", answer="", stop_reason="cancelled")
+                return
+            self._current_id = rid
+        try:
+            getattr(self, "op_" + request["op"])(rid, request)
+        except RadFMError as exc:
+            self.emit(rid, "error", str(exc), kind=type(exc).__name__)
+        except Exception as exc:  # keep serving: report the bug with its traceback on stderr
+            traceback.print_exc(file=sys.stderr)
+            self.emit(rid, "error", f"internal error: {type(exc).__name__}: {str(exc)[:500]}", kind="internal")
 
     def op_load(self, rid, request) -> None:
         from ..engine import RadFMEngine
@@ -149,12 +241,17 @@ class WorkerServer:
         if not args["checkpoint"]:
             raise RadFMError("load needs a 'checkpoint' folder")
         self.emit(rid, "status", f"loading model from {args['checkpoint']}")
-        self.engine = None
         start = time.perf_counter()
-        self.engine = RadFMEngine.load(args["checkpoint"], device=args["device"] or "cpu", dtype=args["dtype"],
-                                       quantization=args["quantization"],
-                                       compile_decode=bool(args["compile_decode"]), vllm_url=args["vllm_url"])
-        self.load_args = args
+        try:  # the model loaded before stays in use until the new one is in
+            engine = RadFMEngine.load(args["checkpoint"], device=args["device"] or "cpu", dtype=args["dtype"],
+                                      quantization=args["quantization"],
+                                      compile_decode=bool(args["compile_decode"]), vllm_url=args["vllm_url"])
+        except RadFMError as exc:
+            if self.engine is None:
+                raise
+            raise RadFMError(f"{exc} (the model loaded before, {self.engine.describe().get('checkpoint')}, "
+                            "is still loaded)") from exc
+        self.engine, self.load_args = engine, args
         self.emit(rid, "done", "model loaded", model=self.engine.describe(),
                   load_s=round(time.perf_counter() - start, 2))
 
@@ -212,13 +309,68 @@ class WorkerServer:
         self.emit(rid, "done", result.text, answer=result.text, stop_reason=result.stop_reason, turn=turn.to_dict())
 
 
-def main() -> int:
+def request_lines(stream, limit: int = MAX_LINE_BYTES):
+    """Lines of a binary stream, decoded leniently (a bad byte becomes U+FFFD); None for an overlong line."""
+    while raw := stream.readline(limit + 1):
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while (rest := stream.readline(limit + 1)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+            continue
+        yield raw.decode("utf-8", errors="replace")
+
+
+def watch_parent(parent_pid: int | None) -> None:
+    """Exit when the process that started us is gone, even if a forked child still holds our stdin.
+
+    Polled, not a Linux parent-death signal: PR_SET_PDEATHSIG fires when the *thread* that
+    started the worker ends, and the Slicer panel starts it from a short-lived thread.
+    """
+    first_ppid = os.getppid()
+
+    def poll():
+        while True:
+            time.sleep(PARENT_POLL_S)
+            if os.getppid() != first_ppid or (parent_pid and not _process_exists(parent_pid)):
+                print("RadFM worker: the program that started it is gone; exiting", file=sys.stderr, flush=True)
+                os._exit(0)
+
+    threading.Thread(target=poll, name="radfm-parent-watch", daemon=True).start()
+
+
+def _process_exists(pid: int) -> bool:
+    if os.name == "nt":
+        import psutil
+
+        return psutil.pid_exists(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def main(argv=None) -> int:
     """Serve stdin/stdout. The real stdout is kept for the protocol; fd 1 is pointed at stderr."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m RadFMSlicer.worker")
+    parser.add_argument("--heartbeat-s", type=float, default=HEARTBEAT_S, help="0 = no heartbeat")
+    parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    args = parser.parse_args(argv)
     protocol_out = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    watch_parent(args.parent_pid)
+    server = WorkerServer(JsonLinesSink(protocol_out), heartbeat_s=args.heartbeat_s)
+    server.start()  # beating before the slow imports below
     from ..cli import quiet_third_party_logs
 
     quiet_third_party_logs()
-    WorkerServer(JsonLinesSink(protocol_out)).serve(sys.stdin)
+    server.serve(sys.stdin.buffer)
+    if not server.finished:  # a load that cannot be cancelled: do not wait for it, nor let it abort the exit
+        sys.stderr.flush()
+        os._exit(0)
     return 0
