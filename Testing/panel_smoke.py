@@ -34,7 +34,7 @@ from RadFMModuleLib.settings import ModelSettings  # noqa: E402
 from RadFMModuleLib.turn_views import STOP_NOTES  # noqa: E402
 from RadFMSlicer.session import Session  # noqa: E402
 
-QUESTION = "Is there a pleural effusion?"
+QUESTION = ("Is there a pleural effusion?", "Which side?")  # typed with Shift+Enter between the lines
 TIMEOUT_S = 240
 
 
@@ -55,8 +55,8 @@ def wait_until(condition, what):
         time.sleep(0.01)
 
 
-def send(widget, kind, key, text):
-    event = QtGui.QKeyEvent(kind, key, QtCore.Qt.NoModifier, text)
+def send(widget, kind, key, text, modifiers=QtCore.Qt.NoModifier):
+    event = QtGui.QKeyEvent(kind, key, modifiers, text)
     event.ignore()  # as Qt's shortcut map sends ShortcutOverride: accepted only if the widget claims the key
     QtWidgets.QApplication.sendEvent(widget, event)
     return event.isAccepted()
@@ -94,11 +94,16 @@ def main(worker_python, fixture, out):
     step(f"panel built: scan {get(panel.volume_box, 'currentText')!r}, {get(panel.region_list, 'count')} regions")
 
     panel.input.setFocus()
-    type_keys(panel.input, QUESTION)
-    check(panel.input.toPlainText() == QUESTION, f"typed text arrives in the box (got {panel.input.toPlainText()!r})")
+    type_keys(panel.input, QUESTION[0])
+    send(panel.input, QtCore.QEvent.KeyPress, QtCore.Qt.Key_Return, "\r", QtCore.Qt.ShiftModifier)
+    type_keys(panel.input, QUESTION[1])
+    question = "\n".join(QUESTION)
+    check(panel.input.toPlainText() == question, f"typed text arrives in the box (got {panel.input.toPlainText()!r})")
+    check(not panel.busy_now, "Shift+Enter starts a new line instead of sending")
     type_keys(panel.history_edit, "58 y, cough")
     check(get(panel.history_edit, "text") == "58 y, cough", "typed history arrives in the history box")
-    step(f"typed {len(QUESTION)} keys into the question box and 11 into history, every ShortcutOverride claimed")
+    step(f"typed {len(question)} keys (Shift+Enter among them) into the question box and 11 into history; "
+         f"every ShortcutOverride claimed by the box")
 
     send(panel.input, QtCore.QEvent.KeyPress, QtCore.Qt.Key_Return, "\r")
     check(panel.state == "connecting" and panel.input.toPlainText() == "", "Enter sends the question")
@@ -115,6 +120,15 @@ def main(worker_python, fixture, out):
     step(f"streamed {turn.provenance['timing']['new_tokens']} tokens ({turn.stop_reason}); "
          f"{len(log.splitlines())} log lines")
 
+    view.details_button.click()
+    check(view.details.isVisible() and get(view.details_button, "checked"), "What the model saw opens")
+    panel.copy_answer()
+    check(QtWidgets.QApplication.clipboard().text() == turn.answer, "Copy answer puts it on the clipboard")
+    step("opened what the model saw; copied the answer")
+
+    panel.prior_box.setCurrentIndex(panel.prior_box.findData("prior"))
+    panel.window_box.setCurrentIndex(panel.window_box.findData("lung"))
+    panel.region_list.item(0).setCheckState(QtCore.Qt.Checked)  # the segment
     assistant_module.TASK_TOKENS["report"] = 1500  # a long answer, to stop in the middle
     panel.task_buttons[0].click()  # Draft report
     wait_until(lambda: panel._answer is not None and panel._answer.text.strip(), "the report's first words")
@@ -123,9 +137,10 @@ def main(worker_python, fixture, out):
     wait_until(lambda: not panel.busy_now, "the stopped report")
     turn, view = panel.assistant.session.turns[-1], panel.answers[-1]
     check(turn.stop_reason == "cancelled" and turn.provenance["timing"]["new_tokens"] < 1500, "Stop cancels")
-    check(get(view.state, "text") == "Stopped before the end." and get(view.body, "text") == turn.answer,
+    check(get(view.state, "text") == "stopped" and get(view.body, "text") == turn.answer,
           "the words so far are kept")
     check(panel.ask_button.isEnabled() and not panel.stop_button.isEnabled(), "the panel is idle again")
+    check([image.role for image in turn.images] == ["current", "prior", "region"], "the report saw scan, prior, segment")
     step(f"Stop after {turn.provenance['timing']['new_tokens']} report tokens; the words so far kept")
 
     markdown, as_json = os.path.join(out, "talk.md"), os.path.join(out, "talk.json")
@@ -133,7 +148,7 @@ def main(worker_python, fixture, out):
     panel.export(as_json, "json")
     with open(markdown, encoding="utf-8") as f:
         text = f.read()
-    check(QUESTION in text and "Research use only" in text, "the Markdown export has the question and the notice")
+    check(QUESTION[0] in text and "Research use only" in text, "the Markdown export has the question and the notice")
     with open(as_json, encoding="utf-8") as f:
         exported = Session.from_json(f.read())
     check([t.stop_reason for t in exported.turns][-1] == "cancelled" and len(exported.turns) == 2, "JSON export")
@@ -145,6 +160,9 @@ def main(worker_python, fixture, out):
     check(reopened.answers[0].thumbs.count() >= 1, "restored answers keep their thumbnails")
     step(f"restored {len(reopened.answers)} answers in a new panel")
 
+    panel.precision_box.setCurrentText("bfloat16")
+    check(ModelSettings.load(store).precision == "bfloat16", "a changed model setting is stored")
+    QtWidgets.QApplication.processEvents()  # pending layout requests first
     panel.grab().save(os.path.join(out, "panel.png"))
     worker = panel.assistant.client.proc
     panel.close()

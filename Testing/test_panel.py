@@ -170,7 +170,7 @@ def test_stop_cancels_and_keeps_the_words_so_far(open_panel, qtbot):
     wait_idle(qtbot, panel)
     assert clients[0].requests[0].cancelled
     view = panel.answers[-1]
-    assert view.body.text() == "The lungs are" and view.state.text() == "Stopped before the end."
+    assert view.body.text() == "The lungs are" and view.state.text() == "stopped"
     assert panel.assistant.session.turns[-1].stop_reason == "cancelled"
     assert panel.ask_button.isEnabled() and not panel.stop_button.isEnabled()
 
@@ -439,7 +439,7 @@ def test_real_worker_streams_an_answer_and_stops_on_request(qtbot, store, fixtur
     view, turn = panel.answers[-1], panel.assistant.session.turns[-1]
     assert turn.stop_reason == "cancelled" and turn.provenance["timing"]["new_tokens"] < 1500
     assert view.body.text() == turn.answer == Session.from_json(scene.saved).turns[-1].answer
-    assert turn.answer.startswith(shown) and view.state.text() == "Stopped before the end."
+    assert turn.answer.startswith(shown) and view.state.text() == "stopped"
     assert statuses[statuses.index("Stopping\u2026") + 1:] == ["Stopped before the end."]  # no "Writing…" after Stop
     assert not any(text.startswith(("Starting", "Loading")) for text in statuses)  # the loaded worker was reused
 

@@ -33,6 +33,10 @@ def ask_open_path(parent, caption: str, start: str = "") -> str:
 
 
 def get(obj, name: str):
-    """Read a Qt property: PythonQt exposes it as an attribute, PySide as a getter method."""
-    value = getattr(obj, name)
+    """Read a Qt property: PythonQt exposes it as an attribute (``button.checked``), PySide as its
+    getter method, named like the property or, for a flag, ``is`` + Name (``isChecked()``)."""
+    if hasattr(obj, name):
+        value = getattr(obj, name)
+    else:
+        value = getattr(obj, "is" + name[:1].upper() + name[1:])
     return value() if callable(value) else value

@@ -10,7 +10,8 @@ from .qt_shim import QtCore, QtGui, QtWidgets, get
 
 TASK_LABELS = {"vqa": "Question", "diagnosis": "Diagnosis", "report": "Draft report",
                "rationale": "Diagnosis and rationale", "modality": "Modality"}
-STOP_NOTES = {"length": "Stopped at the length limit.", "cancelled": "Stopped before the end."}
+STOP_NOTES = {"length": "Stopped at the length limit.", "cancelled": "Stopped before the end."}  # status line
+ANSWER_NOTES = {"length": "length limit", "cancelled": "stopped"}  # an answer's header: short, beside its title
 NOTICE = "Research use only. Not a medical device: check every statement against the images."
 CURSOR = "\u258d"
 THUMB_PX = 96
@@ -148,6 +149,7 @@ class AnswerView:
         layout.setContentsMargins(10, 8, 10, 8)
         layout.setSpacing(6)
         self.state = text_label("", "muted", point_delta=-1)
+        self.state.setWordWrap(False)  # a wrapped note in the header row was cut to its first line
         who = text_label(f"RadFM \u00b7 {TASK_LABELS.get(task, task)}", "who")
         who.setWordWrap(False)
         header = hrow(who, self.state, stretch_at=1)
@@ -188,7 +190,7 @@ class AnswerView:
             return self.fail(turn.error, turn.answer)
         self.text = turn.answer
         self.body.setText(turn.answer or "(no answer)")
-        self.state.setText(STOP_NOTES.get(turn.stop_reason, ""))
+        self.state.setText(ANSWER_NOTES.get(turn.stop_reason, ""))
         for image in turn.images:
             self._add_thumbnail(image)
         self.thumbs.addStretch(1)
@@ -217,7 +219,7 @@ class AnswerView:
         button.setToolButtonStyle(QtCore.Qt.ToolButtonTextUnderIcon)
         button.setIcon(QtGui.QIcon(pixmap))
         button.setIconSize(pixmap.size().scaled(THUMB_PX * 2, THUMB_PX, QtCore.Qt.KeepAspectRatio))
-        button.setText(f"{image.role}: {image.label}" if image.role != image.label else image.label)
+        button.setText(f"{image.role}\n{image.label}" if image.role != image.label else image.label)
         button.setToolTip(f"{image.source}\nClick to open the full-size picture of what the model saw.")
         button.clicked.connect(lambda: QtGui.QDesktopServices.openUrl(QtCore.QUrl.fromLocalFile(image.preview_png)))
         self.thumbs.addWidget(button)
