@@ -249,7 +249,7 @@ class ChatPanel(QtWidgets.QWidget):
             if item.kind == "volume":
                 self.volume_box.addItem(item.name, item.id)
                 self.prior_box.addItem(item.name, item.id)
-        skipped = [f"{item.name} ({item.detail})" for item in volumes if item.kind != "volume"]
+        skipped = [f"{item.name} \u2014 {item.detail}" for item in volumes if item.kind != "volume"]
         self.skipped_label.setText("Not offered: " + "; ".join(skipped) if skipped else "")
         self.skipped_label.setVisible(bool(skipped))
         for box, value in ((self.volume_box, current), (self.prior_box, prior)):
