@@ -304,7 +304,7 @@ class RadFMModuleTest(ScriptedLoadableModuleTest):
                 return [panel.region_list.item(n).text() for n in range(get(panel.region_list, "count"))]
 
             self._wait_for(lambda: scans() == ["Chest CT"], "the scalar volume alone")
-            self.assertIn("Photo (a colour", get(panel.skipped_label, "text"))
+            self.assertIn("Photo \u2014 a colour or vector volume", get(panel.skipped_label, "text"))
             line = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "Line 1")
             line.AddControlPointWorld([0.0, 0.0, 0.0])
             line.AddControlPointWorld([0.0, 0.0, 10.0])  # placed while the module is shown

@@ -113,7 +113,7 @@ def test_only_true_scalar_volumes_are_offered_and_a_colour_volume_says_why(slice
                                                      "DTI": "unsupported", "Video": "unsupported"}
     assert "grey-scale" in items["Photo"].detail and "Vector to Scalar Volume" in items["Photo"].detail
     assert "streaming" in items["Video"].detail
-    with pytest.raises(ValueError, match="Photo is a colour or vector volume"):
+    with pytest.raises(ValueError, match=r"Photo is a colour or vector volume \(.*\), not a scan RadFM can read"):
         scene.volume(rgb.GetID())
     assert scene.volume(ct.GetID()).array.shape == SHAPE
 
@@ -121,7 +121,8 @@ def test_only_true_scalar_volumes_are_offered_and_a_colour_volume_says_why(slice
     try:
         box = widget.panel.volume_box
         assert [box.itemText(n) for n in range(box.count())] == ["CT"]
-        assert "Photo (a colour or vector volume" in widget.panel.skipped_label.text()
+        assert "Not offered: Photo \u2014 a colour or vector volume (RadFM reads grey-scale" in \
+            widget.panel.skipped_label.text()
     finally:
         widget.cleanup()
 

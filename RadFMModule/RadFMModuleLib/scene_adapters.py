@@ -25,8 +25,8 @@ SCAN_CLASS = "vtkMRMLScalarVolumeNode"
 NOT_A_SCAN = {
     "vtkMRMLLabelMapVolumeNode": None,  # a label map is a region, not a scan: not listed at all
     "vtkMRMLStreamingVolumeNode": "a streaming (video) volume",
-    "vtkMRMLVectorVolumeNode": "a colour or vector volume: RadFM reads grey-scale CT/MR; "
-                               "make a scalar volume with the Vector to Scalar Volume module",
+    "vtkMRMLVectorVolumeNode": "a colour or vector volume (RadFM reads grey-scale CT/MR; "
+                               "the Vector to Scalar Volume module makes one)",
     "vtkMRMLDiffusionWeightedVolumeNode": "a diffusion-weighted volume (one image per gradient)",
     "vtkMRMLTensorVolumeNode": "a tensor volume",
 }
