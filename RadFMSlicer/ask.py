@@ -12,14 +12,15 @@ from pathlib import Path
 
 import numpy as np
 
+from . import storage
 from .engine import RadFMEngine
 from .errors import ImageError, PromptError
 from .generation import Generation, GenerationResult, GenerationSettings
 from .image_cache import NO_CACHE, ImageCache
-from .imaging import ModelImage, Volume, load_volume, preprocess, volume_from_array
+from .imaging import ModelImage, Volume, load_volume, parse_window, preprocess, volume_from_array
 from .preview import render_montage
 from .prompts import ORDINALS, PromptImage, build_prompt, task_question
-from .regions import load_mask, region_from_box, region_from_mask
+from .regions import check_corner, load_mask, region_from_box, region_from_mask
 from .session import ImageRecord, Session, Turn
 
 ROLE_LABELS = {"current": "current study", "prior": "prior study"}
@@ -77,6 +78,17 @@ class ImageInput:
             raise ImageError("an image needs a path or an array")
         return load_volume(self.path, series=self.series)
 
+    def check(self) -> None:
+        """What can be checked without reading pixels: the source exists, the window is spelled right."""
+        if self.array is not None:
+            if self.ijk_to_ras is None:
+                raise ImageError(f"image {self.name or 'array'}: an array needs its ijk_to_ras matrix")
+        elif not self.path:
+            raise ImageError("an image needs a path or an array")
+        elif not Path(self.path).exists():
+            raise ImageError(f"Scan not found: {self.path}")
+        parse_window(self.window)
+
 
 @dataclass
 class RegionInput:
@@ -113,6 +125,28 @@ class RegionInput:
                                    margin_mm=self.margin_mm, name=self.name)
         raise ImageError(f"region {self.name!r} needs a mask, box_ras or box_ijk")
 
+    def check(self, n_images: int) -> None:
+        """What can be checked without the image: one kind of region, its numbers, its image."""
+        given = [k for k in ("mask", "box_ras", "box_ijk") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ImageError(f"region {self.name!r} needs exactly one of mask, box_ras or box_ijk (got {given or 'none'})")
+        if isinstance(self.image, bool) or not isinstance(self.image, int):
+            raise ImageError(f"region {self.name!r}: 'image' is the index of its image (0 = the first), "
+                             f"got {self.image!r}")
+        if not 0 <= self.image < n_images:
+            raise ImageError(f"region {self.name!r} refers to image {self.image + 1}, "
+                             f"but {n_images} image(s) were given")
+        if self.label is not None and (isinstance(self.label, bool) or not isinstance(self.label, int)):
+            raise ImageError(f"region {self.name!r}: the label must be an integer, got {self.label!r}")
+        box = self.box_ras if self.box_ras is not None else self.box_ijk
+        if box is not None:
+            if not isinstance(box, (list, tuple)) or len(box) != 2:
+                raise ImageError(f"region {self.name!r}: a box is two corners [[x0, y0, z0], [x1, y1, z1]]")
+            for corner, what in zip(box, ("first corner", "second corner")):
+                check_corner(corner, what, self.name)
+        if isinstance(self.mask, (str, Path)) and not Path(self.mask).is_file():
+            raise ImageError(f"Label map not found: {self.mask}")
+
 
 @dataclass
 class AskRequest:
@@ -141,6 +175,29 @@ class PreparedAsk:
     prompt: str
     model_images: list[ModelImage]
     records: list[ImageRecord]
+    tokens_per_image: int = 32  # the prompt's image tags are this long: the model's latents
+
+
+def validate(request: AskRequest) -> None:
+    """Every check that needs neither the model nor the pixels; raises the first problem found.
+
+    Task and question, window spellings, that each image exists, each region's kind,
+    numbers and image, and that the preview folder can be written. Front ends (CLI,
+    batch, eval, worker) call it before loading the model, so a typo costs no load;
+    :func:`prepare` calls it too.
+    """
+    if not request.images:
+        raise ImageError("no image given: RadFM answers about an image (--image PATH)")
+    if len(request.images) + len(request.regions) > len(ORDINALS):
+        raise PromptError(f"at most {len(ORDINALS)} images and regions per question")
+    task_question(request.task, request.question)
+    parse_window(request.window)
+    for item in request.images:
+        item.check()
+    for region in request.regions:
+        region.check(len(request.images))
+    if request.preview_dir:
+        storage.check_writable(request.preview_dir, "preview folder", folder=True)
 
 
 def prepare(request: AskRequest, session: Session | None = None, tokens_per_image: int = 32,
@@ -150,8 +207,7 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
     ``images``: what a long-lived caller (the worker) keeps between questions, so that a
     follow-up about an unchanged scan reads and preprocesses nothing again.
     """
-    if not request.images:
-        raise ImageError("no image given: RadFM answers about an image (--image PATH)")
+    validate(request)
     question = task_question(request.task, request.question)
     volumes, model_images, records, labels = [], [], [], []
     for k, item in enumerate(request.images):
@@ -163,14 +219,9 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
         labels.append(PromptImage(label))
         records.append(_record(image, item.role, item.name or Path(image.source).name, None))
     for region_input in request.regions:
-        if not 0 <= region_input.image < len(volumes):
-            raise ImageError(f"region {region_input.name!r} refers to image {region_input.image + 1}, "
-                             f"but {len(volumes)} image(s) were given")
         region = region_input.locate(volumes[region_input.image])
         parent = model_images[region_input.image]
         image = preprocess(region.volume, parent.window, interpolation=request.interpolation, device=device)
-        if len(labels) >= len(ORDINALS):
-            raise PromptError(f"at most {len(ORDINALS)} images and regions per question")
         facts = region.facts(ORDINALS[len(labels)])
         model_images.append(image)
         labels.append(PromptImage(f'marked region "{region.name}"', facts))
@@ -180,7 +231,7 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
     prompt = build_prompt(request.task, labels, request.question, request.history, previous, tokens_per_image)
     if request.preview_dir:
         _write_previews(model_images, records, Path(request.preview_dir), images)
-    return PreparedAsk(question, prompt, model_images, records)
+    return PreparedAsk(question, prompt, model_images, records, tokens_per_image)
 
 
 def _record(image: ModelImage, role: str, label: str, facts: str | None, region: dict | None = None) -> ImageRecord:
@@ -210,9 +261,14 @@ def _write_previews(images: list[ModelImage], records: list[ImageRecord], folder
 
 
 def start(engine: RadFMEngine, request: AskRequest, session: Session | None = None,
-          images: ImageCache = NO_CACHE) -> tuple[PreparedAsk, Generation]:
-    """Prepare the inputs (on the engine's device) and encode the images; the generation has not run yet."""
-    prepared = prepare(request, session, engine.model.dims.num_latents, images, engine.device)
+          images: ImageCache = NO_CACHE, prepared: PreparedAsk | None = None) -> tuple[PreparedAsk, Generation]:
+    """Prepare the inputs (on the engine's device) and encode the images; the generation has not run yet.
+
+    ``prepared``: the same request prepared before the model loaded (every input checked
+    without waiting for the load), used as it is when its image tags fit the model.
+    """
+    if prepared is None or prepared.tokens_per_image != engine.model.dims.num_latents:
+        prepared = prepare(request, session, engine.model.dims.num_latents, images, engine.device)
     generation = engine.stream(prepared.prompt, prepared.model_images, request.settings)
     return prepared, generation
 
@@ -245,10 +301,11 @@ def make_turn(engine: RadFMEngine, request: AskRequest, prepared: PreparedAsk, r
     )
 
 
-def ask(engine: RadFMEngine, request: AskRequest, session: Session | None = None, on_text=None) -> Turn:
+def ask(engine: RadFMEngine, request: AskRequest, session: Session | None = None, on_text=None,
+        prepared: PreparedAsk | None = None) -> Turn:
     """Answer one request to the end (streaming deltas to ``on_text``); add the turn to ``session``."""
     t0 = time.perf_counter()
-    prepared, generation = start(engine, request, session)
+    prepared, generation = start(engine, request, session, prepared=prepared)
     prepare_s = time.perf_counter() - t0
     result = generation.run(on_text)
     turn = make_turn(engine, request, prepared, result, prepare_s)

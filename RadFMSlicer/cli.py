@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -86,7 +87,9 @@ def regions_from_args(args):
 
     regions = []
     for n, spec in enumerate(args.region, 1):
-        path, _, label = spec.partition(":") if not os.path.exists(spec) else (spec, "", "")
+        path, _, label = spec.rpartition(":") if not os.path.exists(spec) and ":" in spec else (spec, "", "")
+        if label and not label.lstrip("-").isdigit():
+            raise RadFMError(f"--region {spec}: the label after ':' must be an integer (e.g. {path}:1)")
         regions.append(RegionInput(name=f"region {n}", mask=path, label=int(label) if label else None))
     for n, spec in enumerate(args.box, len(regions) + 1):
         v = _numbers(spec, 6, "--box")
@@ -140,6 +143,16 @@ def token_from_args(args) -> str | None:
     return read_token_file(args.token_file) if args.token_file else None
 
 
+def check_model_arguments(args) -> None:
+    """Checkpoint folder, device, dtype and quantization: checked before any scan is read."""
+    from .checkpoint import locate_checkpoint, resolve_device, resolve_dtype
+    from .quantization import check_tier, choose_dtype
+
+    locate_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    choose_dtype(None if args.dtype is None else resolve_dtype(args.dtype), device, check_tier(args.quantization))
+
+
 def load_engine(args):
     from .engine import RadFMEngine
 
@@ -151,69 +164,117 @@ def load_engine(args):
     return engine
 
 
+_stdout_line_open = False  # streamed answer text not yet ended by a newline
+
+
+def print_delta(delta: str) -> None:
+    """Stream answer text to stdout, remembering whether its line is still open (see :func:`main`)."""
+    global _stdout_line_open
+    if delta:
+        print(delta, end="", flush=True)
+        _stdout_line_open = not delta.endswith("\n")
+
+
 # --- subcommands ----------------------------------------------------------------------------
 def cmd_ask(args) -> int:
-    from .ask import ask
+    from .ask import ask, prepare
     from .session import DISCLAIMER, Session, append_turn
+    from .storage import check_writable
 
+    if not args.server:
+        if not args.checkpoint:
+            raise RadFMError("radfm ask needs --checkpoint FOLDER (or --server URL of a radfm serve)")
+        check_model_arguments(args)
     request = request_from_args(args)
-    session = Session.read(args.session) if args.session else Session()
     request.include_previous_turns = args.include_previous_turns
-    stream = None if args.json else (lambda delta: print(delta, end="", flush=True))
+    if args.session:
+        check_writable(args.session, "session file")  # before the model runs, not after the answer
+    session = Session.read(args.session) if args.session else Session()
+    stream = None if args.json else print_delta
     if args.server:
         from .remote import RemoteClient, ask_server
 
         turn = ask_server(RemoteClient(args.server, token_from_args(args)), request, session, on_text=stream)
-    elif not args.checkpoint:
-        raise RadFMError("radfm ask needs --checkpoint FOLDER (or --server URL of a radfm serve)")
     else:
-        turn = ask(load_engine(args), request, session, on_text=stream)
-    if args.session:
-        append_turn(args.session, turn)  # re-read under the file's lock: a concurrent ask's turn is kept
+        prepared = prepare(request, session)  # every scan, region and path checked before the model loads
+        turn = ask(load_engine(args), request, session, on_text=stream, prepared=prepared)
     if args.json:
         print(json.dumps(turn.to_dict(), indent=2))
     else:
-        print()
+        print_delta("\n")
         if turn.stop_reason != "eos":
             print(f"[stopped: {turn.stop_reason}]", file=sys.stderr)
         print(DISCLAIMER, file=sys.stderr)
+    if args.session:  # the answer is out first: a failed save loses nothing the user has not seen
+        try:
+            append_turn(args.session, turn)  # re-read under the file's lock: a concurrent ask's turn is kept
+        except RadFMError as exc:
+            raise RadFMError(f"the answer above was not added to {args.session}: {exc}") from None
     return 0
 
 
 def cmd_batch(args) -> int:
     from tqdm import tqdm
 
-    from .ask import ask
-    from .batch import append_record, batch_items, finished_ids
+    from .ask import ask, validate
+    from .batch import append_record, batch_items, finished_ids, repair
+    from .imaging import parse_window
+    from .storage import check_writable
 
     out = Path(args.out)
+    check_writable(out, "results file (--out)")
+    check_model_arguments(args)
+    parse_window(args.window or args.preset)  # options shared by every scan: one error, before anything runs
+    regions_from_args(args)
     items = batch_items(Path(args.input))
-    done = finished_ids(out)
+    settings = run_settings(args)
+    done = finished_ids(out, settings, args.force)
     todo = [item for item in items if item["id"] not in done]
     print(f"{len(items)} scans, {len(items) - len(todo)} already done, {len(todo)} to go -> {out}",
           file=sys.stderr, flush=True)
     if not todo:
         return 0
-    engine = load_engine(args)
     failures = 0
     with open(out, "a") as f:
-        for item in tqdm(todo, unit="scan", file=sys.stderr):
-            record = {"id": item["id"], "images": item["images"]}
+        ready = []
+        for item in todo:  # a scan that fails a check is recorded without waiting for the model
+            record = {"id": item["id"], "images": item["images"], "run_settings": settings}
             try:
                 request = request_from_args(args, item["images"], item["question"], item["task"])
-                record.update(ask(engine, request).to_dict())
+                validate(request)
+                ready.append((request, record))
             except RadFMError as exc:
                 failures += 1
-                record["error"] = str(exc)
-            append_record(f, record)
+                append_record(f, record | {"error": str(exc)})
+        if ready:
+            engine = load_engine(args)
+            with tqdm(ready, unit="scan", file=sys.stderr) as bar:
+                for request, record in bar:
+                    try:
+                        record.update(ask(engine, request).to_dict())
+                    except RadFMError as exc:
+                        failures += 1
+                        record["error"] = str(exc)
+                    append_record(f, record)
+    repair(out)  # one record per scan: the earlier failure of a scan answered now goes
     print(f"done: {len(todo) - failures} answered, {failures} failed (rerun to retry them)", file=sys.stderr)
     return 0 if not failures else 1
 
 
+def run_settings(args) -> dict:
+    """What makes a batch's answers comparable; resuming a results file under others is refused."""
+    keys = ("dtype", "quantization", "task", "question", "history", "window", "preset", "interpolation", "series",
+            "region", "box", "box_ijk", "max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+    return {"checkpoint": os.path.abspath(args.checkpoint), **{key: getattr(args, key) for key in keys}}
+
+
 def cmd_preview(args) -> int:
     from .ask import prepare
-    from .preview import render_montage
+    from .preview import check_image_name, render_montage
+    from .storage import check_writable
 
+    check_image_name(args.out)
+    check_writable(args.out, "preview --out")
     request = request_from_args(args, task="report")
     prepared = prepare(request)
     titles = [f"{r.label} ({r.role})" for r in prepared.records]
@@ -226,17 +287,26 @@ def cmd_preview(args) -> int:
 
 def cmd_demo(args) -> int:
     """The whole pipeline on pydicom's CT_small.dcm with a tiny random checkpoint."""
+    from . import storage
+
+    if args.workdir:
+        storage.check_writable(args.workdir, "--workdir", folder=True)
+        return _demo(Path(args.workdir), args.max_new_tokens, keep=True)
+    with tempfile.TemporaryDirectory(prefix="radfm-demo-") as work:  # nothing left behind
+        return _demo(Path(work), args.max_new_tokens, keep=False)
+
+
+def _demo(work: Path, max_new_tokens: int, keep: bool) -> int:
     import pydicom.data
 
+    from . import storage
     from .ask import AskRequest, ImageInput, RegionInput, ask
     from .engine import RadFMEngine
     from .generation import GenerationSettings
-    from . import storage
     from .imaging import describe_window
     from .session import Session
     from .testing import make_tiny_checkpoint
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="radfm-demo-"))
     banner = "PIPELINE CHECK with a tiny RANDOM-WEIGHT model: the text below is noise, not a medical answer."
     print(banner, file=sys.stderr)
     scan = pydicom.data.get_testdata_file("CT_small.dcm")
@@ -249,18 +319,23 @@ def cmd_demo(args) -> int:
         images=[ImageInput(path=scan)],
         regions=[RegionInput(name="demo box", box_ijk=[[40, 40, 0], [80, 80, 0]])],
         history="demo patient",
-        settings=GenerationSettings(max_new_tokens=args.max_new_tokens),
+        settings=GenerationSettings(max_new_tokens=max_new_tokens),
         preview_dir=str(work / "previews"),
     )
-    print("answer: ", end="", flush=True)
-    turn = ask(engine, request, session, on_text=lambda d: print(d, end="", flush=True))
-    print()
+    print_delta("answer: ")
+    turn = ask(engine, request, session, on_text=print_delta)
+    print_delta("\n")
     seen = [f"{img.label}: tensor {img.shape}, window {describe_window(img.window)}" for img in turn.images]
     print("the model saw:\n  " + "\n  ".join(seen), file=sys.stderr)
     session.write(work / "session.json")
     storage.write_text(work / "session.md", session.to_markdown())
-    print(f"previews: {', '.join(img.preview_png for img in turn.images)}", file=sys.stderr)
-    print(f"session: {work / 'session.md'}\n{banner}", file=sys.stderr)
+    if keep:
+        print(f"previews: {', '.join(img.preview_png for img in turn.images)}", file=sys.stderr)
+        print(f"session: {work / 'session.md'}", file=sys.stderr)
+    else:
+        print("checkpoint, previews and session were temporary and are removed; keep them with --workdir DIR",
+              file=sys.stderr)
+    print(banner, file=sys.stderr)
     return 0
 
 
@@ -354,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_question_arguments(p)
     p.add_argument("--input", required=True, help="folder of scans, or CSV with an 'image' column")
     p.add_argument("--out", required=True, help="JSON-lines file; rerunning skips finished scans")
+    p.add_argument("--force", action="store_true",
+                   help="resume --out even though it was made with other settings (each record keeps its own)")
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("preview", help="PNG montage of exactly what the model receives")
@@ -406,16 +483,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def join_dashed_values(argv: list[str]) -> list[str]:
+    """``--box -40,10,-200,...`` as the README writes it, not only ``--box=-40,...``.
+
+    argparse takes a value that starts with '-' and is not a plain number for an option
+    ("expected one argument"); a comma-separated number list after an option is its value.
+    """
+    out = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and re.fullmatch(r"-[\d.][\d.,eE+-]*", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def report_error(message: str) -> None:
+    """The error as the last line of output, alone: an open answer line is ended first."""
+    global _stdout_line_open
+    if _stdout_line_open:
+        print(flush=True)
+        _stdout_line_open = False
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     quiet_third_party_logs()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_dashed_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         return args.func(args)
     except RadFMError as exc:
-        print(f"radfm: error: {exc}", file=sys.stderr)
+        report_error(f"radfm: error: {' '.join(str(exc).split())}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("\nradfm: interrupted", file=sys.stderr)
+        report_error("radfm: interrupted")
         return EXIT_INTERRUPTED
 
 

@@ -8,6 +8,7 @@ every answer run to the token limit.
 """
 
 import contextlib
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,9 @@ class GenerationSettings:
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise PromptError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
+                raise PromptError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise PromptError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:

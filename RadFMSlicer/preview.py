@@ -14,6 +14,7 @@ import os
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import RadFMError
 from .imaging import describe_window
 
 TILE = 128
@@ -72,3 +73,11 @@ def render_montage(images, out_png, titles=None, tile: int = TILE) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     canvas.save(out_png)
     return out_png
+
+
+def check_image_name(path) -> None:
+    """Refuse, before any work, an output name PIL cannot write (no or unknown extension)."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    known = Image.registered_extensions()
+    if known.get(suffix) not in Image.SAVE:
+        raise RadFMError(f"cannot write an image to {path}: give a file name ending in .png (or .jpg)")

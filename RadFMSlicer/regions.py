@@ -128,7 +128,8 @@ def region_from_mask(vol: Volume, mask_kji, label=None, margin_mm=10.0, name="re
     return _make_region(vol, lo, hi, center, name, margin_mm, ml, [])
 
 
-def _corner(values, what, name):
+def check_corner(values, what, name):
+    """One box corner as 3 finite numbers (also checked by front ends before the model loads)."""
     try:
         v = np.asarray(values, dtype=float).reshape(3)
     except (TypeError, ValueError):
@@ -148,11 +149,11 @@ def region_from_box(vol: Volume, ras_min=None, ras_max=None, *, ijk_min=None, ij
             or (ijk_min is None) != (ijk_max is None):
         raise ImageError(f"Region '{name}': give either ras_min and ras_max, or ijk_min and ijk_max.")
     if ras_min is not None:
-        a, b = _corner(ras_min, "ras_min", name), _corner(ras_max, "ras_max", name)
+        a, b = check_corner(ras_min, "ras_min", name), check_corner(ras_max, "ras_max", name)
         corners_ras = [np.array(c) for c in itertools.product(*zip(a, b))]
         what = f"RAS {np.round(np.minimum(a, b), 1).tolist()}..{np.round(np.maximum(a, b), 1).tolist()}"
     else:
-        a, b = _corner(ijk_min, "ijk_min", name), _corner(ijk_max, "ijk_max", name)
+        a, b = check_corner(ijk_min, "ijk_min", name), check_corner(ijk_max, "ijk_max", name)
         to_ras = vol.ijk_to_ras
         corners_ras = [(to_ras @ np.append(c, 1.0))[:3] for c in itertools.product(*zip(a, b))]
         what = f"IJK {np.minimum(a, b).astype(int).tolist()}..{np.maximum(a, b).astype(int).tolist()}"

@@ -16,6 +16,7 @@ so two programs adding to the same session both keep their turn.
 import contextlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 from .errors import RadFMError
@@ -115,3 +116,28 @@ def _sync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_writable(path, what: str, folder: bool = False) -> None:
+    """Raise a StorageError now, before any long work, if ``path`` could not be written later.
+
+    ``folder``: ``path`` is a folder to write files into (created if missing). A test file is
+    made and removed in the target folder: only that catches read-only mounts and ``/proc``.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != folder:
+        raise StorageError(f"{what} {path} is a {'file' if folder else 'folder'}; give a "
+                           f"{'folder' if folder else 'file name (inside it)'}")
+    target = path if folder else path.parent
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise StorageError(f"cannot write {what} {path}: {existing} is a file, not a folder")
+    try:
+        if folder:
+            target.mkdir(parents=True, exist_ok=True)
+        elif not target.is_dir():
+            raise StorageError(f"cannot write {what} {path}: folder {target} does not exist")
+        with tempfile.TemporaryFile(dir=target):
+            pass
+    except OSError as exc:
+        raise StorageError(f"cannot write {what} {path}: {exc.strerror or exc} in {target}") from None

@@ -1,0 +1,139 @@
+"""What a new user mistypes: one actionable line, last and alone on stderr, before the model loads.
+
+Every case here runs the real ``radfm`` command with model loading made to fail the test,
+so an input error found only after the (minutes-long, for the real release) load fails it.
+"""
+
+import os
+import re
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pydicom.data
+import pytest
+import SimpleITK as sitk
+
+from RadFMSlicer.cli import main
+
+CT = pydicom.data.get_testdata_file("CT_small.dcm")
+FOUR_D = str(Path(nibabel.__file__).parent / "tests" / "data" / "example4d.nii.gz")
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading the model fails the test: these inputs must be refused before it."""
+    from RadFMSlicer.engine import RadFMEngine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(RadFMEngine, "load", classmethod(refuse))
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Named bad and good files in a folder: ``files / name``."""
+    volume = sitk.ReadImage(CT)
+    mask = sitk.GetImageFromArray(np.pad(np.ones((1, 20, 20), np.uint8), ((0, 0), (40, 68), (40, 68))))
+    mask.CopyInformation(volume)
+    sitk.WriteImage(mask, str(tmp_path / "mask.nii.gz"))
+    (tmp_path / "a_file").write_text("not a folder")
+    data = np.linspace(0, 1, 4 * 5 * 6, dtype=np.float32).reshape(6, 5, 4)
+    nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), tmp_path / "cut.nii")
+    (tmp_path / "cut.nii").write_bytes((tmp_path / "cut.nii").read_bytes()[:400])
+    nibabel.save(nibabel.Nifti1Image(np.full((4, 5, 6), np.nan, np.float32), np.eye(4)), tmp_path / "nan.nii.gz")
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "not_a_session.json").write_text('{"hello": 1}')
+    (tmp_path / "no_image_column.csv").write_text("id,path\nx,y.nii\n")
+    (tmp_path / "latin1.csv").write_bytes("id,image\npatient_\xe9,x.nii\n".encode("latin-1"))
+    return tmp_path
+
+
+ASK = ["ask", "--checkpoint", "{ckpt}", "--image", CT, "--max-new-tokens", "4"]
+PREVIEW = ["preview", "--image", CT]
+BATCH = ["batch", "--checkpoint", "{ckpt}", "--input", "{tmp}/empty_dir"]
+
+# (name, command line, what the one error line must say)
+BAD_INPUTS = [
+    ("mask label not an integer", ASK + ["--region", "{tmp}/mask.nii.gz:abc"], "label after ':' must be an integer"),
+    ("mask label absent", ASK + ["--region", "{tmp}/mask.nii.gz:5"], "Label 5 is not in the mask"),
+    ("mask missing", ASK + ["--region", "{tmp}/missing.nii.gz"], "Label map not found"),
+    ("session under a file", ASK + ["--session", "{tmp}/a_file/s.json"], "a_file is a file, not a folder"),
+    ("session in /proc", ASK + ["--session", "/proc/radfm-s.json"], "cannot write session file /proc/radfm-s.json"),
+    ("session is a folder", ASK + ["--session", "{tmp}/empty_dir"], "session file .*empty_dir is a folder"),
+    ("session not a session", ASK + ["--session", "{tmp}/not_a_session.json"], "not_a_session.json"),
+    ("preview dir under a file", ASK + ["--preview-dir", "{tmp}/a_file/p"], "a_file is a file, not a folder"),
+    ("preview dir in /proc", ASK + ["--preview-dir", "/proc/radfm-previews"], "cannot write preview folder"),
+    ("window width 0", ASK + ["--window", "40,0"], "width must be a number > 0"),
+    ("window unknown", ASK + ["--window", "liver"], "Unknown window 'liver'"),
+    ("window NaN", ASK + ["--window", "nan,400"], "Window width must be a number > 0"),
+    ("box too short", ASK + ["--box", "1,2,3"], "--box needs 6 comma-separated numbers"),
+    ("box NaN", ASK + ["--box", "nan,0,0,1,1,1"], "must be finite"),
+    ("box outside", ASK + ["--box-ijk", "900,900,0,950,950,0"], "lies entirely outside the volume"),
+    ("diagnosis without finding", ASK + ["--task", "diagnosis"], "needs the finding to look for"),
+    ("vqa without question", ASK + ["--task", "vqa"], "task vqa needs a question"),
+    ("empty question", ASK + ["--question", "   "], "task vqa needs a question"),
+    ("temperature NaN", ASK + ["--temperature", "nan"], "temperature must be a finite number"),
+    ("top-p 0", ASK + ["--top-p", "0"], r"top_p must be in \(0, 1\]"),
+    ("max tokens 0", ASK + ["--max-new-tokens", "0"], "max_new_tokens must be a positive integer"),
+    ("device without GPU", ASK + ["--device", "cuda"], "PyTorch sees no CUDA GPU"),
+    ("device unknown", ASK + ["--device", "tpu"], "unknown device 'tpu'"),
+    ("int8 with float32", ASK + ["--quantization", "int8", "--dtype", "float32"], "not float32"),
+    ("checkpoint missing", ["ask", "--checkpoint", "{tmp}/nowhere", "--image", CT], "checkpoint folder not found"),
+    ("scan missing", ["ask", "--checkpoint", "{ckpt}", "--image", "{tmp}/nowhere.nii"], "Scan not found"),
+    ("scan truncated", ["ask", "--checkpoint", "{ckpt}", "--image", "{tmp}/cut.nii"], "cut.nii is truncated"),
+    ("scan all NaN", ["ask", "--checkpoint", "{ckpt}", "--image", "{tmp}/nan.nii.gz"], "only NaN/inf values"),
+    ("scan 4D", ["ask", "--checkpoint", "{ckpt}", "--image", FOUR_D], "is a 4D image"),
+    ("scan folder without DICOM", ["ask", "--checkpoint", "{ckpt}", "--image", "{tmp}/empty_dir"],
+     "No DICOM series found"),
+    ("series for a file", ASK + ["--series", "abc"], "only applies to a DICOM folder"),
+    ("too many images", ASK + ["--image", CT] * 10, "at most 10 images and regions"),
+    ("preview out under a file", PREVIEW + ["--out", "{tmp}/a_file/p.png"], "a_file is a file, not a folder"),
+    ("preview out in /proc", PREVIEW + ["--out", "/proc/radfm.png"], "cannot write preview --out /proc/radfm.png"),
+    ("preview out no extension", PREVIEW + ["--out", "{tmp}/montage"], "give a file name ending in .png"),
+    ("preview out unknown extension", PREVIEW + ["--out", "{tmp}/montage.xyz"], "give a file name ending in .png"),
+    ("batch out a folder", BATCH + ["--out", "{tmp}/empty_dir"], "results file .*empty_dir is a folder"),
+    ("batch out under a file", BATCH + ["--out", "{tmp}/a_file/r.jsonl"], "a_file is a file, not a folder"),
+    ("batch out in /proc", BATCH + ["--out", "/proc/radfm.jsonl"], "cannot write results file"),
+    ("batch input missing", ["batch", "--checkpoint", "{ckpt}", "--input", "{tmp}/nowhere", "--out", "{tmp}/r.jsonl"],
+     "batch input not found"),
+    ("batch input empty", BATCH + ["--out", "{tmp}/r.jsonl"], "no scans found"),
+    ("batch CSV without image column", ["batch", "--checkpoint", "{ckpt}", "--input", "{tmp}/no_image_column.csv",
+                                        "--out", "{tmp}/r.jsonl"], "needs an 'image' column"),
+    ("batch CSV not UTF-8", ["batch", "--checkpoint", "{ckpt}", "--input", "{tmp}/latin1.csv",
+                             "--out", "{tmp}/r.jsonl"], "latin1.csv is not UTF-8 text"),
+    ("batch window unknown", BATCH + ["--out", "{tmp}/r.jsonl", "--window", "liver"], "Unknown window 'liver'"),
+]
+
+
+def run_cli(capsys, argv, checkpoint, tmp):
+    code = main([a.format(ckpt=checkpoint, tmp=tmp) for a in argv])
+    return code, *capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_before_the_model_loads(capsys, no_model, files, tiny_checkpoint, argv, message):
+    if "/proc/" in " ".join(argv) and not os.path.isdir("/proc"):
+        pytest.skip("no /proc on this system")
+    code, out, err = run_cli(capsys, argv, tiny_checkpoint, files)
+    lines = err.splitlines()
+    assert code == 2, err
+    assert lines and lines[-1].startswith("radfm: error: "), err
+    assert re.search(message, lines[-1]), lines[-1]
+    assert sum("error" in line for line in lines) == 1 and "Traceback" not in err and "Loading" not in err
+
+
+def test_an_error_after_a_streamed_answer_starts_on_its_own_line(capsys, monkeypatch, tiny_checkpoint, tmp_path):
+    """A session that cannot be saved: the answer is printed in full, then the error alone."""
+    from RadFMSlicer import session as session_module
+    from RadFMSlicer.errors import RadFMError
+
+    def full_disk(path, turn):
+        raise RadFMError(f"could not write {path} (No space left on device)")
+
+    monkeypatch.setattr(session_module, "append_turn", full_disk)
+    code, out, err = run_cli(capsys, ASK + ["--question", "Is there fluid", "--session", "{tmp}/s.json"],
+                             tiny_checkpoint, tmp_path)
+    assert code == 2 and out.endswith("\n") and out.strip()  # the answer reached the user
+    assert err.splitlines()[-1].startswith("radfm: error: the answer above was not added to")
