@@ -412,3 +412,15 @@ def test_comparison_page_shows_both_answers_and_the_deltas_in_a_real_browser(bro
     answers = page.locator("tr.detail pre").all_text_contents()
     assert "CT." in answers and "MRI." in answers
     assert "a vs b" in page.title()
+
+
+def test_eval_benchmark_counts_what_the_encoding_cache_saved(tmp_path, fixture_dir, capsys):
+    from bench import evaluation
+    from bench.common import Recorder
+
+    recorder = Recorder(tmp_path / "evaluation.jsonl")
+    evaluation.run(recorder, cases=6, new_tokens=2)  # CT asked 5 questions, then MR once
+    baseline, cached = recorder.results
+    assert baseline.baseline and baseline.extra["images_encoded"] == 6 and baseline.extra["images_from_cache"] == 0
+    assert cached.extra["images_encoded"] == 2 and cached.extra["images_from_cache"] == 4
+    assert "x_baseline" in capsys.readouterr().out
