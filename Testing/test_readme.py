@@ -92,3 +92,17 @@ def test_readme_command_runs_as_written(command, readme_folder, monkeypatch, cap
     assert code == 0, f"{command}\n{err[-2000:]}"
     assert "Traceback" not in err and "Warning" not in err, err
     assert not list(tmp_path.iterdir()), "a temporary folder was left behind"
+
+
+def test_the_readme_test_command_installs_what_the_tests_need_and_is_what_ci_runs():
+    """On a fresh clone `python -m pytest` alone fails: No module named pytest."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    test_command = next(line for block in blocks for line in block.splitlines() if "pytest" in line)
+    assert test_command.startswith('pip install -e ".[test]" && ')
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert test_command.replace("pip install", "python -m pip install") in ci
+
+
+def test_the_readme_says_how_to_install_the_cpu_build_of_pytorch():
+    install = next(line for line in README.read_text().splitlines() if line.startswith("pip install torch"))
+    assert "--index-url https://download.pytorch.org/whl/cpu" in install and install.endswith("radfm demo")
