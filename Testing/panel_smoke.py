@@ -48,11 +48,20 @@ def check(condition, what):
 
 
 def wait_until(condition, what):
+    """Run Qt's own event loop (in C++, as Slicer's main window does) until ``condition()``.
+
+    PythonQt as CTK sets it up keeps the GIL while Qt runs, so the panel's threads only
+    move while Python code runs on the GUI thread; a Python sleep loop would hide that.
+    """
     end = time.monotonic() + TIMEOUT_S
-    while not condition():
-        check(time.monotonic() < end, f"timed out after {TIMEOUT_S} s waiting for {what}")
-        QtWidgets.QApplication.processEvents()
-        time.sleep(0.01)
+    loop, timer = QtCore.QEventLoop(), QtCore.QTimer()
+    timer.setInterval(20)
+    timer.timeout.connect(lambda: loop.quit() if condition() or time.monotonic() > end else None)
+    timer.start()
+    if not condition():
+        loop.exec()
+    timer.stop()
+    check(condition(), f"timed out after {TIMEOUT_S} s waiting for {what}")
 
 
 def send(widget, kind, key, text, modifiers=QtCore.Qt.NoModifier):
@@ -93,6 +102,11 @@ def main(worker_python, fixture, out):
     check(get(panel.region_list, "count") == 3, "the panel lists the scene's segment, ROI box and line")
     step(f"panel built: scan {get(panel.volume_box, 'currentText')!r}, {get(panel.region_list, 'count')} regions")
 
+    panel.ask("vqa")
+    check(not panel.busy_now and get(panel.status_label, "text") == "Type a question first.",
+          "asking with an empty box says what is missing")
+    step("an empty question is refused: 'Type a question first.'")
+
     panel.input.setFocus()
     type_keys(panel.input, QUESTION[0])
     send(panel.input, QtCore.QEvent.KeyPress, QtCore.Qt.Key_Return, "\r", QtCore.Qt.ShiftModifier)
@@ -105,10 +119,12 @@ def main(worker_python, fixture, out):
     step(f"typed {len(question)} keys (Shift+Enter among them) into the question box and 11 into history; "
          f"every ShortcutOverride claimed by the box")
 
+    sent_at = time.monotonic()
     send(panel.input, QtCore.QEvent.KeyPress, QtCore.Qt.Key_Return, "\r")
     check(panel.state == "connecting" and panel.input.toPlainText() == "", "Enter sends the question")
     step("Enter sent the question; the panel is connecting")
     wait_until(lambda: not panel.busy_now, "the first answer")
+    answered_s = time.monotonic() - sent_at
     turn, view = panel.assistant.session.turns[-1], panel.answers[-1]
     check(turn.error is None and turn.stop_reason in ("eos", "length"), f"an answer streams in (turn: {turn.error})")
     check(get(view.body, "text") == turn.answer != "", "the streamed words are the recorded answer")
@@ -117,8 +133,10 @@ def main(worker_python, fixture, out):
           "the answer shows what the model saw")
     log = panel.log_view.toPlainText()
     check("Starting the model worker" in log and "Loading the model" in log, "the log pane shows the worker's start")
-    step(f"streamed {turn.provenance['timing']['new_tokens']} tokens ({turn.stop_reason}); "
-         f"{len(log.splitlines())} log lines")
+    timing = turn.provenance["timing"]
+    step(f"streamed {timing['new_tokens']} tokens ({turn.stop_reason}), shown {answered_s:.1f} s after Enter "
+         f"(worker start and load included; in the worker: prepare {timing.get('prepare_and_encode_s')} s, "
+         f"generate {timing.get('generate_s')} s); {len(log.splitlines())} log lines")
 
     view.details_button.click()
     check(view.details.isVisible() and get(view.details_button, "checked"), "What the model saw opens")
@@ -158,7 +176,11 @@ def main(worker_python, fixture, out):
     check([get(v.body, "text") for v in reopened.answers] == [t.answer for t in exported.turns],
           "a new panel restores the conversation saved in the scene")
     check(reopened.answers[0].thumbs.count() >= 1, "restored answers keep their thumbnails")
-    step(f"restored {len(reopened.answers)} answers in a new panel")
+    reopened.reload()  # what the module does when the scene is closed or loaded
+    check(len(reopened.answers) == 2 and not reopened.busy_now, "reloading from the scene shows the conversation")
+    reopened.log_section.toggle.click()
+    check(reopened.log_view.isVisible(), "the Log section opens")
+    step(f"restored {len(reopened.answers)} answers in a new panel; reloaded; opened its Log")
 
     panel.precision_box.setCurrentText("bfloat16")
     check(ModelSettings.load(store).precision == "bfloat16", "a changed model setting is stored")
