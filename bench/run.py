@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from . import followup, llm, loading, vision
+from . import followup, llm, loading, viewer, vision
 from .common import RESULTS, Recorder
 
 TOPICS = {
@@ -19,6 +19,8 @@ TOPICS = {
     "prefill": llm.prefill,
     "decode": llm.decode,
     "followup": followup.run,
+    "overhead": followup.overhead,
+    "viewer": viewer.run,
 }
 
 
