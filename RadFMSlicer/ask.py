@@ -176,6 +176,7 @@ class PreparedAsk:
     model_images: list[ModelImage]
     records: list[ImageRecord]
     tokens_per_image: int = 32  # the prompt's image tags are this long: the model's latents
+    edges: list = field(default_factory=list)  # per model image: patient directions at its edges (previews)
 
 
 def validate(request: AskRequest) -> None:
@@ -209,13 +210,14 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
     """
     validate(request)
     question = task_question(request.task, request.question)
-    volumes, model_images, records, labels = [], [], [], []
+    volumes, model_images, records, labels, edges = [], [], [], [], []
     for k, item in enumerate(request.images):
         volume = images.volume(item)
         image = images.model_image(request, item, volume, device)
         label = ROLE_LABELS.get(item.role, item.role)
         volumes.append(volume)
         model_images.append(image)
+        edges.append(_edges(volume))
         labels.append(PromptImage(label))
         records.append(_record(image, item.role, item.name or Path(image.source).name, None))
     for region_input in request.regions:
@@ -224,14 +226,23 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
         image = preprocess(region.volume, parent.window, interpolation=request.interpolation, device=device)
         facts = region.facts(ORDINALS[len(labels)])
         model_images.append(image)
+        edges.append(edges[region_input.image])  # a crop keeps its image's orientation
         labels.append(PromptImage(f'marked region "{region.name}"', facts))
         records.append(_record(image, "region", region.name, facts, region.to_dict()))
     previous = session.previous_turns() if (session and request.include_previous_turns) else None
     # The user's own words: build_prompt applies the task template itself (once).
     prompt = build_prompt(request.task, labels, request.question, request.history, previous, tokens_per_image)
     if request.preview_dir:
-        _write_previews(model_images, records, Path(request.preview_dir), images)
-    return PreparedAsk(question, prompt, model_images, records, tokens_per_image)
+        _write_previews(model_images, records, edges, Path(request.preview_dir), images)
+    return PreparedAsk(question, prompt, model_images, records, tokens_per_image, edges)
+
+
+def _edges(volume: Volume) -> tuple:
+    """Patient directions at a preview's edges; a PNG/JPEG has no geometry, only the left-is-right convention."""
+    left, right, top, bottom = volume.edge_letters()
+    if volume.source.lower().endswith((".png", ".jpg", ".jpeg")):
+        return left, right, None, None
+    return left, right, top, bottom
 
 
 def _record(image: ModelImage, role: str, label: str, facts: str | None, region: dict | None = None) -> ImageRecord:
@@ -243,16 +254,17 @@ def _record(image: ModelImage, role: str, label: str, facts: str | None, region:
                        notes=info["notes"], facts=facts)
 
 
-def _write_previews(images: list[ModelImage], records: list[ImageRecord], folder: Path, cache: ImageCache) -> None:
+def _write_previews(images: list[ModelImage], records: list[ImageRecord], edges: list, folder: Path,
+                    cache: ImageCache) -> None:
     """A montage PNG per image; one drawn before for the same image and title is written again, not redrawn."""
     folder.mkdir(parents=True, exist_ok=True)
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}"  # unique: asks in one second don't share
-    for k, (image, record) in enumerate(zip(images, records)):
+    for k, (image, record, edge) in enumerate(zip(images, records, edges)):
         out = folder / f"{stamp}-{k}-{record.role}.png"
         key = None if image.key is None else (image.key, record.label)
         png = None if key is None else cache.previews.get(key)
         if png is None:
-            render_montage([image], out, titles=[record.label], tile=64)
+            render_montage([image], out, titles=[record.label], tile=64, edges=[edge])
             if key is not None:
                 cache.previews.put(key, out.read_bytes())
         else:

@@ -278,7 +278,7 @@ def cmd_preview(args) -> int:
     request = request_from_args(args, task="report")
     prepared = prepare(request)
     titles = [f"{r.label} ({r.role})" for r in prepared.records]
-    path = render_montage(prepared.model_images, args.out, titles=titles)
+    path = render_montage(prepared.model_images, args.out, titles=titles, edges=prepared.edges)
     for record in prepared.records:
         print(f"{record.role}: {record.source} -> tensor {record.shape}", file=sys.stderr)
     print(path)

@@ -20,9 +20,11 @@ from .imaging import describe_window
 TILE = 128
 TILE_GAP = 2  # between tiles of one block
 BLOCK_GAP = 16  # between blocks and around the montage
-CAPTION_LINES = 3
+CAPTION_LINES = 3  # at least; more when a caption wraps in a narrow block
 LINE_HEIGHT = 15
 BACKGROUND = (32, 32, 32)
+TEXT = (230, 230, 230)
+NUMBER = (255, 220, 80)  # slice numbers on the tiles
 
 
 def grid_shape(depth: int) -> tuple:
@@ -31,43 +33,77 @@ def grid_shape(depth: int) -> tuple:
     return math.ceil(depth / cols), cols
 
 
-def _fit(draw, text, font, width) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength("..." + text, font=font) > width:
-        text = text[1:]  # keep the end: file names and shapes matter most
-    return "..." + text
+def _wrap(draw, text, font, width) -> list[str]:
+    """``text`` in lines no wider than ``width``: whole words where they fit, nothing cut off."""
+    fits = lambda s: draw.textlength(s, font=font) <= width  # noqa: E731
+    lines = []
+    for word in text.split():
+        while word:
+            if lines and fits(f"{lines[-1]} {word}"):
+                lines[-1] += " " + word
+                break
+            k = len(word)
+            while k > 1 and not fits(word[:k]):  # a path longer than the block: split it
+                k -= 1
+            lines.append(word[:k])
+            word = word[k:]
+    return lines or [""]
 
 
-def render_montage(images, out_png, titles=None, tile: int = TILE) -> str:
-    """Write the montage of ``images`` (ModelImage list) to ``out_png``; return its path."""
+def slice_numbers(image) -> list[int]:
+    """The display slice (of the whole scan) each of the model's D slices was taken from (nearest)."""
+    depth, n = image.tensor.shape[-1], int(image.original_shape[0])
+    first = image.crop_box[0][0] if image.crop_box is not None else 0
+    return [first + min(n - 1, int(d * n / depth)) for d in range(depth)]
+
+
+def render_montage(images, out_png, titles=None, tile: int = TILE, edges=None) -> str:
+    """Write the montage of ``images`` (ModelImage list) to ``out_png``; return its path.
+
+    Each tile is numbered with the scan slice it shows; ``edges`` (per image: the patient
+    directions at its left, right, top and bottom, e.g. ``("R", "L", "A", "P")``, or None)
+    are lettered around each block. Captions wrap to the block's width, however small.
+    """
     if not images:
         raise ValueError("render_montage needs at least one ModelImage")
     titles = list(titles) if titles is not None else [os.path.basename(im.source) or im.source for im in images]
     if len(titles) != len(images):
         raise ValueError(f"{len(titles)} titles for {len(images)} images")
+    edges = list(edges) if edges is not None else [None] * len(images)
     layouts = [grid_shape(im.tensor.shape[-1]) for im in images]
     widths = [c * tile + (c - 1) * TILE_GAP for _, c in layouts]
     heights = [r * tile + (r - 1) * TILE_GAP for r, _ in layouts]
-    caption_h = CAPTION_LINES * LINE_HEIGHT
+    font = ImageFont.load_default(size=12)
+    small = ImageFont.load_default(size=max(8, min(12, tile // 6)))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    captions = [[wrapped for line in (title, describe_window(im.window), f"tensor {list(im.tensor.shape)}")
+                 for wrapped in _wrap(measure, line, font, width)]
+                for im, title, width in zip(images, titles, widths)]
+    caption_h = max(CAPTION_LINES, *(len(c) for c in captions)) * LINE_HEIGHT
     canvas = Image.new(
         "RGB",
         (sum(widths) + BLOCK_GAP * (len(images) + 1), caption_h + max(heights) + 3 * BLOCK_GAP),
         BACKGROUND,
     )
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=12)
     x0 = BLOCK_GAP
-    for im, title, (rows, cols), width in zip(images, titles, layouts, widths):
-        lines = [title, describe_window(im.window), f"tensor {list(im.tensor.shape)}"]
-        for n, line in enumerate(lines):
-            draw.text((x0, BLOCK_GAP + n * LINE_HEIGHT), _fit(draw, line, font, width), fill=(230, 230, 230), font=font)
-        y0 = BLOCK_GAP * 2 + caption_h
+    y0 = BLOCK_GAP * 2 + caption_h
+    for im, caption, (rows, cols), width, height, edge in zip(images, captions, layouts, widths, heights, edges):
+        for n, line in enumerate(caption):
+            draw.text((x0, BLOCK_GAP + n * LINE_HEIGHT), line, fill=TEXT, font=font)
         slices = (im.tensor[0] * 255).round().byte().permute(2, 0, 1).contiguous().numpy()  # [D, rows, cols]
-        for d, pixels in enumerate(slices):
+        for d, (pixels, number) in enumerate(zip(slices, slice_numbers(im))):
             r, c = divmod(d, cols)
-            tile_img = Image.fromarray(pixels).resize((tile, tile), Image.Resampling.BOX)
-            canvas.paste(tile_img, (x0 + c * (tile + TILE_GAP), y0 + r * (tile + TILE_GAP)))
+            x, y = x0 + c * (tile + TILE_GAP), y0 + r * (tile + TILE_GAP)
+            canvas.paste(Image.fromarray(pixels).resize((tile, tile), Image.Resampling.BOX), (x, y))
+            draw.text((x + 2, y + 1), str(number), fill=NUMBER, font=small, stroke_width=1, stroke_fill=(0, 0, 0))
+        if edge is not None:  # in the margins around the block, so no pixel of a tile is covered
+            left, right, top, bottom = edge
+            middle_x, middle_y = x0 + width / 2, y0 + height / 2
+            for letter, xy, anchor in ((left, (x0 - 2, middle_y), "rm"), (right, (x0 + width + 2, middle_y), "lm"),
+                                       (top, (middle_x, y0 - 2), "mb"), (bottom, (middle_x, y0 + height + 2), "mt")):
+                if letter:
+                    draw.text(xy, letter, fill=TEXT, font=small, anchor=anchor)
         x0 += width + BLOCK_GAP
     out_png = os.fspath(out_png)
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)

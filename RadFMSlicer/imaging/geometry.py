@@ -1,7 +1,8 @@
 """Display orientation: the original voxel grid, how it maps to display order, and :class:`Volume`.
 
-``Volume.voxels`` is a float32 array ``[slices, rows, cols]`` holding axial slices the way
-a radiologist reads them:
+``Volume.voxels`` is an array ``[slices, rows, cols]`` (integer scans keep their own dtype,
+so an int16 CT stays int16: no float copy of the whole volume; others are float32) holding
+axial slices the way a radiologist reads them:
 
 * row 0 is ANTERIOR (anterior up), rows run anterior -> posterior;
 * column 0 is patient RIGHT (patient right on the screen's left), cols run right -> left;
@@ -151,6 +152,15 @@ class Volume:
         """4x4 of the ORIGINAL grid (the one masks and IJK boxes refer to)."""
         return LPS_TO_RAS @ self.grid.ijk_to_lps
 
+    def edge_letters(self) -> tuple:
+        """Patient directions at the left, right, top and bottom of a slice as shown: ("R", "L", "A", "P") axial."""
+        def letter(v):
+            axis = int(np.argmax(np.abs(v)))
+            return "RAS"[axis] if v[axis] > 0 else "LPI"[axis]
+
+        rows, cols = self.display_to_ras[:3, 1], self.display_to_ras[:3, 2]
+        return letter(-cols), letter(cols), letter(-rows), letter(rows)
+
     def to_display(self, array_kji) -> np.ndarray:
         """Reorient (and crop) an array on the original ``[k, j, i]`` grid like the voxels."""
         a = np.asarray(array_kji)
@@ -210,7 +220,7 @@ def build_volume(array_kji, ijk_to_lps, source, modality=None, notes=()) -> Volu
         raise ImageError(f"{source}: the IJK->RAS/LPS matrix must be a finite, invertible 4x4 matrix.")
     grid = Grid.plan(a.shape, m)
     check_size(grid.display_shape, source)
-    vox = np.array(grid.reorient(a), dtype=np.float32)  # always a copy
+    vox = np.array(grid.reorient(a), dtype=a.dtype if a.dtype.kind in "iu" else np.float32)  # always a copy
     notes = list(notes)
     finite = np.isfinite(vox) if a.dtype.kind == "f" else None  # integer voxels are finite: no full-size mask
     if finite is not None and not finite.all():
