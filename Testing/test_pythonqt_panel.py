@@ -8,8 +8,9 @@ runs in a worker process of this Python on the parity fixture.
 * Under real PythonQt: ``RADFM_PYTHONQT`` names a launcher that runs
   ``<launcher> script.py args...`` in a Python with PythonQt initialised and the flat
   ``qt`` module importable, as Slicer's Python console does (build commontk/PythonQt
-  against Qt 5.15 and Python 3.12; the Python needs numpy and filelock). Without it the
-  test is skipped and says why (``pytest -ra`` prints the reason).
+  against Qt 5.15 and Python 3.12). That Python needs what the panel's own process
+  imports: numpy, psutil (ending the worker's process tree) and filelock (export).
+  Without a launcher the test is skipped and says why (``pytest -ra`` prints the reason).
 """
 
 import os
