@@ -351,6 +351,7 @@ def cmd_eval(args) -> int:
                                         ("--out", args.out)) if not value]
     if missing:
         raise RadFMError(f"radfm eval needs {', '.join(missing)} (or: radfm eval compare RUN_A RUN_B)")
+    check_model_arguments(args)
     cases = load_manifest(args.manifest)  # every bad row named before the model loads
     engine = load_engine(args)
     summary = run_eval(engine, cases, args.out, GenerationSettings(max_new_tokens=args.max_new_tokens),
