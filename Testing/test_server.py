@@ -315,3 +315,169 @@ def test_serve_refuses_unsafe_settings_in_one_line(fixture_dir, tmp_path, capsys
     assert "at least 16" in capsys.readouterr().err
     assert radfm(["serve", "--checkpoint", str(tmp_path / "nowhere")]) == 2
     assert "checkpoint folder not found" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- panel: "Run on: server"
+class MemoryStore(dict):
+    """A QSettings stand-in: what the panel would write to Slicer's settings file."""
+
+    def value(self, key):
+        return self.get(key)
+
+    def setValue(self, key, value):
+        self[key] = value
+
+    def sync(self):
+        pass
+
+
+@pytest.fixture
+def panel_lib(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "RadFMModule"))
+    from RadFMModuleLib import assistant, settings
+
+    monkeypatch.setattr(settings, "_session_tokens", {})
+    return SimpleNamespace(assistant=assistant, settings=settings, sys=sys)
+
+
+class MemoryKeyring:
+    """A keyring backend in memory (keyring.backend.KeyringBackend), as the OS keychain would be."""
+
+    priority = 1
+
+    def __init__(self):
+        self.saved = {}
+
+    def set_password(self, service, user, password):
+        self.saved[(service, user)] = password
+
+    def get_password(self, service, user):
+        return self.saved.get((service, user))
+
+
+def test_the_server_token_is_kept_in_the_keyring_never_in_settings(panel_lib, monkeypatch):
+    import keyring
+
+    settings = panel_lib.settings
+    backend = MemoryKeyring()
+    monkeypatch.setattr(keyring, "set_password", backend.set_password)
+    monkeypatch.setattr(keyring, "get_password", backend.get_password)
+    store = MemoryStore()
+    settings.ModelSettings(run_on=settings.RUN_SERVER, server_url="https://rad:8765").save(store)
+    assert settings.save_token("https://rad:8765", TOKEN) is True
+    assert TOKEN not in json.dumps(store) and store["RadFM/run_on"] == "server"
+    assert settings.ModelSettings.load(store).server_url == "https://rad:8765"
+    monkeypatch.setattr(settings, "_session_tokens", {})  # Slicer restarted: the keyring still has it
+    assert settings.load_token("https://rad:8765") == TOKEN
+
+    def no_keyring(*args):
+        raise RuntimeError("No recommended backend was available")
+
+    monkeypatch.setattr(keyring, "set_password", no_keyring)
+    monkeypatch.setattr(keyring, "get_password", no_keyring)
+    assert settings.save_token("https://other:8765", TOKEN) is False  # kept for this session only
+    assert settings.load_token("https://other:8765") == TOKEN
+
+
+def test_the_panel_asks_the_server_with_its_own_inputs(panel_lib, server, tmp_path):
+    """What the panel builds (Slicer arrays as .npy, a segment mask) answered by the server."""
+    settings = panel_lib.settings
+    settings.save_token(server.url, TOKEN)
+    helper = panel_lib.assistant.Assistant(scene=None, settings=settings.ModelSettings(
+        run_on=settings.RUN_SERVER, server_url=server.url))
+    client = helper.connect()
+    assert isinstance(client, RemoteClient) and client.alive()
+    volume = pydicom.dcmread(CT).pixel_array[None].astype(np.int16)
+    np.save(tmp_path / "volume.npy", volume)
+    mask = np.zeros_like(volume, dtype=np.uint8)
+    mask[0, 40:80, 40:80] = 1
+    np.save(tmp_path / "mask.npy", mask)
+    image = {"array": str(tmp_path / "volume.npy"), "ijk_to_ras": np.diag([0.66, 0.66, 5.0, 1]).tolist(),
+             "name": "Chest CT (Doe)", "window": "40.0,400.0", "role": "current"}
+    region = {"mask": str(tmp_path / "mask.npy"), "label": None, "name": "Segment_1", "image": 0}
+    final = client.ask(task="vqa", question="Is it round?", images=[image], regions=[region],
+                       max_new_tokens=4).wait(60)
+    assert final.kind == "done", final.text
+    labels = [r["label"] for r in final.data["turn"]["images"]]
+    assert labels == ["Chest CT (Doe)", "Segment_1"]
+    assert final.data["turn"]["images"][0]["window"]["center"] == 40.0
+    helper.settings = settings.ModelSettings(run_on=settings.RUN_SERVER)
+    with pytest.raises(ValueError, match="server's address"):
+        helper.build_ask("vqa", "q", panel_lib.assistant.Selection(volume_id="v"))
+
+
+def test_a_server_gone_mid_answer_is_reported_like_a_crashed_worker():
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class DropsMidAnswer(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # "the server has this upload"
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b'event: status\ndata: {"text": "starting", "data": {"ask_id": "a"}}\n\n'
+                             b'event: token\ndata: {"text": "The", "data": {}}\n\n')
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)  # the server goes away
+
+    fake = ThreadingHTTPServer(("127.0.0.1", 0), DropsMidAnswer)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    try:
+        request = RemoteClient(f"http://127.0.0.1:{fake.server_address[1]}", TOKEN).ask("q", images=[CT])
+        events = list(request.events(30))
+    finally:
+        fake.shutdown()
+        fake.server_close()
+    assert [e.kind for e in events] == ["status", "status", "token", "error"]
+    assert events[-1].data["kind"] == "worker_died" and "went away mid-answer" in events[-1].text
+
+
+def test_tls_is_on_when_given_a_certificate(tmp_path, monkeypatch):
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+
+    class NoModel:  # the TLS layer does not need a model: health only
+        preview_dir = None
+
+        def load(self, *args, **kwargs):
+            return {}
+
+        def close(self):
+            pass
+
+    port = free_port()
+    config = ServeConfig(checkpoint="unused", port=port, token=TOKEN, ssl_certfile=str(cert), ssl_keyfile=str(key))
+    config.check()
+    uv = uvicorn.Server(uvicorn.Config(create_app(config, worker_factory=NoModel), host="127.0.0.1", port=port,
+                                       ssl_certfile=str(cert), ssl_keyfile=str(key), log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        while not uv.started:
+            assert thread.is_alive()
+            time.sleep(0.05)
+        with pytest.raises(WorkerError, match="CERTIFICATE_VERIFY_FAILED"):
+            RemoteClient(f"https://127.0.0.1:{port}", TOKEN).hello()  # an unknown certificate is refused
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        assert RemoteClient(f"https://127.0.0.1:{port}", TOKEN).hello()["tls"] is True
+        with pytest.raises(WorkerError, match="cannot reach"):
+            RemoteClient(f"http://127.0.0.1:{port}", TOKEN).hello()  # no plain-text fallback
+    finally:
+        uv.should_exit = True
+        thread.join(30)

@@ -23,7 +23,7 @@ import numpy as np
 
 from RadFMSlicer.errors import DeviceMemoryError, RadFMError
 
-from .settings import ModelSettings, precision_for_tiers
+from .settings import RUN_SERVER, ModelSettings, load_token, precision_for_tiers
 
 TASK_TOKENS = {"report": 512, "rationale": 384, "vqa": 256, "diagnosis": 256, "modality": 32}
 WINDOW_AS_SHOWN = "view"  # use each volume's current window/level from the viewer
@@ -75,6 +75,12 @@ class Selection:
     history: str = ""
 
 
+def start_remote_client(url, token):
+    from RadFMSlicer.remote import RemoteClient  # same methods and events as a WorkerClient
+
+    return RemoteClient(url, token)
+
+
 def start_worker_client(python):
     from RadFMSlicer.worker.client import WorkerClient  # imported on first use: keeps module import light
 
@@ -106,7 +112,10 @@ class Assistant:
             raise ValueError("Choose the scan to ask about (no volume is selected).")
         if question.strip() == "" and task == "vqa":
             raise ValueError("Type a question first.")
-        if not self.settings.checkpoint_folder:
+        if self.settings.run_on == RUN_SERVER:
+            if not self.settings.server_url:
+                raise ValueError("Enter the RadFM server's address in Model settings first.")
+        elif not self.settings.checkpoint_folder:
             raise ValueError("Choose the RadFM checkpoint folder in Model settings first.")
         as_shown = selection.window == WINDOW_AS_SHOWN
         images = [self._image(selection.volume_id, "current", as_shown)]
@@ -166,11 +175,19 @@ class Assistant:
             return self._connect(report)
 
     def _connect(self, report):
-        wanted = (self.settings.worker_python, self.settings.checkpoint_folder, tuple(self.settings.load_args().items()))
+        wanted = (self.settings.run_on, self.settings.server_url, self.settings.worker_python,
+                  self.settings.checkpoint_folder, tuple(self.settings.load_args().items()))
         if self.client is not None:
             if self._loaded == wanted and self.client.alive():  # a local check, no round trip to the worker
                 return self.client
             self._drop_client()
+        if self.settings.run_on == RUN_SERVER:
+            url = self.settings.server_url
+            report(f"Connecting to the RadFM server at {url}…")
+            self.client = start_remote_client(url, load_token(url))
+            self.client.load()  # checks that the server answers, accepts the token and has its model
+            self._loaded = wanted
+            return self.client
         report("Starting the model worker…")
         self.client = self.start_client(self.settings.worker_python or None)
         self.client.on_stderr = self.on_worker_line

@@ -14,7 +14,7 @@ from RadFMSlicer import storage
 
 from .assistant import WINDOW_AS_SHOWN, ConnectJob, Note, Selection
 from .qt_shim import QtCore, QtGui, QtWidgets, ask_existing_dir, ask_open_path, ask_save_path, get
-from .settings import DEVICES, PRECISIONS, ModelSettings
+from .settings import DEVICES, PRECISIONS, RUN_ON, ModelSettings, save_token
 from .turn_views import (STOP_NOTES, STYLE, TASK_LABELS, AnswerView, EnterSends, Section, UserTurnView, hrow,
                          text_label, theme_colors)
 
@@ -191,6 +191,20 @@ class ChatPanel(QtWidgets.QWidget):
         form.addRow("Device", self.device_box)
         form.addRow("Precision", self.precision_box)
         form.addRow("Worker Python", hrow(self.python_edit, browse_python))
+        self.run_on_box = QtWidgets.QComboBox()
+        self.run_on_box.addItems(list(RUN_ON))
+        self.run_on_box.setCurrentText(settings.run_on)
+        self.server_edit = QtWidgets.QLineEdit(settings.server_url)
+        self.server_edit.setPlaceholderText("https://radfm-server:8765 (radfm serve)")
+        self.token_edit = QtWidgets.QLineEdit()  # never filled in: a saved token is not shown again
+        self.token_edit.setEchoMode(QtWidgets.QLineEdit.Password)
+        self.token_edit.setPlaceholderText("Server token (kept in the system keyring)")
+        self.token_edit.editingFinished.connect(self._save_token)
+        form.addRow("Run on", self.run_on_box)
+        form.addRow("Server", self.server_edit)
+        form.addRow("Token", self.token_edit)
+        self.server_edit.textChanged.connect(self._save_settings)
+        self.run_on_box.currentIndexChanged.connect(self._save_settings)
         for edit in (self.folder_edit, self.python_edit):
             edit.textChanged.connect(self._save_settings)
         for box in (self.device_box, self.precision_box):
@@ -231,8 +245,19 @@ class ChatPanel(QtWidgets.QWidget):
     def _save_settings(self, *args):
         self.assistant.settings = ModelSettings(get(self.folder_edit, "text").strip(), get(self.device_box, "currentText"),
                                                 get(self.precision_box, "currentText"),
-                                                get(self.python_edit, "text").strip())
+                                                get(self.python_edit, "text").strip(),
+                                                run_on=get(self.run_on_box, "currentText"),
+                                                server_url=get(self.server_edit, "text").strip())
         self.assistant.settings.save(self.store)
+
+    def _save_token(self):
+        token = get(self.token_edit, "text").strip()
+        if not token:
+            return
+        kept = save_token(self.assistant.settings.server_url, token)
+        self.token_edit.clear()
+        self.token_edit.setPlaceholderText("Token saved in the system keyring" if kept
+                                           else "Token kept until Slicer closes (no keyring on this computer)")
 
     # ------------------------------------------------------------------ scene
     def refresh_scene(self):

@@ -8,6 +8,9 @@ from dataclasses import asdict, dataclass, fields
 
 GROUP = "RadFM"
 DEVICES = ("cuda", "cpu")
+RUN_LOCAL, RUN_SERVER = "this computer", "server"
+RUN_ON = (RUN_LOCAL, RUN_SERVER)
+KEYRING_SERVICE = "RadFMSlicer server token"
 # What the panel offers -> (dtype, weight quantization) for WorkerClient.load.
 PRECISIONS = {
     "bfloat16": ("bfloat16", None),
@@ -36,6 +39,8 @@ class ModelSettings:
     device: str = "cuda"
     precision: str = "bfloat16"
     worker_python: str = ""  # empty: the Python the module runs in (Slicer's PythonSlicer)
+    run_on: str = RUN_LOCAL  # or RUN_SERVER: a radfm serve at server_url (its token: save_token, never here)
+    server_url: str = ""
 
     @classmethod
     def load(cls, store) -> "ModelSettings":
@@ -48,6 +53,8 @@ class ModelSettings:
         settings = cls(**values)
         if settings.precision not in PRECISIONS:
             settings.precision = cls.precision
+        if settings.run_on not in RUN_ON:
+            settings.run_on = cls.run_on
         return settings
 
     def save(self, store) -> None:
@@ -59,3 +66,32 @@ class ModelSettings:
         """Keyword arguments for ``WorkerClient.load`` (besides the folder)."""
         dtype, quantization = PRECISIONS[self.precision]
         return {"device": self.device, "dtype": dtype, "quantization": quantization}
+
+
+# The server token is a password: kept in the platform's keyring (``keyring``: macOS
+# Keychain, Windows Credential Locker, Secret Service) and never in the settings file; where
+# there is no keyring it lives in memory until Slicer closes.
+_session_tokens: dict[str, str] = {}
+
+
+def save_token(url: str, token: str) -> bool:
+    """Remember ``token`` for ``url``; True when the keyring keeps it across sessions."""
+    _session_tokens[url] = token
+    try:
+        import keyring
+
+        keyring.set_password(KEYRING_SERVICE, url, token)
+        return True
+    except Exception:  # no keyring package or no usable backend: this session only
+        return False
+
+
+def load_token(url: str) -> str | None:
+    if url in _session_tokens:
+        return _session_tokens[url]
+    try:
+        import keyring
+
+        return keyring.get_password(KEYRING_SERVICE, url)
+    except Exception:
+        return None

@@ -232,6 +232,7 @@ class Ask:
         self.cancelled = False
         self.finished = False
         self.queued_at = time.monotonic()
+        self.mark = 0  # the scheduler's dispatch count when this ask was queued
 
     def push(self, event: Event) -> None:
         if event.final:
@@ -298,10 +299,12 @@ class Scheduler:
         self.queue = FairQueue(limit)
         self.asks: dict[str, Ask] = {}
         self.current: Ask | None = None
+        self.dispatched = 0  # asks handed to the worker so far: how many overtook an ask is checkable
 
     def submit(self, client: str, params: dict, pins: list[str]) -> tuple[Ask, int]:
         ask = Ask(uuid.uuid4().hex, client, params, pins)  # unguessable: only its asker can cancel it
         ahead = self.queue.add(ask) + (self.current is not None)
+        ask.mark = self.dispatched
         self.asks[ask.id] = ask
         self.store.pin(pins)
         return ask, ahead
@@ -324,6 +327,7 @@ class Scheduler:
         while True:
             ask = await self.queue.next()
             self.current = ask
+            self.dispatched += 1
             try:
                 await self._run_one(ask)
             except Exception as exc:  # keep serving: the ask gets the reason, the server goes on
@@ -334,7 +338,8 @@ class Scheduler:
 
     async def _run_one(self, ask: Ask) -> None:
         ask.push(Event("status", "starting", {"ask_id": ask.id, "ahead": 0,
-                                              "waited_s": round(time.monotonic() - ask.queued_at, 3)}))
+                                              "waited_s": round(time.monotonic() - ask.queued_at, 3),
+                                              "served_before": self.dispatched - 1 - ask.mark}))
         request = await asyncio.to_thread(self.worker.ask, **ask.params)  # may restart a dead worker
         ask.worker_request = request
         if ask.cancelled:
@@ -513,7 +518,7 @@ def create_app(config: ServeConfig, worker_factory=None):
 
         async def stream():
             try:
-                yield sse(Event("status", "queued" if ahead else "starting", {"ask_id": job.id, "ahead": ahead}))
+                yield sse(Event("status", f"queued, {ahead} ahead", {"ask_id": job.id, "ahead": ahead}))
                 while True:
                     event = await job.events.get()
                     yield sse(event)
