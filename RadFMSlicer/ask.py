@@ -161,6 +161,29 @@ class AskRequest:
     include_previous_turns: bool = False
     preview_dir: str | None = None  # write a montage PNG per image here (thumbnails, audits)
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> "AskRequest":
+        """The one way front ends' fields become a request: CLI flags, a worker or HTTP line.
+
+        The task defaults to vqa with a question, else report; generation settings come
+        from their own keys (``max_new_tokens``, ``temperature``, ...); images and regions
+        are objects already or their JSON form; a ``[center, width]`` window is allowed.
+        """
+        settings = {k: fields[k] for k in GenerationSettings.__dataclass_fields__ if fields.get(k) is not None}
+        window = fields.get("window")
+        return cls(
+            task=fields.get("task") or ("vqa" if fields.get("question") else "report"),
+            question=fields.get("question"),
+            images=[i if isinstance(i, ImageInput) else ImageInput.from_json(i) for i in fields.get("images") or []],
+            regions=[r if isinstance(r, RegionInput) else RegionInput.from_json(r) for r in fields.get("regions") or []],
+            history=fields.get("history"),
+            window=",".join(str(v) for v in window) if isinstance(window, (list, tuple)) else window,
+            interpolation=fields.get("interpolation") or "nearest",
+            settings=GenerationSettings(**settings),
+            include_previous_turns=bool(fields.get("include_previous_turns")),
+            preview_dir=fields.get("preview_dir"),
+        )
+
     def model_image(self, item: ImageInput, volume: Volume, device=None) -> ModelImage:
         """``item``'s scan as the model sees it: its own window, else the request's."""
         window = item.window if item.window is not None else self.window
@@ -252,6 +275,12 @@ def _record(image: ModelImage, role: str, label: str, facts: str | None, region:
     return ImageRecord(role=role, label=label, source=image.source, shape=info["tensor_shape"],
                        window=info["window"], resample=info["resample"], crop_box=info["crop_box"],
                        notes=info["notes"], facts=facts)
+
+
+def write_previews(prepared: PreparedAsk, folder, cache: ImageCache = NO_CACHE) -> None:
+    """The montages of ``prepared`` into ``folder`` now: the worker draws them after the answer
+    (asking with ``preview_dir=None``), so they never delay its first token."""
+    _write_previews(prepared.model_images, prepared.records, prepared.edges, Path(folder), cache)
 
 
 def _write_previews(images: list[ModelImage], records: list[ImageRecord], edges: list, folder: Path,

@@ -109,23 +109,12 @@ def images_from_args(args, paths=None):
 
 def request_from_args(args, image_paths=None, question=None, task=None):
     from .ask import AskRequest
-    from .generation import GenerationSettings
 
-    question = question if question is not None else args.question
-    return AskRequest(
-        task=task or args.task or ("vqa" if question else "report"),
-        question=question,
-        images=images_from_args(args, image_paths),
-        regions=regions_from_args(args),
-        history=args.history,
-        window=args.window or args.preset,
-        interpolation=args.interpolation,
-        settings=GenerationSettings(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-            top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        ),
-        preview_dir=getattr(args, "preview_dir", None),
-    )
+    return AskRequest.from_dict({
+        **vars(args), "task": task or args.task, "question": question if question is not None else args.question,
+        "images": images_from_args(args, image_paths), "regions": regions_from_args(args),
+        "window": args.window or args.preset, "preview_dir": getattr(args, "preview_dir", None),
+    })
 
 
 def vllm_url(args) -> str | None:
@@ -185,6 +174,13 @@ def cmd_ask(args) -> int:
         if not args.checkpoint:
             raise RadFMError("radfm ask needs --checkpoint FOLDER (or --server URL of a radfm serve)")
         check_model_arguments(args)
+    if args.attention:
+        from .attention import check_map_name
+
+        if args.server:
+            raise RadFMError("--attention needs the model in this process (--checkpoint), not --server")
+        check_map_name(args.attention)
+        check_writable(args.attention, "--attention")
     request = request_from_args(args)
     request.include_previous_turns = args.include_previous_turns
     if args.session:
@@ -197,7 +193,17 @@ def cmd_ask(args) -> int:
         turn = ask_server(RemoteClient(args.server, token_from_args(args)), request, session, on_text=stream)
     else:
         prepared = prepare(request, session)  # every scan, region and path checked before the model loads
-        turn = ask(load_engine(args), request, session, on_text=stream, prepared=prepared)
+        engine = load_engine(args)
+        attention = None
+        if args.attention:  # computed with the encoding, which the answer then reuses
+            from .attention import write_for_ask
+
+            attention = write_for_ask(engine, request, prepared, args.attention)
+        turn = ask(engine, request, session, on_text=stream, prepared=prepared)
+        if attention:
+            turn.provenance["attention"] = attention
+            if not args.json:
+                print(f"attention map ({attention['label']}): {attention['file']}", file=sys.stderr)
     if args.json:
         print(json.dumps(turn.to_dict(), indent=2))
     else:
@@ -275,10 +281,20 @@ def cmd_preview(args) -> int:
 
     check_image_name(args.out)
     check_writable(args.out, "preview --out")
+    if args.attention and not args.checkpoint:
+        raise RadFMError("preview --attention needs --checkpoint FOLDER: the map comes from the model's resampler")
+    if args.attention:
+        check_model_arguments(args)
     request = request_from_args(args, task="report")
     prepared = prepare(request)
     titles = [f"{r.label} ({r.role})" for r in prepared.records]
-    path = render_montage(prepared.model_images, args.out, titles=titles, edges=prepared.edges)
+    overlays = None
+    if args.attention:
+        from .attention import overlay, patch_map
+
+        engine = load_engine(args)
+        overlays = [overlay(patch_map(engine, image), image) for image in prepared.model_images]
+    path = render_montage(prepared.model_images, args.out, titles=titles, edges=prepared.edges, overlays=overlays)
     for record in prepared.records:
         print(f"{record.role}: {record.source} -> tensor {record.shape}", file=sys.stderr)
     print(path)
@@ -422,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-previous-turns", action="store_true",
                    help="show the model earlier turns of --session (RadFM was not trained on dialogue)")
     p.add_argument("--preview-dir", default=None, help="write a PNG of what the model saw per image here")
+    p.add_argument("--attention", default=None, metavar="FILE.nii.gz",
+                   help="write where the resampler looked in the (first) scan, on its own grid "
+                        "(resampler attention, not an explanation)")
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("batch", help="answer a folder or CSV of scans into JSON lines (resumable)")
@@ -437,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("preview", help="PNG montage of exactly what the model receives")
     add_image_arguments(p)
     p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--attention", action="store_true",
+                   help="overlay the resampler's attention (needs --checkpoint; resampler attention, not an explanation)")
+    add_model_arguments(p, required=False)
     p.set_defaults(func=cmd_preview, history=None, question=None, task=None, max_new_tokens=1, temperature=0.0,
                    top_p=1.0, top_k=0, repetition_penalty=1.0, seed=None)
 

@@ -153,3 +153,16 @@ def test_bad_checkpoint_from_the_real_command(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("radfm: error:") and "pytorch_model.bin" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_cli_and_the_worker_build_the_same_request():
+    from RadFMSlicer.cli import build_parser, join_dashed_values, request_from_args
+    from RadFMSlicer.worker.protocol import ask_request_from_json
+
+    argv = ["ask", "--checkpoint", "x", "--image", CT, "--box", "-40,10,-200,-10,40,-170", "--window", "-600,1500",
+            "--question", "Is there fluid", "--temperature", "0.5", "--seed", "3"]
+    from_cli = request_from_args(build_parser().parse_args(join_dashed_values(argv)))
+    from_worker = ask_request_from_json({
+        "images": [CT], "regions": [{"name": "box 1", "box_ras": [[-40, 10, -200], [-10, 40, -170]]}],
+        "window": [-600, 1500], "question": "Is there fluid", "temperature": 0.5, "seed": 3})
+    assert from_cli == from_worker and from_cli.task == "vqa" and from_cli.window == "-600,1500"

@@ -134,21 +134,6 @@ def check_fields(request: dict) -> None:
 
 def ask_request_from_json(request: dict):
     """An AskRequest from the fields of an ``ask`` (or ``encode``) line."""
-    from ..ask import AskRequest, ImageInput, RegionInput
-    from ..generation import GenerationSettings
+    from ..ask import AskRequest
 
-    settings_keys = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
-    settings = GenerationSettings(**{k: request[k] for k in settings_keys if request.get(k) is not None})
-    window = request.get("window")
-    return AskRequest(
-        task=request.get("task") or ("vqa" if request.get("question") else "report"),
-        question=request.get("question"),
-        images=[ImageInput.from_json(i) for i in request.get("images") or []],
-        regions=[RegionInput.from_json(r) for r in request.get("regions") or []],
-        history=request.get("history"),
-        window=",".join(str(v) for v in window) if isinstance(window, (list, tuple)) else window,
-        interpolation=request.get("interpolation") or "nearest",
-        settings=settings,
-        include_previous_turns=bool(request.get("previous_turns")),
-        preview_dir=request.get("preview_dir"),
-    )
+    return AskRequest.from_dict({**request, "include_previous_turns": bool(request.get("previous_turns"))})
