@@ -219,3 +219,15 @@ def test_the_viewer_hands_a_volume_over_once_per_change_as_int16(tmp_path):
     scene.version = "2"  # the node's voxels changed
     changed = assistant.build_ask("vqa", "Nodule?", Selection("ct"))["images"][0]["array"]
     assert changed != files[0] and np.array_equal(np.load(changed), scene.array)
+
+
+def test_an_int16_scan_is_kept_int16_and_preprocessed_from_its_own_values():
+    array = ct_array()
+    volume = volume_from_array(array, CT_GEOMETRY, name="ct")
+    assert volume.voxels.dtype == np.int16 and volume.voxels.nbytes == array.nbytes  # no float copy of the scan
+    np.testing.assert_array_equal(volume.voxels, array[::-1])  # superior slice first, values unchanged
+    for interpolation in ("nearest", "linear"):
+        image = preprocess(volume, "40,400", interpolation=interpolation)
+        reference = preprocess(volume_from_array(array.astype(np.float32), CT_GEOMETRY, name="ct"), "40,400",
+                               interpolation=interpolation)
+        assert torch.equal(image.tensor, reference.tensor)

@@ -72,8 +72,9 @@ def preprocess(vol: Volume, window=None, *, interpolation="nearest", depth=None,
     """Window to [0, 1], resize to 512 x 512 x D, repeat to 3 channels (on ``device``, default CPU).
 
     Nearest neighbour picks its source voxels first (the indices ``interpolate`` would use)
-    and windows only those: D slices, never a windowed copy of the whole volume. Linear
-    windows one float32 copy of the volume in place, then interpolates it.
+    in the scan's own dtype and windows only those in float32: D slices, never a float copy
+    of the whole volume. Linear windows one float32 copy of the volume in place, then
+    interpolates it.
     """
     win = resolve_window(vol, window)
     d = choose_depth(vol.shape[0], depth)
@@ -85,11 +86,11 @@ def preprocess(vol: Volume, window=None, *, interpolation="nearest", depth=None,
         picked = vol.voxels
         if picked.shape[0] != d:  # whole slices, the way interpolate would pick them
             picked = np.take(picked, _nearest_indices(picked.shape[0], d), axis=0)
-        x = _window_(torch.from_numpy(picked).to(device, copy=picked is vol.voxels), win)  # own buffer, in place
+        x = _window_(_float_tensor(picked, device, copy=picked is vol.voxels), win)  # own buffer, in place
         if x.shape[1:] != size[1:]:
             x = torch.nn.functional.interpolate(x[None], size=size[1:], mode="nearest")[0]
     else:
-        x = _window_(torch.from_numpy(vol.voxels).to(device, copy=True), win)
+        x = _window_(_float_tensor(vol.voxels, device, copy=True), win)
         x = torch.nn.functional.interpolate(x[None, None], size=size, mode=mode, align_corners=False)[0, 0]
     # [slices, rows, cols] seen as [rows, cols, slices]; the 3 channels share memory (an
     # expanded view): call .contiguous() before editing in place.
@@ -104,6 +105,11 @@ def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     """The source index of each output position, exactly as ``interpolate(mode="nearest")`` picks it."""
     positions = torch.arange(n_in, dtype=torch.float32)[None, None]
     return torch.nn.functional.interpolate(positions, size=n_out, mode="nearest")[0, 0].long().numpy()
+
+
+def _float_tensor(array: np.ndarray, device, copy: bool) -> torch.Tensor:
+    """float32 on ``device``, moved there in the array's own (compact) dtype; a new buffer if ``copy``."""
+    return torch.from_numpy(array).to(device).to(torch.float32, copy=copy)
 
 
 def _window_(x: torch.Tensor, win: dict) -> torch.Tensor:

@@ -285,11 +285,12 @@ class WorkerServer:
         self.emit(rid, "done", f"{len(records)} image(s) encoded", images=records)
 
     def op_ask(self, rid, request) -> None:
-        from ..ask import make_turn, start
+        from ..ask import make_turn, start, write_previews
         from ..session import Session
 
         engine = self._require_engine()
         ask_request = ask_request_from_json(request)
+        preview_dir, ask_request.preview_dir = ask_request.preview_dir, None  # drawn after the answer, not before
         session = Session()
         for question, answer in request.get("previous_turns") or []:
             session.add_turn({"task": "vqa", "question": question, "answer": answer})
@@ -305,6 +306,8 @@ class WorkerServer:
         for delta in generation:
             self.emit(rid, "token", delta)
         result = generation.result
+        if preview_dir:
+            write_previews(prepared, preview_dir, self.images)
         turn = make_turn(engine, ask_request, prepared, result, prepare_s)
         self.emit(rid, "done", result.text, answer=result.text, stop_reason=result.stop_reason, turn=turn.to_dict())
 
