@@ -170,6 +170,7 @@ def main(worker_python, fixture, out):
     with open(as_json, encoding="utf-8") as f:
         exported = Session.from_json(f.read())
     check([t.stop_reason for t in exported.turns][-1] == "cancelled" and len(exported.turns) == 2, "JSON export")
+    check(get(panel.status_label, "text") == "Conversation saved as talk.json", "the status names the saved file")
     step("exported Markdown and JSON")
 
     reopened = open_panel(scene, store)

@@ -6,9 +6,9 @@ happens in the worker process; a QTimer on the GUI thread drains its events, so 
 never freezes. Every answer shows what the model saw and the research-use-only notice.
 """
 
-import time
-
+import os
 import queue
+import time
 
 from RadFMSlicer import storage
 
@@ -142,6 +142,9 @@ class ChatPanel(QtWidgets.QWidget):
         root.addLayout(ask_row)
 
         self.status_label = text_label("", "status", point_delta=-1)
+        # One line that gives way to the buttons (a wrapped status was cut in half); the tooltip has it all.
+        self.status_label.setWordWrap(False)
+        self.status_label.setSizePolicy(QtWidgets.QSizePolicy.Ignored, QtWidgets.QSizePolicy.Preferred)
         self.busy = QtWidgets.QProgressBar()
         self.busy.setRange(0, 0)
         self.busy.setMaximumSize(72, 10)
@@ -453,8 +456,9 @@ class ChatPanel(QtWidgets.QWidget):
         self.stop_button.setEnabled(state in (CONNECTING, GENERATING))
         self.busy.setVisible(state != IDLE)
 
-    def _set_status(self, text: str):
+    def _set_status(self, text: str, tooltip: str = ""):
         self.status_label.setText(text)
+        self.status_label.setToolTip(tooltip or text)
 
     # ------------------------------------------------------------------ conversation
     def _add_turn_views(self, view):
@@ -498,7 +502,7 @@ class ChatPanel(QtWidgets.QWidget):
         except storage.StorageError as exc:
             self._set_status(str(exc))
             return
-        self._set_status(f"Conversation saved to {path}")
+        self._set_status(f"Conversation saved as {os.path.basename(path)}", tooltip=path)
 
     def _export_dialog(self, fmt: str):
         name = "Markdown (*.md)" if fmt == "md" else "JSON (*.json)"
