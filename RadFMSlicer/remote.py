@@ -270,7 +270,7 @@ class RemoteClient:
             scans = [_Scan(item, k) for k, item in enumerate(images)]
             ids = [self.upload(s.voxels, s.matrix, s.id) for s in scans]
             request._push(Event("done", f"{len(ids)} image(s) on the server", {"images": ids}))
-        except (RadFMError, OSError) as exc:
+        except (RadFMError, WorkerError, OSError) as exc:
             request._push(Event("error", str(exc), {"kind": type(exc).__name__}))
         return request
 
@@ -315,7 +315,7 @@ class RemoteClient:
                 labels.append(region.name)
             response = self._call("POST", "/ask", json.dumps(payload).encode(), "application/json",
                                   timeout=self.timeout)
-        except (RadFMError, OSError) as exc:
+        except (RadFMError, WorkerError, OSError) as exc:
             request._push(Event("error", str(exc), {"kind": type(exc).__name__}))
             return
         self._read_stream(request, response, labels)

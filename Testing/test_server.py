@@ -100,6 +100,8 @@ def test_remote_answer_is_the_local_answer(server, tiny_engine):
 def test_wrong_token_and_gone_server_are_worker_errors(server):
     with pytest.raises(WorkerError, match="refused the token"):
         RemoteClient(server.url, "not-the-token-at-all-000").load()
+    final = RemoteClient(server.url, "not-the-token-at-all-000").ask("q", images=[CT]).wait(30)
+    assert final.kind == "error" and "refused the token" in final.text
     with pytest.raises(WorkerError, match="cannot reach the RadFM server"):
         RemoteClient(f"http://127.0.0.1:{free_port()}").load()
 
@@ -481,3 +483,16 @@ def test_tls_is_on_when_given_a_certificate(tmp_path, monkeypatch):
     finally:
         uv.should_exit = True
         thread.join(30)
+
+
+def test_radfm_ask_with_server_and_token_file(server, tmp_path, capsys):
+    token = tmp_path / "token"
+    token.write_text("not-the-token-at-all-000\n")
+    token.chmod(0o600)
+    ask_args = ["ask", "--server", server.url, "--token-file", str(token), "--image", CT, "--max-new-tokens", "4"]
+    assert radfm(ask_args + ["--question", "q"]) == 2
+    assert "refused the token" in capsys.readouterr().err
+    token.write_text(TOKEN + "\n")
+    assert radfm(ask_args + ["--question", "q", "--json"]) == 0
+    turn = json.loads(capsys.readouterr().out)
+    assert turn["images"][0]["label"] == "CT_small.dcm" and turn["provenance"]["server"] == server.url
