@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import storage
 from ..errors import RadFMError
 from . import metrics
 from .gallery import write_gallery
@@ -98,7 +99,7 @@ def write_comparison(run_a: "str | Path", run_b: "str | Path", out: "str | Path"
     result = compare_runs(run_a, run_b)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(result, indent=2))
+    storage.write_text(out / "compare.json", json.dumps(result, indent=2))
     summary_file = Path(run_a) / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     write_gallery(run_a, read_cases(run_a), summary, out / "index.html", result, read_cases(run_b))

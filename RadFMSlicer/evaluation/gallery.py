@@ -17,6 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from .. import storage
 from ..imaging import describe_window
 from ..session import DISCLAIMER
 from .metrics import case_score
@@ -102,7 +103,7 @@ def write_gallery(run_dir: "str | Path", records: list[dict], summary: dict, out
              else f"RadFM evaluation: {run_dir.name}")
     page = PAGE.replace("{{title}}", html.escape(title)).replace("{{data}}", payload)
     out = Path(out or run_dir / "index.html")
-    out.write_text(page, encoding="utf-8")
+    storage.write_text(out, page)
     return out
 
 

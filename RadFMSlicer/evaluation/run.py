@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from .. import storage
 from ..ask import AskRequest, ImageInput, RegionInput, ask
 from ..batch import append_record, finished_ids
 from ..errors import RadFMError
@@ -149,7 +150,7 @@ def write_summary(run_dir: Path, records: list[dict], total: int, info: dict) ->
         "timing": {"mean_case_s": round(sum(r["case_s"] for r in answered) / len(answered), 3) if answered else None},
         **info,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    storage.write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
