@@ -400,3 +400,19 @@ def test_close_and_hang_end_the_whole_tree_below_a_launcher(launcher):
     tree = [c.proc.pid, c.pid]
     c.close()
     assert wait_gone(tree) == []
+
+
+def test_on_windows_the_worker_starts_without_a_console_window(monkeypatch):
+    from RadFMSlicer.worker import client as client_module
+
+    class StartupInfo:
+        dwFlags = 0
+        wShowWindow = None
+
+    monkeypatch.setattr(client_module.os, "name", "nt")
+    monkeypatch.setattr(subprocess, "STARTUPINFO", StartupInfo, raising=False)
+    for name, value in (("STARTF_USESHOWWINDOW", 1), ("SW_HIDE", 0), ("CREATE_NO_WINDOW", 0x08000000)):
+        monkeypatch.setattr(subprocess, name, value, raising=False)
+    options = client_module._popen_options()
+    assert options["creationflags"] == 0x08000000
+    assert options["startupinfo"].dwFlags & 1 and options["startupinfo"].wShowWindow == 0
