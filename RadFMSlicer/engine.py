@@ -72,6 +72,7 @@ class RadFMEngine:
         self.tokenizer = tokenizer
         self.files = files
         self.cache = LRUCache(cache_size)  # image key -> image tokens
+        self.attention_cache = LRUCache(cache_size)  # image key -> resampler attention (only when asked for)
         self.device = next(model.parameters()).device
         self.dtype = model.embedding_layer.fc.weight.dtype
         self.quantization = quantization
@@ -174,6 +175,26 @@ class RadFMEngine:
         if not tokens:
             return torch.empty(0, self.model.dims.llm_dim, device=self.device, dtype=self.dtype)
         return torch.cat(tokens)
+
+    def image_attention(self, image) -> torch.Tensor:
+        """The resampler's attention on ``image``'s patch grid, float32 ``[layers, H/32, W/32, D/4]``.
+
+        Computed in the same pass as the image's tokens, which are cached with it: asking
+        about the image afterwards encodes nothing. Resampler attention, not an explanation
+        (see :mod:`RadFMSlicer.attention`).
+        """
+        tensor, key = tensor_and_key(image)
+        self.check_image(tensor, values=key is None)
+        key = key or image_key(tensor)
+        attention = self.attention_cache.get(key)
+        if attention is None:
+            with torch.inference_mode(), explain_out_of_memory(f"encoding a {tensor.shape[-1]}-slice image"):
+                batch = tensor.unsqueeze(0).to(self.device, self.dtype)
+                tokens, maps = self.model.encode_images(batch, return_attention=True)
+            self.cache.put(key, tokens[0].to(self.dtype))
+            attention = maps[:, 0].float().cpu()
+            self.attention_cache.put(key, attention)
+        return attention
 
     @staticmethod
     def split_vision_x(vision_x: torch.Tensor | None) -> list[torch.Tensor]:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .attention import LABEL as ATTENTION_LABEL
 from .errors import RadFMError
 from .imaging import describe_window
 
@@ -25,6 +27,8 @@ LINE_HEIGHT = 15
 BACKGROUND = (32, 32, 32)
 TEXT = (230, 230, 230)
 NUMBER = (255, 220, 80)  # slice numbers on the tiles
+OVERLAY_OPACITY = 0.6  # of the heat colour where the overlay is 1
+OVERLAY_CAPTION = f"heat: {ATTENTION_LABEL}"
 
 
 def grid_shape(depth: int) -> tuple:
@@ -57,12 +61,14 @@ def slice_numbers(image) -> list[int]:
     return [first + min(n - 1, int(d * n / depth)) for d in range(depth)]
 
 
-def render_montage(images, out_png, titles=None, tile: int = TILE, edges=None) -> str:
+def render_montage(images, out_png, titles=None, tile: int = TILE, edges=None, overlays=None) -> str:
     """Write the montage of ``images`` (ModelImage list) to ``out_png``; return its path.
 
     Each tile is numbered with the scan slice it shows; ``edges`` (per image: the patient
     directions at its left, right, top and bottom, e.g. ``("R", "L", "A", "P")``, or None)
     are lettered around each block. Captions wrap to the block's width, however small.
+    ``overlays`` (per image: a heat map ``[H, W, D]`` in [0, 1] on the tensor's grid, or
+    None) is blended over the tiles in red to yellow and named in the caption.
     """
     if not images:
         raise ValueError("render_montage needs at least one ModelImage")
@@ -70,15 +76,17 @@ def render_montage(images, out_png, titles=None, tile: int = TILE, edges=None) -
     if len(titles) != len(images):
         raise ValueError(f"{len(titles)} titles for {len(images)} images")
     edges = list(edges) if edges is not None else [None] * len(images)
+    overlays = list(overlays) if overlays is not None else [None] * len(images)
     layouts = [grid_shape(im.tensor.shape[-1]) for im in images]
     widths = [c * tile + (c - 1) * TILE_GAP for _, c in layouts]
     heights = [r * tile + (r - 1) * TILE_GAP for r, _ in layouts]
     font = ImageFont.load_default(size=12)
     small = ImageFont.load_default(size=max(8, min(12, tile // 6)))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    captions = [[wrapped for line in (title, describe_window(im.window), f"tensor {list(im.tensor.shape)}")
+    captions = [[wrapped for line in (title, describe_window(im.window), f"tensor {list(im.tensor.shape)}",
+                                      *([OVERLAY_CAPTION] if heat is not None else []))
                  for wrapped in _wrap(measure, line, font, width)]
-                for im, title, width in zip(images, titles, widths)]
+                for im, title, width, heat in zip(images, titles, widths, overlays)]
     caption_h = max(CAPTION_LINES, *(len(c) for c in captions)) * LINE_HEIGHT
     canvas = Image.new(
         "RGB",
@@ -88,14 +96,18 @@ def render_montage(images, out_png, titles=None, tile: int = TILE, edges=None) -
     draw = ImageDraw.Draw(canvas)
     x0 = BLOCK_GAP
     y0 = BLOCK_GAP * 2 + caption_h
-    for im, caption, (rows, cols), width, height, edge in zip(images, captions, layouts, widths, heights, edges):
+    for im, caption, (rows, cols), width, height, edge, heat in zip(images, captions, layouts, widths, heights,
+                                                                     edges, overlays):
         for n, line in enumerate(caption):
             draw.text((x0, BLOCK_GAP + n * LINE_HEIGHT), line, fill=TEXT, font=font)
         slices = (im.tensor[0] * 255).round().byte().permute(2, 0, 1).contiguous().numpy()  # [D, rows, cols]
         for d, (pixels, number) in enumerate(zip(slices, slice_numbers(im))):
             r, c = divmod(d, cols)
             x, y = x0 + c * (tile + TILE_GAP), y0 + r * (tile + TILE_GAP)
-            canvas.paste(Image.fromarray(pixels).resize((tile, tile), Image.Resampling.BOX), (x, y))
+            picture = Image.fromarray(pixels).resize((tile, tile), Image.Resampling.BOX)
+            if heat is not None:
+                picture = _heat(picture, heat[:, :, d], tile)
+            canvas.paste(picture, (x, y))
             draw.text((x + 2, y + 1), str(number), fill=NUMBER, font=small, stroke_width=1, stroke_fill=(0, 0, 0))
         if edge is not None:  # in the margins around the block, so no pixel of a tile is covered
             left, right, top, bottom = edge
@@ -109,6 +121,15 @@ def render_montage(images, out_png, titles=None, tile: int = TILE, edges=None) -
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     canvas.save(out_png)
     return out_png
+
+
+def _heat(gray: Image.Image, heat, tile: int) -> Image.Image:
+    """``gray`` with ``heat`` (rows x cols in [0, 1]) blended on top: red where low, yellow where high."""
+    h = np.asarray(Image.fromarray(np.asarray(heat, np.float32)).resize((tile, tile), Image.Resampling.BOX))
+    base = np.asarray(gray.convert("RGB"), np.float32)
+    colour = np.stack([np.full_like(h, 255.0), 255.0 * h, np.zeros_like(h)], axis=-1)
+    alpha = (OVERLAY_OPACITY * h)[..., None]
+    return Image.fromarray((base * (1 - alpha) + colour * alpha).round().astype(np.uint8))
 
 
 def check_image_name(path) -> None:

@@ -101,6 +101,34 @@ def preprocess(vol: Volume, window=None, *, interpolation="nearest", depth=None,
                       list(vol.notes), vol.crop_box, key)
 
 
+def patch_map_to_scan(patch_map, vol: Volume) -> np.ndarray:
+    """A map on the model's patch grid back on the scan's own voxels: the inverse of ``preprocess``.
+
+    ``patch_map``: ``[H/32, W/32, D/4]`` (rows, cols, slices of the model tensor, e.g. the
+    resampler's attention). Returns float32 ``[k, j, i]`` on the ORIGINAL grid of ``vol``
+    (undoing the resample, the crop of a region and the reorientation), each voxel holding
+    the value of the patch its model position fell in; voxels outside a region's crop are 0.
+    """
+    patch_map = np.asarray(patch_map, dtype=np.float32)
+    slices, rows, cols = vol.shape
+    h, w, f = patch_map.shape
+    patch = MODEL_SIZE // h, MODEL_SIZE // w, 4
+
+    def patch_of(n_voxels: int, n_model: int, size: int) -> np.ndarray:  # display index -> patch index
+        return (np.arange(n_voxels) * n_model // n_voxels) // size
+
+    display = patch_map[np.ix_(patch_of(rows, h * patch[0], patch[0]), patch_of(cols, w * patch[1], patch[1]),
+                               patch_of(slices, f * patch[2], patch[2]))].transpose(2, 0, 1)  # [slices, rows, cols]
+    if vol.crop_box is not None:
+        full = np.zeros(vol.grid.display_shape, np.float32)
+        (s0, r0, c0), (s1, r1, c1) = vol.crop_box
+        full[s0:s1, r0:r1, c0:c1] = display
+        display = full
+    grid = vol.grid
+    display = np.flip(display, [d for d in range(3) if grid.flips[d]])
+    return np.ascontiguousarray(np.transpose(display, np.argsort(grid.axes)))
+
+
 def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     """The source index of each output position, exactly as ``interpolate(mode="nearest")`` picks it."""
     positions = torch.arange(n_in, dtype=torch.float32)[None, None]

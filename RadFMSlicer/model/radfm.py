@@ -144,11 +144,20 @@ class RadFMModel(nn.Module):
         self.embedding_layer = RadFMEmbedding(dims)
         self.lang_model = LlamaForCausalLM(llama_config)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, H, W, D]`` in [0, 1] -> ``[N, num_latents, llm_dim]`` image tokens."""
+    def encode_images(self, images: torch.Tensor, return_attention: bool = False):
+        """``[N, 3, H, W, D]`` in [0, 1] -> ``[N, num_latents, llm_dim]`` image tokens.
+
+        ``return_attention``: also the resampler's attention on the patch grid,
+        ``[layers, N, H/32, W/32, D/4]`` (see :class:`~.resampler.PerceiverResampler`).
+        """
         emb = self.embedding_layer
         features = emb.vision_encoder(images)
-        return emb.fc(emb.perceiver(features))
+        if not return_attention:
+            return emb.fc(emb.perceiver(features))
+        latents, maps = emb.perceiver(features, return_attention=True)
+        _, _, height, width, depth = images.shape
+        grid = (height // PATCH_SIZE, width // PATCH_SIZE, depth // FRAME_PATCH_SIZE)  # patch order (h w f)
+        return emb.fc(latents), maps.reshape(maps.shape[0], maps.shape[1], *grid)
 
     def embed(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None) -> torch.Tensor:
         """Text and image embeddings for ``input_ids [1, L]``; ``image_tokens [N*latents, llm_dim]``.

@@ -19,15 +19,27 @@ class PerceiverAttention(nn.Module):
         self.to_kv = nn.Linear(dim, heads * dim_head * 2, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
-    def forward(self, media: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    def forward(self, media: torch.Tensor, latents: torch.Tensor, need_weights: bool = False):
+        """``[B, N, dim]`` media, ``[B, L, dim]`` latents -> ``[B, L, dim]`` (and the weights if asked).
+
+        ``need_weights``: also return the latents' attention onto the media patches,
+        ``[B, heads, L, N]`` (softmax over media and latents together, as in the forward
+        pass; the latents' weights on themselves are left out). SDPA cannot return weights,
+        so this runs the same maths eagerly, as transformers falls back for
+        ``output_attentions``.
+        """
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
         b, n_latents, _ = latents.shape
         q = self.to_q(latents).view(b, n_latents, self.heads, -1).transpose(1, 2)
         kv_input = torch.cat([media, latents], dim=1)
         k, v = self.to_kv(kv_input).view(b, kv_input.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.to_out(out.transpose(1, 2).reshape(b, n_latents, -1))
+        if not need_weights:
+            out = F.scaled_dot_product_attention(q, k, v)
+            return self.to_out(out.transpose(1, 2).reshape(b, n_latents, -1))
+        weights = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)  # [B, heads, L, N + L]
+        out = self.to_out((weights @ v).transpose(1, 2).reshape(b, n_latents, -1))
+        return out, weights[..., : media.shape[1]]
 
 
 def feed_forward(dim: int, inner_dim: int) -> nn.Sequential:
@@ -51,9 +63,20 @@ class PerceiverResampler(nn.Module):
         )
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, media: torch.Tensor) -> torch.Tensor:
+    def forward(self, media: torch.Tensor, return_attention: bool = False):
+        """Image tokens; with ``return_attention`` also ``[layers, B, N]``: per layer, the mean over
+        heads and latents of the attention weight on each media patch, renormalised to sum to 1
+        over the patches (where the 32 tokens drew from; computed in the same pass)."""
         latents = self.latents.expand(media.shape[0], -1, -1)
+        maps = []
         for attn, ff in self.layers:
-            latents = attn(media, latents) + latents
+            if return_attention:
+                delta, weights = attn(media, latents, need_weights=True)
+                patch_weight = weights.float().mean(dim=(1, 2))  # [B, N]
+                maps.append(patch_weight / patch_weight.sum(dim=-1, keepdim=True))
+            else:
+                delta = attn(media, latents)
+            latents = delta + latents
             latents = ff(latents) + latents
-        return self.norm(latents)
+        latents = self.norm(latents)
+        return (latents, torch.stack(maps)) if return_attention else latents
