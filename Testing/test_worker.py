@@ -416,3 +416,25 @@ def test_on_windows_the_worker_starts_without_a_console_window(monkeypatch):
     options = client_module._popen_options()
     assert options["creationflags"] == 0x08000000
     assert options["startupinfo"].dwFlags & 1 and options["startupinfo"].wShowWindow == 0
+
+
+def test_an_overlong_line_is_refused_and_the_next_one_served():
+    from RadFMSlicer.worker.protocol import MAX_LINE_BYTES
+
+    line = b'{"id": "big", "op": "ask", "question": "' + b"x" * MAX_LINE_BYTES + b'"}\n'
+    sink = served([line, b'{"id": "last", "op": "load"}\n'], "last")
+    assert any("longer than" in e.text for rid, e in sink.events if rid is None)
+    assert not sink.finals("big") and "checkpoint" in sink.finals("last")[0].text
+
+
+def test_a_failing_log_callback_does_not_stop_the_stderr_reader(launcher):
+    def broken(line):
+        raise RuntimeError("log pane gone")
+
+    with WorkerClient.start(python=launcher, hang_timeout=30, on_stderr=broken) as c:
+        assert c.hello()["protocol"] == 1
+        deadline = time.monotonic() + 10
+        while "launcher: starting the real python" not in c.stderr_tail() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "launcher: starting the real python" in c.stderr_tail()
+        assert any("log callback failed: RuntimeError: log pane gone" in line for line in c.stderr_tail())
