@@ -474,3 +474,9 @@ def test_a_radial_series_is_not_stacked_as_a_volume(tmp_path):
                            [(-32 * np.cos(a), -32 * np.sin(a), 32) for a in angles])
     with pytest.raises(ImageError, match="mixes slice orientations"):
         load_volume(folder)
+
+
+def test_a_truncated_integer_nifti_gz_is_refused_though_its_values_need_no_nan_check(tmp_path):
+    path = _cut(_scan_file(tmp_path, ".nii.gz", data=(np.arange(24000, dtype=np.int16) % 300).reshape(20, 30, 40)))
+    with pytest.raises(ImageError, match="is truncated"):
+        load_volume(path)
