@@ -19,6 +19,7 @@ from .errors import RadFMError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # as a shell reports a program ended by SIGPIPE
 
 
 def quiet_third_party_logs() -> None:
@@ -371,7 +372,8 @@ def cmd_eval(args) -> int:
     cases = load_manifest(args.manifest)  # every bad row named before the model loads
     engine = load_engine(args)
     summary = run_eval(engine, cases, args.out, GenerationSettings(max_new_tokens=args.max_new_tokens),
-                       window=args.window, interpolation=args.interpolation, manifest=str(args.manifest))
+                       window=args.window, interpolation=args.interpolation, manifest=str(args.manifest),
+                       force=args.force)
     print(format_table(summary))
     out = Path(args.out)
     print(f"cases: {out / 'cases.jsonl'}\nsummary: {out / 'summary.json'}\ngallery: {out / 'index.html'}",
@@ -474,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", default=None, metavar="C,W|PRESET", help="intensity window for every scan (default: automatic)")
     p.add_argument("--interpolation", default="nearest", choices=["nearest", "linear"])
     p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--force", action="store_true",
+                   help="resume --out even though it was made with other settings (each record keeps its own)")
     p.set_defaults(func=cmd_eval, eval_command=None)
     compare = p.add_subparsers(dest="eval_command").add_parser(
         "compare", help="per-case deltas and paired bootstrap intervals between two runs of one manifest")
@@ -542,6 +546,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         report_error("radfm: interrupted")
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (``radfm ask ... | head -1``): nothing left to tell it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

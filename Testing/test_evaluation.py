@@ -223,6 +223,21 @@ def test_a_killed_eval_resumes_where_it_stopped(fresh_engine, tmp_path):
     assert summary["cases"]["answered"] == 3 and summary["cases"]["failed"] == 1
 
 
+def test_resuming_a_run_under_other_settings_is_refused_naming_the_change(fresh_engine, tmp_path):
+    from RadFMSlicer.errors import RadFMError
+    from RadFMSlicer.evaluation.datasets import load_manifest
+    from RadFMSlicer.evaluation.run import run_eval
+    from RadFMSlicer.generation import GenerationSettings
+
+    cases = load_manifest(real_manifest(tmp_path))[:1]
+    run_eval(fresh_engine, cases, tmp_path / "run", GenerationSettings(max_new_tokens=2), progress=False)
+    with pytest.raises(RadFMError, match="other settings.*max_new_tokens.*--force"):
+        run_eval(fresh_engine, cases, tmp_path / "run", GenerationSettings(max_new_tokens=3), progress=False)
+    summary = run_eval(fresh_engine, cases, tmp_path / "run", GenerationSettings(max_new_tokens=3), progress=False,
+                       force=True)
+    assert summary["last_run"]["skipped_as_done"] == 1
+
+
 def run_folder(path: Path, scores: dict) -> Path:
     """A run folder holding ``{id: scores}`` as answered cases (for comparison logic)."""
     path.mkdir()
@@ -253,14 +268,14 @@ def test_compare_pairs_cases_and_names_the_biggest_changes_both_ways(tmp_path):
     assert result["cases"] == {"paired": 5, "answers_changed": 0, "only_in_a": 1, "only_in_b": 0}
 
 
-def test_cli_eval_refuses_a_bad_manifest_before_loading_and_compare_checks_runs(capsys, tmp_path):
+def test_cli_eval_refuses_a_bad_manifest_before_loading_and_compare_checks_runs(capsys, tmp_path, tiny_checkpoint):
     from RadFMSlicer.cli import main
 
     manifest = write_jsonl(tmp_path / "m.jsonl", [{"images": ["nope.dcm"], "task": "report", "reference": ""}])
-    code = main(["eval", "--checkpoint", str(tmp_path / "no-checkpoint"), "--manifest", str(manifest),
+    code = main(["eval", "--checkpoint", str(tiny_checkpoint), "--manifest", str(manifest),
                  "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
-    assert code == 2 and "line 1: empty reference, image not found" in err and "checkpoint" not in err
+    assert code == 2 and "line 1: empty reference, image not found" in err and "Loading" not in err
     assert main(["eval", "--manifest", str(manifest)]) == 2
     assert "radfm eval needs --checkpoint, --out" in capsys.readouterr().err
     a = run_folder(tmp_path / "a", {"c1": {"accuracy": 0.0}})

@@ -78,16 +78,29 @@ def _by_shared_scans(cases: list[Case]) -> list[Case]:
     return sorted(cases, key=lambda c: first[tuple(c.images)])
 
 
+def run_settings(engine, settings: GenerationSettings, window, interpolation: str) -> dict:
+    """What makes a run's answers comparable: resuming a run under other settings is refused."""
+    model = engine.describe()
+    return {"checkpoint": model["checkpoint_fingerprint"] or model["checkpoint"], "dtype": model["dtype"],
+            "quantization": model["quantization"], "generation": settings.to_dict(), "window": window,
+            "interpolation": interpolation}
+
+
 def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: GenerationSettings | None = None, *,
-             window=None, interpolation: str = "nearest", manifest: str | None = None, progress: bool = True) -> dict:
-    """Answer the cases not yet answered in ``run_dir``, then write and return the summary."""
+             window=None, interpolation: str = "nearest", manifest: str | None = None, progress: bool = True,
+             force: bool = False) -> dict:
+    """Answer the cases not yet answered in ``run_dir``, then write and return the summary.
+
+    ``force``: resume a run folder made with other settings (each record keeps its own).
+    """
     from tqdm import tqdm
 
     settings = settings or GenerationSettings()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "cases.jsonl"
-    done = finished_ids(out)
+    made_with = run_settings(engine, settings, window, interpolation)
+    done = finished_ids(out, made_with, force)
     todo = _by_shared_scans([c for c in cases if c.id not in done])
     hits, misses = engine.cache.hits, engine.cache.misses
     started = time.perf_counter()
@@ -95,7 +108,7 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
     with open(out, "a") as f, tqdm(todo, unit="case", file=sys.stderr, disable=not progress, desc=str(run_dir),
                                    total=len(cases), initial=len(cases) - len(todo)) as bar:  # resumed: starts part-way
         for case in bar:
-            record = answer_case(engine, case, run_dir, settings, window, interpolation)
+            record = answer_case(engine, case, run_dir, settings, window, interpolation) | {"run_settings": made_with}
             failed += "error" in record
             bar.set_postfix(failed=failed, refresh=False)
             append_record(f, record)
