@@ -174,7 +174,15 @@ def _set_aside(out: Path, lines: list[bytes]) -> None:
 
 
 def append_record(f, record: dict) -> None:
-    """One JSON line, flushed and fsynced: a crash loses at most the line being written."""
-    f.write(json.dumps(record) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+    """One JSON line, flushed and fsynced: a crash loses at most the line being written.
+
+    A failed write (full disk, file-size limit) is an error saying the records before it
+    are kept; the torn line it may leave is cut off when the run resumes.
+    """
+    try:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    except OSError as exc:
+        raise RadFMError(f"could not add the result of {record.get('id')!r} to {f.name} ({exc.strerror or exc}); "
+                         "the results before it are kept: free space and rerun to resume") from None

@@ -139,3 +139,14 @@ def test_an_error_after_a_streamed_answer_starts_on_its_own_line(capsys, monkeyp
                              tiny_checkpoint, tmp_path)
     assert code == 2 and out.endswith("\n") and out.strip()  # the answer reached the user
     assert err.splitlines()[-1].startswith("radfm: error: the answer above was not added to")
+
+
+def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "RadFMSlicer.cli", "preview", "--image", CT, "--out", str(tmp_path / "p.png")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # as `radfm preview ... | head -0` would
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 141 and "Traceback" not in err, err[-800:]

@@ -103,3 +103,11 @@ def test_batch_keeps_one_record_per_scan_and_refuses_other_settings(capsys, tiny
     assert "other settings (max_new_tokens: 2 -> 3)" in err.splitlines()[-1]
     assert main(argv[:-1] + ["3", "--force"]) == 1  # resumed: only the still-bad scan is retried
     assert sorted(r["id"] for r in lines_of(out)) == ["a_ct.dcm", "b_bad.nii", "b_bad.nii.dcm"]
+
+
+def test_a_full_disk_during_a_batch_is_one_line_and_keeps_the_results_before_it(tmp_path):
+    """Writing to /dev/full fails as a full disk does."""
+    from RadFMSlicer.batch import append_record
+
+    with open("/dev/full", "a") as f, pytest.raises(RadFMError, match=r"could not add the result of 'a' .*kept"):
+        append_record(f, {"id": "a", "answer": "x" * 10_000})

@@ -208,7 +208,8 @@ def _reader_messages(into: list):
     captured = []
     with _CAPTURE_LOCK, contextlib.ExitStack() as stack:  # fds are process-wide: one capture at a time
         for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
-            stream.flush()
+            with contextlib.suppress(OSError, ValueError):  # a closed or broken stream is not ours to report
+                stream.flush()
             tmp = stack.enter_context(tempfile.TemporaryFile())
             saved = os.dup(fd)
             os.dup2(tmp.fileno(), fd)
@@ -224,7 +225,8 @@ def _reader_messages(into: list):
                 into.extend(" ".join(_READER_PREFIX.sub("", m).split()) for m in messages if _READER_LINE.search(m))
                 rest = "".join(m for m in messages if not _READER_LINE.search(m))
                 if rest.strip():
-                    stream.write(rest)
+                    with contextlib.suppress(OSError, ValueError):
+                        stream.write(rest)
 
 
 _READER_SPLIT = re.compile(r"(?m)^(?=WARNING: |ERROR: |MetaImage: |Premature end of JPEG|Corrupt JPEG)")
