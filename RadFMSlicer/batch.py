@@ -84,7 +84,7 @@ def finished_ids(out: Path, settings: dict | None = None, force: bool = False) -
 
 @dataclass
 class _Line:
-    """Where one record sits in a results file, and what resuming needs to know of it."""
+    """Where one record sat in a results file as read, and what resuming needs to know of it."""
 
     offset: int
     length: int
@@ -134,9 +134,6 @@ def repair(out: Path) -> dict:
                 f.seek(line.offset)
                 kept.append(f.read(line.length))
         storage.write_bytes(out, b"".join(kept))
-        offset = 0
-        for line in index.values():
-            line.offset, offset = offset, offset + line.length
     return index
 
 
