@@ -143,13 +143,15 @@ class WorkerServer:
             return False
         else:
             with self._state_lock:
-                duplicate = rid is not None and rid in self._live
-                if not duplicate and not self._stopped.is_set():
+                duplicate, closing = rid in self._live, self._stopped.is_set()
+                if not (duplicate or closing):
                     self._live[rid] = op
                     self._jobs.put(request)
             if duplicate:
                 self.emit(rid, "error", f"request id {rid!r} is already in use by a request that has not finished; "
                                         "use a new id", kind="protocol")
+            elif closing:
+                self.emit(rid, "error", "the worker is shutting down", kind="shutdown")
         return True
 
     def cancel(self, target) -> bool:
