@@ -332,17 +332,35 @@ def assign_weights(model: nn.Module, source: WeightSource, device: torch.device,
             finish(model, module_name, module)
 
 
+def drop_decoder(model: RadFMModel) -> None:
+    """Keep what makes the prompt embeddings (vision half, text embedding); the decoder runs elsewhere.
+
+    With ``--llm-backend vllm`` the LLaMA layers live in vLLM: loading them here too would
+    hold the 13B weights twice. What is left cannot compute logits (no layers, no head).
+    """
+    lm = model.lang_model
+    lm.model.layers = nn.ModuleList()
+    lm.model.norm = None
+    lm.lm_head = None
+
+
 def load_model(files: CheckpointFiles, device: torch.device, dtype: torch.dtype,
-               quantization: str | None = None) -> RadFMModel:
-    """The model on ``device``; ``quantization`` (int8, int4, nf4) applies to the LLM's linear layers."""
+               quantization: str | None = None, embeddings_only: bool = False) -> RadFMModel:
+    """The model on ``device``; ``quantization`` (int8, int4, nf4) applies to the LLM's linear layers.
+
+    ``embeddings_only``: without the LLM's layers (see :func:`drop_decoder`).
+    """
     source = WeightSource(files)
     dims = RadFMDims.from_shapes(source.shapes)
     config = llama_config(files, dims)
-    check_device_memory(dims, device, tier_name(dtype, quantization))
+    if not embeddings_only:  # the estimate is the whole model's
+        check_device_memory(dims, device, tier_name(dtype, quantization))
     finish = LinearQuantizer(quantization, device) if quantization else None
     with torch.device("meta"):
         model = RadFMModel(dims, config)
     check_keys(model, source.shapes)
+    if embeddings_only:
+        drop_decoder(model)
     assign_weights(model, source, device, dtype, finish)
     materialise_buffers(model, device)
     return model.eval()

@@ -24,7 +24,7 @@ import torch
 import xxhash
 
 from .checkpoint import CheckpointFiles, load_model, locate_checkpoint, resolve_device, resolve_dtype
-from .errors import CheckpointError, ImageError
+from .errors import CheckpointError, ImageError, RadFMError
 from .generation import (
     CompiledDecoder, DynamicDecoder, Generation, GenerationResult, GenerationSettings, explain_out_of_memory,
 )
@@ -105,8 +105,13 @@ class RadFMEngine:
         asked = None if dtype in (None, "auto") else resolve_dtype(dtype)
         target_dtype = choose_dtype(asked, target_device, tier)
         tokenizer = RadFMTokenizer(files.tokenizer_model)
+        llm = None
+        if vllm_url:  # reached first: an unreachable vLLM is reported before minutes of loading
+            from .vllm_client import VLLMBackend
+
+            llm = VLLMBackend(vllm_url)
         with explain_out_of_memory(f"loading {files.folder}"):
-            model = load_model(files, target_device, target_dtype, tier)
+            model = load_model(files, target_device, target_dtype, tier, embeddings_only=llm is not None)
         if tokenizer.vocab_size != model.dims.vocab_size:
             raise CheckpointError(
                 f"{files.tokenizer_model} has {tokenizer.vocab_size} pieces but the model's vocabulary has "
@@ -115,11 +120,6 @@ class RadFMEngine:
         tokenizer.tokens_per_image = model.dims.num_latents
         log.info("loaded %s (%s layout) on %s as %s%s", files.folder, files.layout, target_device, target_dtype,
                  f", LLM linears {tier}" if tier else "")
-        llm = None
-        if vllm_url:
-            from .vllm_client import VLLMBackend
-
-            llm = VLLMBackend(vllm_url)
         return cls(model, tokenizer, files, cache_size, tier, compile_decode, llm)
 
     # --- text ---------------------------------------------------------------------------
@@ -212,6 +212,8 @@ class RadFMEngine:
     # --- low-level API ------------------------------------------------------------------
     def logits(self, input_ids: torch.Tensor, vision_x: torch.Tensor | None) -> torch.Tensor:
         """LLM logits for every position of ``input_ids [1, L]``, as float32 ``[1, L, vocab]``."""
+        if self.llm is not None:
+            raise RadFMError("this engine generates on a vLLM server and holds no LLM layers: load it without vllm_url")
         embeds = self.embed(input_ids, self.split_vision_x(vision_x))
         with torch.inference_mode(), explain_out_of_memory("computing logits"):
             return self.model.lang_model(inputs_embeds=embeds).logits.float()

@@ -152,6 +152,14 @@ def fake_vllm(llama_folder):
 def test_answers_streamed_from_vllm_equal_our_own(fake_vllm, fixture_dir, engine, fixture_cases):
     remote = RadFMEngine.load(fixture_dir, dtype=torch.float32, vllm_url=fake_vllm.url + "/v1")
     assert remote.describe()["llm_backend"] == "vllm" and remote.describe()["vllm_model"] == fake_vllm.name
+    # the vision side holds no LLaMA layers: they live in vLLM
+    assert len(remote.model.lang_model.model.layers) == 0 and remote.model.lang_model.lm_head is None
+    held = sum(p.numel() for p in remote.model.parameters())
+    assert held == sum(p.numel() for p in engine.model.parameters()) - sum(
+        p.numel() for n, p in engine.model.named_parameters() if n.startswith(("lang_model.model.layers",
+                                                                              "lang_model.model.norm", "lang_model.lm_head")))
+    with pytest.raises(RadFMError, match="holds no LLM layers"):
+        remote.logits(fixture_cases["cases"][0]["input_ids"].unsqueeze(0), fixture_cases["cases"][0]["vision_x"])
     for case in fixture_cases["cases"]:
         ids, images = case["input_ids"].unsqueeze(0), engine.split_vision_x(case["vision_x"])
         settings = GenerationSettings(max_new_tokens=24)
@@ -176,3 +184,13 @@ def test_unreachable_or_refusing_vllm_is_one_clear_line(fixture_dir, fake_vllm):
     generation = backend.start(torch.tensor([[1, 2, 3]]), torch.zeros(3, 64), GenerationSettings(), 2048)
     with pytest.raises(RadFMError, match="refused the answer \\(404\\): The model `not-served` does not exist"):
         list(generation)
+
+
+def test_the_worker_and_radfm_serve_pass_the_vllm_server_on(fake_vllm, fixture_dir, capsys):
+    from RadFMSlicer.worker import WorkerClient
+
+    with WorkerClient.start() as worker:
+        model = worker.load(fixture_dir, dtype="float32", vllm_url=fake_vllm.url)["model"]
+    assert model["llm_backend"] == "vllm" and model["vllm_url"] == fake_vllm.url
+    assert radfm(["serve", "--checkpoint", str(fixture_dir), "--llm-backend", "vllm"]) == 2
+    assert "--llm-backend vllm needs --vllm-url" in capsys.readouterr().err
