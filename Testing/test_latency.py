@@ -231,3 +231,12 @@ def test_an_int16_scan_is_kept_int16_and_preprocessed_from_its_own_values():
         reference = preprocess(volume_from_array(array.astype(np.float32), CT_GEOMETRY, name="ct"), "40,400",
                                interpolation=interpolation)
         assert torch.equal(image.tensor, reference.tensor)
+
+
+def test_a_gray_volume_seen_as_three_channels_encodes_like_its_full_copy(engine):
+    """The encoder embeds preprocess's 3-channel view from one channel: same tokens, a third of the work."""
+    view = torch.rand(1, 1, 64, 64, 8).expand(1, 3, -1, -1, -1)  # channels share memory, as preprocess makes them
+    with torch.inference_mode():
+        shared = engine.model.encode_images(view)
+        full = engine.model.encode_images(view.contiguous())
+    torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-4)

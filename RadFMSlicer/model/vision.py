@@ -130,8 +130,11 @@ class VisionTransformer3d(nn.Module):
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W, D]`` -> patch features ``[B, (H/32)(W/32)(D/4), dim]``."""
-        _, _, height, width, depth = video.shape
-        x = self.to_patch_embedding(video)
+        _, channels, height, width, depth = video.shape
+        if channels > 1 and video.stride(1) == 0:  # one gray volume seen as 3 channels (preprocess's view)
+            x = self._embed_gray(video[:, :1])
+        else:
+            x = self.to_patch_embedding(video)
         x = x + self.pos_embedding(
             height // self.patch_size, width // self.patch_size, depth // self.frame_patch_size
         )
@@ -139,3 +142,17 @@ class VisionTransformer3d(nn.Module):
             x = attn(x) + x
             x = ff(x) + x
         return x
+
+    def _embed_gray(self, gray: torch.Tensor) -> torch.Tensor:
+        """The patch embedding of ``[B, 1, H, W, D]`` repeated to every channel, on a third of the data.
+
+        A token is ``(p1 p2 pf c)`` with ``c`` innermost, so each gray value appears once per
+        channel in a row: the LayerNorm's mean and variance are the gray values' own, and the
+        linear layer's columns of one value (scaled by the norm's weight) add up to one column.
+        """
+        to_tokens, norm, linear, out_norm = self.to_patch_embedding
+        x = to_tokens(gray)  # [B, N, p * p * pf]
+        x = F.layer_norm(x, x.shape[-1:], eps=norm.eps)
+        weight = (linear.weight * norm.weight).view(linear.out_features, x.shape[-1], -1).sum(-1)
+        bias = torch.addmv(linear.bias, linear.weight, norm.bias)
+        return out_norm(F.linear(x, weight, bias))
