@@ -168,7 +168,8 @@ class RadFMEngine:
                 if image is tensor:  # raw: nobody checked its values yet
                     self.check_image(tensor)
                 with torch.inference_mode(), explain_out_of_memory(f"encoding a {tensor.shape[-1]}-slice image"):
-                    batch = tensor.unsqueeze(0).to(self.device, self.dtype)
+                    source = tensor[:1] if tensor.stride(0) == 0 else tensor  # one shared gray channel moves, not 3
+                    batch = source.to(self.device, self.dtype).expand_as(tensor).unsqueeze(0)
                     cached = self.model.encode_images(batch)[0].to(self.dtype)
                 self.cache.put(key, cached)
             tokens.append(cached)
