@@ -39,7 +39,8 @@ if not UNSUPPORTED:
     from RadFMModuleLib import dependencies
     from RadFMModuleLib.assistant import WINDOW_AS_SHOWN, Assistant, Selection, start_worker_client
     from RadFMModuleLib.chat_panel import ChatPanel
-    from RadFMModuleLib.qt_shim import QtCore, get
+    from RadFMModuleLib.qt_shim import QtCore, QtWidgets, get
+    from RadFMModuleLib.results_view import ResultsView
     from RadFMModuleLib.scene_adapters import SlicerScene
     from RadFMModuleLib.settings import ModelSettings
 else:
@@ -106,7 +107,12 @@ class RadFMModuleWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservation
         self.panel = ChatPanel(self.logic.assistant, QtCore.QSettings())
         log = getattr(self.panel, "log", lambda text: None)  # install output goes to the panel's log pane
         self.panel.before_connect = lambda: dependencies.ensure(self.logic.assistant.settings, log=log)
-        self.layout.addWidget(self.panel)
+        self.results = ResultsView(self.logic.assistant.scene)  # an eval run's cases, beside the chat
+        self.results.ask_again = self._ask_again
+        self.tabs = QtWidgets.QTabWidget()
+        self.tabs.addTab(self.panel, "Chat")
+        self.tabs.addTab(self.results, "Results")
+        self.layout.addWidget(self.tabs)
         self._refresh = QtCore.QTimer()  # many events arrive at once (a scene loads, a point is dragged): refresh once
         self._refresh.setSingleShot(True)
         self._refresh.setInterval(200)
@@ -124,6 +130,14 @@ class RadFMModuleWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservation
         for box in (self.panel.volume_box, self.panel.prior_box, self.panel.window_box):
             box.activated.connect(self._keep_selection)  # the radiologist's choices only, not a refresh's
         self.panel.region_list.itemChanged.connect(self._keep_selection)
+
+    def _ask_again(self, volume_id, case):
+        """A Results case asked in the chat about its scan, just loaded, with the panel's current settings."""
+        self.panel.refresh_scene()
+        self.panel.select(Selection(volume_id=volume_id, window=self.panel.selection().window))
+        self.panel.input.setPlainText(case.get("question") or "")
+        self.tabs.setCurrentWidget(self.panel)
+        self.panel.ask(case["task"])
 
     def _reload(self, *args):
         """A scene was closed or loaded: its conversation, and the choices saved with it."""

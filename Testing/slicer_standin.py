@@ -31,6 +31,7 @@ Event ids of the scene's state events are not Slicer's numbers; code must use th
 import contextlib
 import itertools
 import json
+import os
 import sys
 import types
 import unittest
@@ -676,6 +677,26 @@ class util:
     def saveScene(filename, properties={}):
         _save_bundle(filename)
         return True
+
+    @staticmethod
+    def loadVolume(filename, properties={}):
+        """Read a scan file (SimpleITK stands in for Slicer's readers), add it and show it in the red
+        view; RuntimeError for a file it cannot read, as Slicer's ``loadVolume``."""
+        import SimpleITK as sitk
+
+        try:
+            image = sitk.ReadImage(str(filename))
+        except RuntimeError:
+            raise RuntimeError(f"Failed to load volume: {filename}") from None
+        ijk_to_lps = np.eye(4)
+        ijk_to_lps[:3, :3] = np.reshape(image.GetDirection(), (3, 3)) * np.array(image.GetSpacing())
+        ijk_to_lps[:3, 3] = image.GetOrigin()
+        name = os.path.basename(str(filename)).split(".")[0]
+        node = mrmlScene.AddNode(ScalarVolumeNode(name, sitk.GetArrayFromImage(image),
+                                                  np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps))
+        for composite in util.getNodesByClass("vtkMRMLSliceCompositeNode"):
+            composite.background_id = node.GetID()
+        return node
 
     @staticmethod
     def loadScene(filename, properties={}):

@@ -62,6 +62,7 @@ class Scene(Protocol):
     def set_aside_session_json(self) -> str: ...  # keeps an unreadable conversation; returns where
     def load_previews(self) -> dict: ...  # thumbnail file name -> PNG bytes, saved with the scene
     def save_previews(self, previews: dict) -> None: ...
+    def load_scan(self, path: str) -> str: ...  # a scan file into the scene, shown; returns its volume id
 
 
 @dataclass

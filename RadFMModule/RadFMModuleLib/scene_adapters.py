@@ -189,6 +189,13 @@ class SlicerScene:
         except (ValueError, TypeError, AttributeError):  # damaged: thumbnails are lost, the conversation is not
             return {}
 
+    def load_scan(self, path: str) -> str:
+        """Load a scan file into the scene and show it (the Results tab); its volume node id.
+
+        A file Slicer cannot read raises RuntimeError (``slicer.util.loadVolume``), which the tab shows.
+        """
+        return slicer.util.loadVolume(path).GetID()
+
     def save_previews(self, previews: dict) -> None:
         """Thumbnails live in a hidden text node (long text is saved as a file in the .mrb)."""
         node = _text_node(PREVIEWS_ATTRIBUTE, PREVIEWS_NODE_NAME, create=bool(previews))

@@ -14,7 +14,7 @@ from .. import storage
 from ..errors import RadFMError
 from . import metrics
 from .gallery import write_gallery
-from .run import read_cases
+from .records import read_cases
 
 MOST_CHANGED = 5
 

@@ -24,6 +24,7 @@ from ..generation import GenerationSettings
 from . import metrics
 from .datasets import Case
 from .gallery import write_gallery
+from .records import read_cases
 
 SUMMARY_FORMAT = 1
 TOY_WIDTH = 1024  # an LLM narrower than this is a test checkpoint: its text is noise
@@ -124,22 +125,6 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
         "interpolation": interpolation, "last_run": this_run})
     write_gallery(run_dir, records, summary)
     return summary
-
-
-def read_cases(run_dir: "str | Path") -> list[dict]:
-    """The latest record of every case in ``RUN/cases.jsonl`` (a retried failure is replaced)."""
-    path = Path(run_dir) / "cases.jsonl"
-    if not path.is_file():
-        raise RadFMError(f"{run_dir} is not an evaluation run: no cases.jsonl (make one with radfm eval)")
-    latest = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a torn last line of a killed run
-        if isinstance(record, dict) and "id" in record and ("answer" in record or record["id"] not in latest):
-            latest[record["id"]] = record
-    return list(latest.values())
 
 
 def manifest_records(run_dir: Path, cases: list[Case]) -> list[dict]:
