@@ -33,6 +33,16 @@ def _check_fields(cls, item: dict, what: str) -> None:
         raise ImageError(f"unknown {what} field(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
 
 
+def _load_npy(path: str, what: str, mmap_mode=None) -> np.ndarray:
+    """An array handed over as a ``.npy`` file; a cut or foreign file is an ImageError naming it."""
+    if not Path(path).is_file():
+        raise ImageError(f"{what} not found: {path}")
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # numpy: "mmap length is greater than file size", bad header
+        raise ImageError(f"{what} {path} is truncated or not a .npy array ({exc})") from None
+
+
 @dataclass
 class ImageInput:
     """A scan: a file path, or an array ``[k, j, i]`` with its IJK->RAS matrix (from Slicer)."""
@@ -60,9 +70,7 @@ class ImageInput:
         item = dict(item)
         array_file = item.pop("array", None)
         if array_file is not None:
-            if not Path(array_file).is_file():
-                raise ImageError(f"array file not found: {array_file}")
-            item["array"] = np.load(array_file, mmap_mode="r", allow_pickle=False)
+            item["array"] = _load_npy(array_file, "array file", mmap_mode="r")
             item["array_file"] = array_file
             item.setdefault("name", Path(array_file).stem)
         _check_fields(cls, item, "image")
@@ -109,9 +117,7 @@ class RegionInput:
         _check_fields(cls, item, "region")
         region = cls(**item)
         if isinstance(region.mask, str) and region.mask.endswith(".npy"):
-            if not Path(region.mask).is_file():
-                raise ImageError(f"region mask file not found: {region.mask}")
-            region.mask = np.load(region.mask, allow_pickle=False)
+            region.mask = _load_npy(region.mask, "region mask file")
         return region
 
     def locate(self, volume: Volume):

@@ -150,3 +150,18 @@ def test_a_reader_that_goes_away_ends_the_command_without_a_traceback(tmp_path):
     process.stdout.close()  # as `radfm preview ... | head -0` would
     err = process.stderr.read()
     assert process.wait(timeout=120) == 141 and "Traceback" not in err, err[-800:]
+
+
+@pytest.mark.parametrize("keep", [0, 100, 0.5])
+def test_a_cut_npy_array_from_the_panel_is_an_image_error(tmp_path, keep):
+    from RadFMSlicer.ask import ImageInput, RegionInput
+    from RadFMSlicer.errors import ImageError
+
+    path = tmp_path / "volume.npy"
+    np.save(path, np.zeros((8, 16, 16), np.float32))
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
+    with pytest.raises(ImageError, match="is truncated or not a .npy array"):
+        ImageInput.from_json({"array": str(path), "ijk_to_ras": np.eye(4).tolist()})
+    with pytest.raises(ImageError, match="is truncated or not a .npy array"):
+        RegionInput.from_json({"mask": str(path)})
