@@ -194,3 +194,13 @@ def test_the_worker_and_radfm_serve_pass_the_vllm_server_on(fake_vllm, fixture_d
     assert model["llm_backend"] == "vllm" and model["vllm_url"] == fake_vllm.url
     assert radfm(["serve", "--checkpoint", str(fixture_dir), "--llm-backend", "vllm"]) == 2
     assert "--llm-backend vllm needs --vllm-url" in capsys.readouterr().err
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    assert radfm(["serve", "--checkpoint", str(fixture_dir), "--port", port, "--llm-backend", "vllm",
+                  "--vllm-url", "http://127.0.0.1:9"]) == 2  # the worker's load fails: one line, nothing served
+    err = capsys.readouterr().err
+    assert "radfm: error: the model did not load, so nothing is served: cannot reach the vLLM server" in err
+    assert "Traceback" not in err

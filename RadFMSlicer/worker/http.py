@@ -44,7 +44,7 @@ import numpy as np
 
 from ..errors import RadFMError
 from ..remote import API, CLIENT_HEADER, UPLOAD_FIELDS, image_id
-from .client import WorkerClient
+from .client import WorkerClient, WorkerError
 from .protocol import Event
 
 log = logging.getLogger("radfm.serve")
@@ -434,9 +434,16 @@ def create_app(config: ServeConfig, worker_factory=None):
         worker.preview_dir = None  # no thumbnails on the server: nothing of a scan outside the upload cache
         store = ImageStore(config.cache_dir, int(config.cache_mb * 2**20), int(config.max_upload_mb * 2**20))
         try:
-            app.state.model = await asyncio.to_thread(
-                worker.load, config.checkpoint, config.device, config.dtype, config.quantization,
-                vllm_url=config.vllm_url)
+            try:
+                app.state.model = await asyncio.to_thread(
+                    worker.load, config.checkpoint, config.device, config.dtype, config.quantization,
+                    vllm_url=config.vllm_url)
+            except WorkerError as exc:  # one line for the person starting the server, then stop
+                app.state.startup_error = str(exc)
+                if getattr(app.state, "uvicorn", None) is not None:
+                    app.state.uvicorn.should_exit = True
+                yield
+                return
             app.state.worker, app.state.store = worker, store
             app.state.scheduler = Scheduler(worker, store, config.queue_limit)
             task = asyncio.create_task(app.state.scheduler.run())
@@ -551,5 +558,10 @@ def serve(config: ServeConfig) -> None:
     print(f"RadFM server on {scheme}://{config.host}:{config.port}{API} (TLS {'on' if config.tls else 'off'}, "
           f"token {'required' if config.token else 'not required: loopback only'}); loading {config.checkpoint} ...",
           flush=True)
-    uvicorn.run(create_app(config), host=config.host, port=config.port, ssl_certfile=config.ssl_certfile,
-                ssl_keyfile=config.ssl_keyfile, log_level="warning", access_log=False)
+    app = create_app(config)
+    app.state.uvicorn = uvicorn.Server(uvicorn.Config(
+        app, host=config.host, port=config.port, ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile,
+        log_level="warning", access_log=False))
+    app.state.uvicorn.run()
+    if getattr(app.state, "startup_error", None):
+        raise RadFMError(f"the model did not load, so nothing is served: {app.state.startup_error}")
