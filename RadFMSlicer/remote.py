@@ -163,7 +163,7 @@ class RemoteRequest(Request):
 class RemoteClient:
     """Talks to ``radfm serve``; the methods and events of :class:`~RadFMSlicer.worker.WorkerClient`."""
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 600.0, **_ignored):
+    def __init__(self, url: str, token: str | None = None, timeout: float = 600.0):
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -171,9 +171,7 @@ class RemoteClient:
         self._ids = itertools.count(1)
         self._history: list[tuple[str, str]] = []
         self.load_args: dict | None = None
-        self.restarts = 0
-        self.preview_dir = None
-        self.proc = None
+        self.restarts = 0  # the server restarts its own worker; nothing to count here
         self._closed = False
 
     @classmethod

@@ -268,11 +268,15 @@ def test_the_client_sends_no_patient_identifier(server, tmp_path, caplog):
                                                                         "box_ijk": [[40, 40, 0], [80, 80, 0]]}],
                          max_new_tokens=4)
     final = request.wait(60)
-    listener.close()
     assert final.kind == "done", final.text
     assert final.data["turn"]["images"][0]["label"] == path.name  # provenance completed on the client
     assert final.data["turn"]["images"][1]["label"] == "Zelda's lesion"
     assert sent.count(b"POST /v1/images") == 1
+    first = bytes(sent)
+    again = client.ask("Any finding?", images=[str(path)], max_new_tokens=2).wait(60)
+    assert again.kind == "done" and bytes(sent[len(first):]).count(b"POST /v1/images") == 0  # already there
+    listener.close()
+    sent[:] = first
     payloads = [sent]
     start = sent.find(b"PK\x03\x04")
     archive = zipfile.ZipFile(io.BytesIO(bytes(sent[start:sent.find(b"POST /v1/ask")])))
