@@ -473,3 +473,25 @@ def test_screenshot_mid_conversation(open_panel, qtbot):
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     assert panel.grab().save(str(SCREENSHOT))
     assert panel.busy_now and len(thumbnails(panel.answers[0])) == 2
+
+
+def test_run_on_server_keeps_the_token_out_of_settings_and_never_shows_it(qtbot, store, monkeypatch):
+    kept = {}
+    monkeypatch.setattr(chat_panel, "save_token", lambda url, token: kept.update({url: token}) is None)
+    panel = ChatPanel(Assistant(FakeScene()), store)
+    qtbot.addWidget(panel)
+    panel.run_on_box.setCurrentText("server")
+    panel.server_edit.setText("https://rad-server:8765")
+    panel.token_edit.setText("reading-room-token-0123456789")
+    panel.token_edit.editingFinished.emit()
+    assert kept == {"https://rad-server:8765": "reading-room-token-0123456789"}
+    assert panel.token_edit.text() == "" and "keyring" in panel.token_edit.placeholderText()
+    assert panel.token_edit.echoMode() == QtWidgets.QLineEdit.Password
+    panel.close()
+    store.sync()
+    assert "reading-room-token" not in Path(store.fileName()).read_text()
+    reopened = ChatPanel(Assistant(FakeScene()), QtCore.QSettings(store.fileName(), QtCore.QSettings.IniFormat))
+    qtbot.addWidget(reopened)
+    assert (reopened.run_on_box.currentText(), reopened.server_edit.text(), reopened.token_edit.text()) == (
+        "server", "https://rad-server:8765", "")
+    assert reopened.assistant.settings.run_on == "server"
