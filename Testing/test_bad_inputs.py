@@ -165,3 +165,22 @@ def test_a_cut_npy_array_from_the_panel_is_an_image_error(tmp_path, keep):
         ImageInput.from_json({"array": str(path), "ijk_to_ras": np.eye(4).tolist()})
     with pytest.raises(ImageError, match="is truncated or not a .npy array"):
         RegionInput.from_json({"mask": str(path)})
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"images": ["/nowhere/ct.nii.gz"]}, "Scan not found"),
+    ({"images": [CT], "window": "liver"}, "Unknown window 'liver'"),
+    ({"images": [CT], "task": "diagnosis"}, "needs the finding"),
+    ({"images": [CT], "regions": [{"box_ras": [[0, 0], [1, 1, 1]]}]}, "must be 3 numbers"),
+])
+def test_the_worker_refuses_a_bad_ask_at_once_not_after_the_queued_load(fields, message):
+    from test_worker import Recorder
+
+    from RadFMSlicer.worker.server import WorkerServer
+
+    sink = Recorder()
+    server = WorkerServer(sink, heartbeat_s=0)  # work thread not started: a queued load never finishes
+    server.handle({"id": "load", "op": "load", "checkpoint": "/models/RadFM"})
+    server.handle({"id": "q", "op": "ask", **fields})
+    (final,) = sink.finals("q")
+    assert final.kind == "error" and message in final.text

@@ -216,7 +216,7 @@ def test_malformed_requests_get_errors_and_the_work_thread_keeps_serving():
     sink = served([line + b"\n" for line in MALFORMED] + [b'{"id": "last", "op": "load"}\n'], "last")
     errors = [e for rid, e in sink.events if e.kind == "error" and rid not in ("f", "last")]
     assert len(errors) == len(MALFORMED) - 1
-    assert "no model loaded" in sink.finals("f")[0].text  # invalid UTF-8 in a question: decoded leniently, served
+    assert "no image given" in sink.finals("f")[0].text  # invalid UTF-8 in a question: decoded leniently, checked
     assert all(e.text.startswith("malformed request") for e in errors), [e.text for e in errors]
     assert "nested too deeply" in errors[0].text and "'op'" in errors[1].text
     assert "'target'" in errors[4].text and "'id'" in errors[6].text

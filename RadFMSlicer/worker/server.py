@@ -127,6 +127,14 @@ class WorkerServer:
         except RequestError as exc:
             self.emit(rid, "error", f"malformed request: {exc}", kind="protocol")
             return True
+        if op in ("ask", "encode"):  # a missing scan or a bad window is said now, not after a queued load
+            from ..ask import validate
+
+            try:
+                validate(ask_request_from_json(request))
+            except RadFMError as exc:
+                self.emit(rid, "error", str(exc), kind=type(exc).__name__)
+                return True
         if op == "hello":
             self.emit(rid, "done", "RadFMSlicer worker", version=__version__, protocol=PROTOCOL_VERSION, pid=os.getpid())
         elif op == "status":
