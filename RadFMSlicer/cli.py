@@ -373,7 +373,7 @@ def cmd_eval(args) -> int:
     engine = load_engine(args)
     summary = run_eval(engine, cases, args.out, GenerationSettings(max_new_tokens=args.max_new_tokens),
                        window=args.window, interpolation=args.interpolation, manifest=str(args.manifest),
-                       force=args.force)
+                       force=args.force, attention=args.attention)
     print(format_table(summary))
     out = Path(args.out)
     print(f"cases: {out / 'cases.jsonl'}\nsummary: {out / 'summary.json'}\ngallery: {out / 'index.html'}",
@@ -478,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--force", action="store_true",
                    help="resume --out even though it was made with other settings (each record keeps its own)")
+    p.add_argument("--attention", action="store_true",
+                   help="also write each case's resampler attention (RUN/attention/ID.nii.gz and an overlaid "
+                        "thumbnail; resampler attention, not an explanation)")
     p.set_defaults(func=cmd_eval, eval_command=None)
     compare = p.add_subparsers(dest="eval_command").add_parser(
         "compare", help="per-case deltas and paired bootstrap intervals between two runs of one manifest")

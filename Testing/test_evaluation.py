@@ -439,3 +439,25 @@ def test_eval_benchmark_counts_what_the_encoding_cache_saved(tmp_path, fixture_d
     assert baseline.baseline and baseline.extra["images_encoded"] == 6 and baseline.extra["images_from_cache"] == 0
     assert cached.extra["images_encoded"] == 2 and cached.extra["images_from_cache"] == 4
     assert "x_baseline" in capsys.readouterr().out
+
+
+def test_eval_with_attention_writes_each_cases_map_and_shows_it_in_the_gallery(fresh_engine, tmp_path):
+    import SimpleITK as sitk
+
+    from RadFMSlicer.attention import LABEL
+    from RadFMSlicer.evaluation.datasets import load_manifest
+    from RadFMSlicer.evaluation.run import read_cases, run_eval
+    from RadFMSlicer.generation import GenerationSettings
+
+    cases = load_manifest(real_manifest(tmp_path))[:2]  # the CT and the MR
+    summary = run_eval(fresh_engine, cases, tmp_path / "run", GenerationSettings(max_new_tokens=2), progress=False,
+                       attention=True)
+    assert summary["last_run"]["images_encoded"] == 2 and fresh_engine.cache.misses == 0  # answers reused the pass
+    for record in read_cases(tmp_path / "run"):
+        looked = record["provenance"]["attention"]
+        written = sitk.ReadImage(str(tmp_path / "run" / looked["file"]))
+        assert written.GetSize() == sitk.ReadImage(record["images"][0]).GetSize() and looked["label"] == LABEL
+    data = gallery_data((tmp_path / "run" / "index.html").read_text())
+    shown = data["cases"][0]["images"]
+    assert [im["role"] for im in shown] == ["current", "attention"] and shown[1]["label"] == LABEL
+    assert data["thumbs"][shown[1]["thumb"]].startswith("data:image/jpeg;base64,")

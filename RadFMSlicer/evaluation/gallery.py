@@ -65,6 +65,11 @@ def _case_view(record: dict, run_dir: Path, thumbs: dict) -> dict:
                        "shape": seen.get("shape"), "window": describe_window(seen["window"]) if seen.get("window") else None,
                        "thumb": key})
     provenance = record.get("provenance") or {}
+    looked = provenance.get("attention")
+    if looked and looked.get("thumbnail"):
+        uri = _thumbnail(run_dir / looked["thumbnail"])
+        images.append({"label": looked["label"], "role": "attention", "source": looked["file"], "shape": None,
+                       "window": None, "thumb": None if uri is None else thumbs.setdefault(uri, f"t{len(thumbs)}")})
     return {
         "id": record["id"], "task": record["task"], "question": record.get("question"),
         "reference": record.get("reference", ""), "answer": record.get("answer"), "error": record.get("error"),
@@ -211,7 +216,8 @@ function diffView(diff) { const p = el("div", {class: "diff"});
 function detail(c) {
   const cols = el("div", {class: "cols"});
   const seen = el("div", {class: "col"}, el("b", {text: "What the model received"}));
-  for (const im of c.images) { seen.append(el("div", {class: "muted", text: `${im.label} (${im.role}): ${im.source}, tensor ${JSON.stringify(im.shape)}, window ${im.window}`}));
+  for (const im of c.images) { seen.append(el("div", {class: "muted", text: `${im.label} (${im.role}): ${im.source}`
+      + (im.shape ? `, tensor ${JSON.stringify(im.shape)}` : "") + (im.window ? `, window ${im.window}` : "")}));
     if (im.thumb) seen.append(el("img", {src: D.thumbs[im.thumb], alt: "model input montage"})); }
   if (!c.images.length) seen.append(el("div", {class: "muted", text: "nothing: the case failed before the model ran"}));
   const text = el("div", {class: "col"});

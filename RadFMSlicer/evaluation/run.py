@@ -17,10 +17,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import storage
-from ..ask import AskRequest, ImageInput, RegionInput, ask
+from ..ask import AskRequest, ImageInput, RegionInput, ask, prepare
+from ..attention import overlay, patch_map, write_for_ask
 from ..batch import append_record, finished_ids
 from ..errors import RadFMError
 from ..generation import GenerationSettings
+from ..image_cache import NO_CACHE, ImageCache
+from ..preview import render_montage
 from . import metrics
 from .datasets import Case
 from .gallery import write_gallery
@@ -52,16 +55,25 @@ def _safe_name(case_id: str) -> str:
 
 
 def answer_case(engine, case: Case, run_dir: Path, settings: GenerationSettings, window=None,
-                interpolation: str = "nearest") -> dict:
-    """The record of one case: answered and scored, or its error (a bad scan never stops the run)."""
+                interpolation: str = "nearest", images: ImageCache = NO_CACHE, attention: bool = False) -> dict:
+    """The record of one case: answered and scored, or its error (a bad scan never stops the run).
+
+    ``images``: recent scans and model images, so cases on one scan read and resample it once.
+    ``attention``: also write where the resampler looked (see :func:`_write_attention`).
+    """
     record = {"id": case.id, **{k: v for k, v in case.to_dict().items() if k != "id"}}
     started = time.perf_counter()
     try:
         previews = run_dir / "previews" / _safe_name(case.id)
-        turn = ask(engine, request_for(case, settings, window, interpolation, str(previews)))
+        request = request_for(case, settings, window, interpolation, str(previews))
+        prepared = prepare(request, None, engine.model.dims.num_latents, images, engine.device)
+        looked = _write_attention(engine, request, prepared, run_dir, _safe_name(case.id)) if attention else None
+        turn = ask(engine, request, prepared=prepared)
     except RadFMError as exc:
         record["error"] = str(exc)
     else:
+        if looked:
+            turn.provenance["attention"] = looked
         seen = [asdict(image) | {"preview_png": os.path.relpath(image.preview_png, run_dir)}
                 for image in turn.images]
         record.update(answer=turn.answer, stop_reason=turn.stop_reason,
@@ -69,6 +81,18 @@ def answer_case(engine, case: Case, run_dir: Path, settings: GenerationSettings,
                       prompt=turn.prompt, seen=seen, provenance=turn.provenance)
     record["case_s"] = round(time.perf_counter() - started, 3)
     return record
+
+
+def _write_attention(engine, request, prepared, run_dir: Path, name: str) -> dict:
+    """``RUN/attention/<id>.nii.gz`` on the scan's grid and ``<id>.png``, the thumbnails with it overlaid;
+    computed with the encoding, which the answer then reuses."""
+    folder = run_dir / "attention"
+    folder.mkdir(exist_ok=True)
+    info = write_for_ask(engine, request, prepared, folder / f"{name}.nii.gz")
+    image = prepared.model_images[0]
+    png = render_montage([image], folder / f"{name}.png", titles=[prepared.records[0].label], tile=64,
+                         overlays=[overlay(patch_map(engine, image), image)])
+    return info | {"file": os.path.relpath(info["file"], run_dir), "thumbnail": os.path.relpath(png, run_dir)}
 
 
 def _by_shared_scans(cases: list[Case]) -> list[Case]:
@@ -89,10 +113,11 @@ def run_settings(engine, settings: GenerationSettings, window, interpolation: st
 
 def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: GenerationSettings | None = None, *,
              window=None, interpolation: str = "nearest", manifest: str | None = None, progress: bool = True,
-             force: bool = False) -> dict:
+             force: bool = False, attention: bool = False) -> dict:
     """Answer the cases not yet answered in ``run_dir``, then write and return the summary.
 
     ``force``: resume a run folder made with other settings (each record keeps its own).
+    ``attention``: write each case's resampler attention map and overlaid thumbnail.
     """
     from tqdm import tqdm
 
@@ -103,20 +128,26 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
     made_with = run_settings(engine, settings, window, interpolation)
     done = finished_ids(out, made_with, force)
     todo = _by_shared_scans([c for c in cases if c.id not in done])
-    hits, misses = engine.cache.hits, engine.cache.misses
+
+    def encodes() -> int:  # each miss of either cache was one encode
+        return engine.cache.misses + engine.attention_cache.misses
+
+    hits, misses = engine.cache.hits, encodes()
     started = time.perf_counter()
     failed = 0
+    images = ImageCache()
     with open(out, "a") as f, tqdm(todo, unit="case", file=sys.stderr, disable=not progress, desc=str(run_dir),
                                    total=len(cases), initial=len(cases) - len(todo)) as bar:  # resumed: starts part-way
         for case in bar:
-            record = answer_case(engine, case, run_dir, settings, window, interpolation) | {"run_settings": made_with}
+            record = answer_case(engine, case, run_dir, settings, window, interpolation, images, attention)
+            record["run_settings"] = made_with
             failed += "error" in record
             bar.set_postfix(failed=failed, refresh=False)
             append_record(f, record)
     this_run = {
         "answered": len(todo) - failed, "failed": failed, "skipped_as_done": len(cases) - len(todo),
         "wall_s": round(time.perf_counter() - started, 3),
-        "images_encoded": engine.cache.misses - misses, "images_from_cache": engine.cache.hits - hits,
+        "images_encoded": encodes() - misses, "images_from_cache": engine.cache.hits - hits,
     }
     model = engine.describe() | {"toy": engine.model.dims.llm_dim < TOY_WIDTH}
     records = manifest_records(run_dir, cases)
