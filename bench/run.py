@@ -20,6 +20,7 @@ TOPICS = {
     "decode": llm.decode,
     "followup": followup.run,
     "overhead": followup.overhead,
+    "preprocess": viewer.preprocessing,
     "viewer": viewer.run,
 }
 

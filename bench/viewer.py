@@ -15,6 +15,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,12 @@ import torch
 
 from RadFMSlicer.engine import RadFMEngine
 from RadFMSlicer.generation import GenerationSettings
-from RadFMSlicer.imaging import load_volume, preprocess
+from RadFMSlicer.imaging import load_volume, preprocess, volume_from_array
 from RadFMSlicer.testing import make_tiny_checkpoint
 from RadFMSlicer.worker import WorkerClient
 
-from .common import PROJECT, Result, tokenizer_model
+from . import today
+from .common import PROJECT, Result, compare, memory_fields, tokenizer_model
 
 sys.path.insert(0, str(PROJECT / "RadFMModule"))
 from RadFMModuleLib.assistant import Assistant, Selection, VolumeData  # noqa: E402
@@ -151,3 +153,19 @@ def run(recorder, quick: bool) -> None:
                      "memory": f"overhead {seconds - model:.3f} s (model {model:.3f} s)"
                                + ("" if kind == "first" else f", {seconds / first:.3f}x first question")},
                 ))
+
+
+def preprocessing(recorder, quick: bool) -> None:
+    """``preprocess`` alone on the 300-slice CT (soft-tissue window), against today's."""
+    volume = volume_from_array(ct(0), CT_GEOMETRY, name="ct")
+    for interpolation in ("nearest",) if quick else ("nearest", "linear"):
+        calls = {"today: window the whole volume, then interpolate": partial(today.preprocess, volume, "40,400",
+                                                                              interpolation=interpolation),
+                 "ours: no full-volume float temporaries": partial(preprocess, volume, "40,400",
+                                                                   interpolation=interpolation)}
+        for name, (seconds, peak, extra) in compare(calls, repeats=3).items():
+            recorder.add(Result(
+                "preprocess", f"preprocess 512x512x300 int16 CT -> [3, 512, 512, 64], {interpolation}", name,
+                {"shape": list(SHAPE), "interpolation": interpolation, "window": "40,400"},
+                seconds, name.startswith("today"), memory_fields(peak, extra),
+            ))
