@@ -20,6 +20,7 @@ from .qt_shim import QtCore, QtGui, QtWidgets, ask_existing_dir
 
 COLUMNS = ("Score", "Task", "Case", "Answer", "Reference")
 THUMB_WIDTH = 360
+TEXT_WIDTH = 320  # px of the answer and reference columns
 
 
 def worst_first(records: list[dict]) -> list[dict]:
@@ -105,6 +106,8 @@ class ResultsView(QtWidgets.QWidget):
                 item.setToolTip(str(text))
                 self.table.setItem(row, column, item)
         self.table.resizeColumnsToContents()
+        for column in (3, 4):  # answer and reference: a readable width, the whole text in the tooltip
+            self.table.setColumnWidth(column, min(self.table.columnWidth(column), TEXT_WIDTH))
         self.current = None
         self.ask_button.setEnabled(False)
 
