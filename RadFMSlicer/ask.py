@@ -289,12 +289,6 @@ def write_previews(prepared: PreparedAsk, folder, cache: ImageCache = NO_CACHE) 
     _write_previews(prepared.model_images, prepared.records, prepared.edges, Path(folder), cache)
 
 
-def write_previews(prepared: PreparedAsk, folder, cache: ImageCache = NO_CACHE) -> None:
-    """The montages of ``prepared`` into ``folder`` now: the worker draws them after the answer
-    (asking with ``preview_dir=None``), so they never delay its first token."""
-    _write_previews(prepared.model_images, prepared.records, prepared.edges, Path(folder), cache)
-
-
 def _write_previews(images: list[ModelImage], records: list[ImageRecord], edges: list, folder: Path,
                     cache: ImageCache) -> None:
     """A montage PNG per image; one drawn before for the same image and title is written again, not redrawn."""
