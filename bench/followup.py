@@ -76,11 +76,12 @@ def run(recorder, quick: bool) -> None:
     _, image = ct_volume(slices)
     prompt = engine.image_tag(0) + QUESTION
     ids = torch.tensor([engine.tokenize(prompt)])
+    vision_x = image.tensor.contiguous()[None]  # the official code's input: 3 real channels
 
     def official_cold():
         """The released code: encode the image, then a forward over the whole prompt, all logits."""
         with official_attention(model):
-            tokens = model.encode_images(image.tensor[None])[0]
+            tokens = model.encode_images(vision_x)[0]
             model.lang_model(inputs_embeds=model.embed(ids, tokens), past_key_values=DynamicCache(), use_cache=True)
 
     def ours(cold: bool) -> float:
