@@ -107,7 +107,7 @@ def run_settings(engine, settings: GenerationSettings, window, interpolation: st
     """What makes a run's answers comparable: resuming a run under other settings is refused."""
     model = engine.describe()
     return {"checkpoint": model["checkpoint_fingerprint"] or model["checkpoint"], "dtype": model["dtype"],
-            "quantization": model["quantization"], "generation": settings.to_dict(), "window": window,
+            "quantization": model["quantization"], **settings.to_dict(), "window": window,
             "interpolation": interpolation}
 
 
