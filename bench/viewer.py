@@ -8,6 +8,8 @@ prefill. Also a ``.nii.gz`` file asked about by path. Two workers run side by si
 today's path (:mod:`bench.today`, switched on by ``bench/today_site/sitecustomize.py``),
 rounds interleaved; every round is a new scan (the node's voxels changed), then follow-ups.
 "Overhead" subtracts the tiny model's own encode + prefill, timed in this process.
+``RADFM_BENCH_WORKER_THREADS=N`` runs both workers (and that timing) with N intra-op
+threads: on a busy 2-core machine the tiny model's small ops wait on the scheduler at 2.
 """
 
 import os
@@ -105,8 +107,10 @@ def run(recorder, quick: bool) -> None:
         image.SetSpacing((0.7, 0.7, 2.5))
         files.append(str(work / f"ct-{k}.nii.gz"))
         sitk.WriteImage(image, files[-1], useCompression=True)
-    env_today = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TODAY_SITE), os.environ.get("PYTHONPATH", "")]))
-    clients = {"today": WorkerClient.start(env=env_today), "ours": WorkerClient.start()}
+    threads = os.environ.get("RADFM_BENCH_WORKER_THREADS")
+    env = dict(os.environ, **({"OMP_NUM_THREADS": threads} if threads else {}))
+    env_today = dict(env, PYTHONPATH=os.pathsep.join([str(TODAY_SITE), os.environ.get("PYTHONPATH", "")]))
+    clients = {"today": WorkerClient.start(env=env_today), "ours": WorkerClient.start(env=env)}
     times = {(path, name, kind): [] for path in ("viewer", "file") for name in clients for kind in ("first", "follow")}
     try:
         for client in clients.values():
@@ -134,6 +138,8 @@ def run(recorder, quick: bool) -> None:
         for client in clients.values():
             client.close()
     image = preprocess(load_volume(files[0]), "40,400")
+    if threads:
+        torch.set_num_threads(int(threads))
     model_first, model_follow = model_s(checkpoint, image)
     for path, what in (("viewer", "panel hand-over (.npy int16)"), ("file", ".nii.gz by path")):
         for kind in ("first", "follow"):
