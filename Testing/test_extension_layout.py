@@ -244,4 +244,33 @@ def test_no_install_without_consent_or_without_the_pytorch_extension(slicer, ins
     slicer.util.consent = True
     assert not dependencies.ensure(ModelSettings())
     assert "Extensions Manager" in slicer.util.shown[-1] and slicer.util.installed == [] and not installed
+    installed.update(dependencies.PANEL_PACKAGES)
     assert dependencies.ensure(ModelSettings(worker_python=sys.executable))  # brings its own packages (checked)
+
+
+def test_a_worker_in_another_python_still_gets_the_panels_own_packages(slicer, installed, monkeypatch):
+    """Without psutil the panel cannot end a worker below a launcher; without filelock it cannot export."""
+    from RadFMModuleLib import dependencies
+    from RadFMModuleLib.settings import ModelSettings
+
+    def pip_install(args):
+        installed.update(args[2:])
+        slicer.util.installed.append(args[2:])
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
+    assert dependencies.ensure(ModelSettings(worker_python=sys.executable))
+    (question,) = slicer.util.shown
+    assert "psutil" in question and "filelock" in question and "PyTorch extension" not in question
+    assert slicer.util.installed == [dependencies.PANEL_PACKAGES]  # no torch, no model packages
+    assert dependencies.ensure(ModelSettings(worker_python=sys.executable)) and len(slicer.util.shown) == 1
+
+
+def test_slicers_installer_asks_for_what_pyproject_pins():
+    import tomllib
+
+    from RadFMModuleLib import dependencies
+
+    pinned = set(tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["dependencies"])
+    pinned = {requirement.split("#")[0].strip() for requirement in pinned}
+    for requirement in (dependencies.TORCH, *dependencies.PACKAGES):
+        assert requirement in pinned, f"{requirement} is not what pyproject.toml pins"

@@ -19,8 +19,13 @@ import tempfile
 from .settings import PRECISIONS
 
 TORCH = "torch>=2.3"
-PACKAGES = ["transformers>=4.45", "sentencepiece>=0.2", "safetensors>=0.4", "pillow>=10", "tqdm>=4.60", "psutil>=5.9",
-            "xxhash>=3.0"]
+# What the panel's own process needs even when the worker runs in another Python: psutil ends the
+# worker's whole process tree (a launcher may sit in between), filelock guards the files it writes.
+PANEL_PACKAGES = ["psutil>=5.9", "filelock>=3.12"]
+# The worker's packages besides torch, as pinned in pyproject.toml (a test keeps the two in step);
+# numpy, SimpleITK and pydicom come with Slicer.
+PACKAGES = ["transformers>=5.24,<6", "sentencepiece>=0.2", "safetensors>=0.4", "pillow>=10", "tqdm>=4.60", "xxhash>=3.0",
+            *PANEL_PACKAGES]
 QUANTIZATION = {"int8": "torchao>=0.18", "int4": "torchao>=0.18", "nf4": "bitsandbytes>=0.48"}
 PINNED = ("numpy", "SimpleITK", "torch")  # present ones stay: pip may add packages around them, never swap them
 PYTHON_CHECK_TIMEOUT_S = 120  # importing torch from a cold disk can take a while
@@ -37,9 +42,13 @@ def _satisfied(requirement: str) -> bool:
         return False
 
 
-def missing_requirements(quantization: str | None = None) -> list:
-    """What the worker needs and this Python lacks; ``quantization`` adds that tier's library."""
-    wanted = [TORCH, *PACKAGES] + ([QUANTIZATION[quantization]] if quantization else [])
+def missing_requirements(quantization: str | None = None, worker_elsewhere: bool = False) -> list:
+    """What this Python lacks: the worker's packages (``quantization`` adds that tier's library), or
+    only the panel's own when the worker runs in another Python (``worker_elsewhere``)."""
+    if worker_elsewhere:
+        wanted = list(PANEL_PACKAGES)
+    else:
+        wanted = [TORCH, *PACKAGES] + ([QUANTIZATION[quantization]] if quantization else [])
     return [requirement for requirement in wanted if not _satisfied(requirement)]
 
 
@@ -93,29 +102,30 @@ def check_worker_python(python: str) -> None:
 def ensure(settings, log=lambda text: None) -> bool:
     """True when the worker can run, installing into Slicer's Python (after one question) if needed.
 
-    A worker in another Python (settings.worker_python) brings its own packages; it is checked.
-    Errors are shown in a dialog and ``log``\\ ged; they return False.
+    A worker in another Python (settings.worker_python) brings its own packages; it is checked,
+    and Slicer's Python still gets the panel's own (PANEL_PACKAGES). Errors are shown in a dialog
+    and ``log``\\ ged; they return False.
     """
     import slicer
 
     if settings.worker_python:
         try:
             check_worker_python(settings.worker_python)
-            return True
         except ValueError as exc:
             log(str(exc))
             slicer.util.errorDisplay(str(exc), windowTitle="RadFM: worker Python")
             return False
     quantization = PRECISIONS[settings.precision][1]
-    missing = missing_requirements(quantization)
+    missing = missing_requirements(quantization, worker_elsewhere=bool(settings.worker_python))
     if not missing:
         return True
 
     listing = "\n".join(f"  \u2022 {requirement}" for requirement in missing)
+    torch_note = ("PyTorch is installed by the PyTorch extension, which picks the build for your GPU; the others "
+                  "come from pip. " if TORCH in missing else "They come from pip. ")
     question = (
-        f"RadFM needs these Python packages in Slicer's Python:\n\n{listing}\n\n"
-        "PyTorch is installed by the PyTorch extension, which picks the build for your GPU; the others "
-        "come from pip. Slicer's own numpy and SimpleITK, and an installed PyTorch, stay as they are. "
+        f"RadFM needs these Python packages in Slicer's Python:\n\n{listing}\n\n{torch_note}"
+        "Slicer's own numpy and SimpleITK, and an installed PyTorch, stay as they are. "
         "This can take several minutes.\n\nInstall them now?"
     )
     if not slicer.util.confirmOkCancelDisplay(question, "RadFM: install Python packages"):
@@ -138,7 +148,7 @@ def ensure(settings, log=lambda text: None) -> bool:
                 "Slicer must restart before RadFM can use them.\n\nRestart Slicer now?", "RadFM: restart Slicer"):
             slicer.util.restart()
         return False
-    still = missing_requirements(quantization)
+    still = missing_requirements(quantization, worker_elsewhere=bool(settings.worker_python))
     log("Installed." if not still else "Still missing after the install: " + ", ".join(still))
     return not still
 
