@@ -72,7 +72,24 @@ def write_for_ask(engine, request, prepared, path: "str | Path") -> dict:
     encoding); returns what the turn's provenance records about it."""
     grid = patch_map(engine, prepared.model_images[0])
     volume = request.images[0].load()
-    written = write_scan_map(path, scan_map(grid, volume), volume)
-    return {"file": str(written), "image": "the first (current study) image", "label": LABEL,
+    return _provenance(write_scan_map(path, scan_map(grid, volume), volume))
+
+
+def write_npy_for_ask(engine, request, prepared, folder: "str | Path", images) -> dict:
+    """The worker's form of :func:`write_for_ask`: the map as a float32 ``[k, j, i]`` ``.npy`` on the
+    current study's grid in ``folder`` (the viewer already has the geometry; arrays never travel in
+    JSON). ``images``: the worker's :class:`~RadFMSlicer.image_cache.ImageCache`, so the scan is not read again."""
+    import uuid
+
+    grid = patch_map(engine, prepared.model_images[0])
+    voxels = scan_map(grid, images.volume(request.images[0])).astype(np.float32)
+    path = Path(folder) / f"attention-{uuid.uuid4().hex[:12]}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, voxels)
+    return _provenance(path)
+
+
+def _provenance(path: Path) -> dict:
+    return {"file": str(path), "image": "the first (current study) image", "label": LABEL,
             "normalisation": "mean over resampler layers, heads and latents; on the scan divided by its maximum "
                              "(1 = the most-attended patch)"}

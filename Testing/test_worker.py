@@ -4,6 +4,7 @@ import os
 import signal
 import time
 
+import numpy as np
 import pydicom.data
 import pytest
 
@@ -46,6 +47,19 @@ def test_streamed_tokens_concatenate_to_the_final_answer(client):
     assert turn["question"] == "Is there a pleural effusion?"
     assert turn["images"][0]["shape"] == [3, 512, 512, 4] and os.path.isfile(turn["images"][0]["preview_png"])
     assert turn["provenance"]["model"]["dtype"] == "float32"
+
+
+def test_attention_true_returns_a_map_file_on_the_scans_grid(client):
+    """The panel's "Show where the model looked": the map comes back as a .npy named in the turn."""
+    final = client.ask(question="Is there a nodule", images=[CT], max_new_tokens=2, attention=True).wait(120)
+    assert final.kind == "done", final.text
+    attention = final.data["turn"]["provenance"]["attention"]
+    assert attention["label"] == "resampler attention, not an explanation"
+    voxels = np.load(attention["file"])
+    assert voxels.shape == (1, 128, 128)  # CT_small.dcm's own [k, j, i] grid: one 128 x 128 slice
+    assert voxels.dtype == np.float32 and voxels.max() == 1.0 and voxels.min() >= 0
+    plain = client.ask(question="Is there a nodule", images=[CT], max_new_tokens=2).wait(120)
+    assert "attention" not in plain.data["turn"]["provenance"]  # not asked for: none computed
 
 
 def test_cancel_mid_answer(client):
@@ -246,6 +260,8 @@ BAD_FIELDS = [
     ("ask", {"images": "scan.nii"}, "'images' must be a list"),
     ("ask", {"previous_turns": [["only a question"]]}, "'previous_turns[0]' must be a [question, answer] pair"),
     ("ask", {"question": "x" * (MAX_TEXT_CHARS + 1)}, f"at most {MAX_TEXT_CHARS:,}"),
+    ("ask", {"attention": "yes"}, "'attention' must be true or false"),
+    ("ask", {"attention": True}, "'attention' needs 'preview_dir'"),
     ("encode", {"window": 40}, "'window' must be a preset name"),
     ("load", {"checkpoint": 5}, "'checkpoint' must be text"),
     ("load", {"checkpoint": "/x", "compile_decode": "yes"}, "'compile_decode' must be true or false"),

@@ -115,6 +115,7 @@ _ASK_FIELDS = {
     "max_new_tokens": lambda n, v: _integer(n, v, 1), "temperature": lambda n, v: _number(n, v, 0),
     "top_p": lambda n, v: _number(n, v, 0, 1, low_open=True), "top_k": lambda n, v: _integer(n, v, 0),
     "repetition_penalty": lambda n, v: _number(n, v, 0, low_open=True), "seed": lambda n, v: _integer(n, v, 0),
+    "attention": _boolean,  # also write the resampler attention on the current study's grid (a .npy)
 }
 FIELDS = {
     "ask": _ASK_FIELDS,
@@ -130,6 +131,8 @@ def check_fields(request: dict) -> None:
     for name, check in FIELDS.get(request["op"], {}).items():
         if request.get(name) is not None:
             check(name, request[name])
+    if request["op"] == "ask" and request.get("attention") and not request.get("preview_dir"):
+        raise RequestError("'attention' needs 'preview_dir': the map is written there as a .npy file")
 
 
 def ask_request_from_json(request: dict):

@@ -295,7 +295,7 @@ class WorkerServer:
         self.emit(rid, "done", f"{len(records)} image(s) encoded", images=records)
 
     def op_ask(self, rid, request) -> None:
-        from ..ask import make_turn, start, write_previews
+        from ..ask import make_turn, prepare, start, write_previews
         from ..session import Session
 
         engine = self._require_engine()
@@ -306,7 +306,13 @@ class WorkerServer:
             session.add_turn({"task": "vqa", "question": question, "answer": answer})
         self.emit(rid, "status", "preparing and encoding images")
         t0 = time.perf_counter()
-        prepared, generation = start(engine, ask_request, session, self.images)
+        prepared = attention = None
+        if request.get("attention"):  # the map comes from the encoding pass the answer then reuses
+            from ..attention import write_npy_for_ask
+
+            prepared = prepare(ask_request, session, engine.model.dims.num_latents, self.images, engine.device)
+            attention = write_npy_for_ask(engine, ask_request, prepared, preview_dir, self.images)
+        prepared, generation = start(engine, ask_request, session, self.images, prepared=prepared)
         prepare_s = time.perf_counter() - t0
         with self._state_lock:
             self._current_generation = generation
@@ -319,6 +325,8 @@ class WorkerServer:
         if preview_dir:
             write_previews(prepared, preview_dir, self.images)
         turn = make_turn(engine, ask_request, prepared, result, prepare_s)
+        if attention:
+            turn.provenance["attention"] = attention
         self.emit(rid, "done", result.text, answer=result.text, stop_reason=result.stop_reason, turn=turn.to_dict())
 
 
