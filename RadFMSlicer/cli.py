@@ -133,6 +133,21 @@ def token_from_args(args) -> str | None:
     return read_token_file(args.token_file) if args.token_file else None
 
 
+def add_server_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--server", default=None, metavar="URL", help=f"{what} a radfm serve instead of loading the model here")
+    p.add_argument("--token-file", default=None, help="file holding the server's token (with --server)")
+
+
+def remote_client(args):
+    """The ``radfm serve`` at ``--server``, with the token of ``--token-file`` (ask and eval alike)."""
+    from .remote import RemoteClient
+
+    if args.checkpoint:
+        raise RadFMError(f"radfm {args.command} takes --checkpoint FOLDER (the model here) or --server URL "
+                         f"(a radfm serve), not both")
+    return RemoteClient(args.server, token_from_args(args))
+
+
 def check_model_arguments(args) -> None:
     """Checkpoint folder, device, dtype and quantization: checked before any scan is read."""
     from .checkpoint import locate_checkpoint, resolve_device, resolve_dtype
@@ -171,6 +186,7 @@ def cmd_ask(args) -> int:
     from .session import DISCLAIMER, Session, append_turn
     from .storage import check_writable
 
+    client = remote_client(args) if args.server else None  # the token file read before any scan
     if not args.server:
         if not args.checkpoint:
             raise RadFMError("radfm ask needs --checkpoint FOLDER (or --server URL of a radfm serve)")
@@ -189,9 +205,9 @@ def cmd_ask(args) -> int:
     session = Session.read(args.session) if args.session else Session()
     stream = None if args.json else print_delta
     if args.server:
-        from .remote import RemoteClient, ask_server
+        from .remote import ask_server
 
-        turn = ask_server(RemoteClient(args.server, token_from_args(args)), request, session, on_text=stream)
+        turn = ask_server(client, request, session, on_text=stream)
     else:
         prepared = prepare(request, session)  # every scan, region and path checked before the model loads
         engine = load_engine(args)
@@ -364,13 +380,18 @@ def cmd_eval(args) -> int:
 
     if args.eval_command == "compare":
         return cmd_eval_compare(args)
-    missing = [flag for flag, value in (("--checkpoint", args.checkpoint), ("--manifest", args.manifest),
-                                        ("--out", args.out)) if not value]
+    missing = [flag for flag, value in (("--checkpoint", args.checkpoint or args.server),
+                                        ("--manifest", args.manifest), ("--out", args.out)) if not value]
     if missing:
-        raise RadFMError(f"radfm eval needs {', '.join(missing)} (or: radfm eval compare RUN_A RUN_B)")
-    check_model_arguments(args)
-    cases = load_manifest(args.manifest)  # every bad row named before the model loads
-    engine = load_engine(args)
+        raise RadFMError(f"radfm eval needs {', '.join(missing)} (or --server URL instead of --checkpoint; "
+                         f"or: radfm eval compare RUN_A RUN_B)")
+    client = remote_client(args) if args.server else None  # its token file read before the manifest
+    if client is None:
+        check_model_arguments(args)
+    cases = load_manifest(args.manifest)  # every bad row named before the model loads or the server is asked
+    if client is not None:
+        print(f"Answering on the RadFM server at {args.server} ...", file=sys.stderr, flush=True)
+    engine = client or load_engine(args)
     summary = run_eval(engine, cases, args.out, GenerationSettings(max_new_tokens=args.max_new_tokens),
                        window=args.window, interpolation=args.interpolation, manifest=str(args.manifest),
                        force=args.force, attention=args.attention)
@@ -431,8 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ask", help="answer one question about one scan (streams the answer)")
     add_model_arguments(p, required=False)
-    p.add_argument("--server", default=None, metavar="URL", help="ask a radfm serve instead of loading the model here")
-    p.add_argument("--token-file", default=None, help="file holding the server's token (with --server)")
+    add_server_arguments(p, "ask")
     add_image_arguments(p)
     add_question_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -471,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="answer a manifest of cases with references and score them (resumable)")
     add_model_arguments(p, required=False)
+    add_server_arguments(p, "answer every case on")
     p.add_argument("--manifest", help="JSONL or CSV: images, task, question, reference (+ any extra columns)")
     p.add_argument("--out", help="run folder: cases.jsonl, summary.json; rerunning resumes")
     p.add_argument("--window", default=None, metavar="C,W|PRESET", help="intensity window for every scan (default: automatic)")

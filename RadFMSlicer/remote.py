@@ -34,6 +34,11 @@ DISPLAY_TO_IJK_COLUMNS = [2, 1, 0, 3]
 
 
 # =============================================================================== HTTP
+class ServerGone(RadFMError):
+    """The server could not be reached or dropped an answer: the question was not at fault,
+    so a run of many questions stops here instead of failing every one that follows."""
+
+
 def http_request(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None,
                  timeout: float = 30.0, what: str = "the server") -> http.client.HTTPResponse:
     """One request; the response is returned unread (stream it or ``read()`` it)."""
@@ -51,7 +56,7 @@ def http_request(url: str, method: str = "GET", body: bytes | None = None, heade
         return connection.getresponse()
     except (OSError, http.client.HTTPException) as exc:
         connection.close()
-        raise RadFMError(f"cannot reach {what} at {parts.scheme}://{parts.netloc}: {exc}") from exc
+        raise ServerGone(f"cannot reach {what} at {parts.scheme}://{parts.netloc}: {exc}") from exc
 
 
 def read_error(response: http.client.HTTPResponse) -> str:
@@ -371,7 +376,8 @@ def ask_server(client: RemoteClient, request, session=None, on_text=None, timeou
         if event.kind == "token" and on_text:
             on_text(event.text)
         elif event.kind == "error":
-            raise RadFMError(event.text)
+            gone = event.data.get("kind") in ("worker_died", ServerGone.__name__)
+            raise (ServerGone if gone else RadFMError)(event.text)
     turn = Turn.from_dict(pending.final.data["turn"])
     if session is not None:
         session.add_turn(turn)

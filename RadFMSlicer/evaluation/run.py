@@ -1,4 +1,8 @@
-"""An evaluation run: every manifest case answered through one loaded engine, scored, summarised.
+"""An evaluation run: every manifest case answered through one model, scored, summarised.
+
+The model is an engine loaded here or a ``radfm serve`` reached through
+:class:`~RadFMSlicer.remote.RemoteClient` (:class:`LocalModel`, :class:`ServerModel`): the
+same cases, records and pages either way.
 
 ``RUN/cases.jsonl`` holds one record per case (answer, reference, scores, what the model saw,
 provenance, timings; a failed case holds its error instead of an answer) and is appended
@@ -24,6 +28,8 @@ from ..errors import RadFMError
 from ..generation import GenerationSettings
 from ..image_cache import NO_CACHE, ImageCache
 from ..preview import render_montage
+from ..remote import RemoteClient, ServerGone, ask_server
+from ..session import Turn
 from . import metrics
 from .datasets import Case
 from .gallery import write_gallery
@@ -54,8 +60,77 @@ def _safe_name(case_id: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in case_id)[:80] or "case"
 
 
-def answer_case(engine, case: Case, run_dir: Path, settings: GenerationSettings, window=None,
-                interpolation: str = "nearest", images: ImageCache = NO_CACHE, attention: bool = False) -> dict:
+class LocalModel:
+    """Cases answered by an engine loaded in this process."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.tokens_per_image, self.device = engine.model.dims.num_latents, engine.device
+        self.gone: ServerGone | None = None  # a local engine does not go away
+
+    def made_with(self) -> dict:
+        model = self.engine.describe()
+        return {"checkpoint": model["checkpoint_fingerprint"] or model["checkpoint"], "dtype": model["dtype"],
+                "quantization": model["quantization"]}
+
+    def describe(self) -> dict:
+        return self.engine.describe() | {"toy": self.engine.model.dims.llm_dim < TOY_WIDTH}
+
+    def encodes(self) -> int:  # each miss of either cache was one encode
+        return self.engine.cache.misses + self.engine.attention_cache.misses
+
+    def cache_hits(self) -> int:
+        return self.engine.cache.hits
+
+    def answer(self, request: AskRequest, prepared) -> Turn:
+        return ask(self.engine, request, prepared=prepared)
+
+
+class ServerModel:
+    """Cases answered by a ``radfm serve`` (as ``radfm ask --server``: :func:`~RadFMSlicer.remote.ask_server`).
+
+    Scans are still read and preprocessed here, so every case is checked before anything is
+    sent and the gallery's thumbnails are drawn here (the server keeps no picture of a scan).
+    """
+
+    tokens_per_image, device = 32, None  # the local preparation only checks and draws; the server builds the prompt
+
+    def __init__(self, client: RemoteClient):
+        from ..worker import WorkerError
+
+        self.client = client
+        try:
+            self.model = client.load()["model"] or {}  # reachable, the token accepted, a model loaded
+        except WorkerError as exc:
+            raise RadFMError(str(exc)) from None
+        self.gone: ServerGone | None = None
+
+    def made_with(self) -> dict:
+        return {"server": self.client.url, "dtype": self.model.get("dtype"),
+                "quantization": self.model.get("quantization")}
+
+    def describe(self) -> dict:
+        return self.model | {"server": self.client.url, "toy": None}  # the server does not say the model's width
+
+    def encodes(self) -> None:  # the server's encoding cache is its own
+        return None
+
+    cache_hits = encodes
+
+    def answer(self, request: AskRequest, prepared) -> Turn:
+        try:
+            turn = ask_server(self.client, request)
+        except ServerGone as exc:
+            self.gone = exc
+            raise
+        for image, local in zip(turn.images, prepared.records):  # the server only saw "image k"
+            image.source, image.preview_png = local.source, local.preview_png
+        return turn
+
+
+def answer_case(model: "LocalModel | ServerModel", case: Case, run_dir: Path, settings: GenerationSettings,
+                window=None, interpolation: str = "nearest", images: ImageCache = NO_CACHE,
+                attention: bool = False) -> dict:
     """The record of one case: answered and scored, or its error (a bad scan never stops the run).
 
     ``images``: recent scans and model images, so cases on one scan read and resample it once.
@@ -66,9 +141,9 @@ def answer_case(engine, case: Case, run_dir: Path, settings: GenerationSettings,
     try:
         previews = run_dir / "previews" / _safe_name(case.id)
         request = request_for(case, settings, window, interpolation, str(previews))
-        prepared = prepare(request, None, engine.model.dims.num_latents, images, engine.device)
-        looked = _write_attention(engine, request, prepared, run_dir, _safe_name(case.id)) if attention else None
-        turn = ask(engine, request, prepared=prepared)
+        prepared = prepare(request, None, model.tokens_per_image, images, model.device)
+        looked = _write_attention(model.engine, request, prepared, run_dir, _safe_name(case.id)) if attention else None
+        turn = model.answer(request, prepared)
     except RadFMError as exc:
         record["error"] = str(exc)
     else:
@@ -103,12 +178,10 @@ def _by_shared_scans(cases: list[Case]) -> list[Case]:
     return sorted(cases, key=lambda c: first[tuple(c.images)])
 
 
-def run_settings(engine, settings: GenerationSettings, window, interpolation: str) -> dict:
-    """What makes a run's answers comparable: resuming a run under other settings is refused."""
-    model = engine.describe()
-    return {"checkpoint": model["checkpoint_fingerprint"] or model["checkpoint"], "dtype": model["dtype"],
-            "quantization": model["quantization"], **settings.to_dict(), "window": window,
-            "interpolation": interpolation}
+def run_settings(model: "LocalModel | ServerModel", settings: GenerationSettings, window, interpolation: str) -> dict:
+    """What makes a run's answers comparable: resuming a run under other settings is refused
+    (a run made here names its checkpoint, one made on a server the server's address)."""
+    return {**model.made_with(), **settings.to_dict(), "window": window, "interpolation": interpolation}
 
 
 def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: GenerationSettings | None = None, *,
@@ -116,45 +189,54 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
              force: bool = False, attention: bool = False) -> dict:
     """Answer the cases not yet answered in ``run_dir``, then write and return the summary.
 
+    ``engine``: a loaded engine, or a :class:`~RadFMSlicer.remote.RemoteClient` of the server
+    that answers every case. A server that goes away ends the run after recording that case's
+    error (retried on resume) and writing the summary: every later case would fail the same way.
     ``force``: resume a run folder made with other settings (each record keeps its own).
     ``attention``: write each case's resampler attention map and overlaid thumbnail.
     """
     from tqdm import tqdm
 
+    on_server = isinstance(engine, RemoteClient)
+    if attention and on_server:
+        raise RadFMError("--attention needs the model in this process (--checkpoint), not --server")
+    model = ServerModel(engine) if on_server else LocalModel(engine)
     settings = settings or GenerationSettings()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "cases.jsonl"
-    made_with = run_settings(engine, settings, window, interpolation)
+    made_with = run_settings(model, settings, window, interpolation)
     done = finished_ids(out, made_with, force)
     todo = _by_shared_scans([c for c in cases if c.id not in done])
-
-    def encodes() -> int:  # each miss of either cache was one encode
-        return engine.cache.misses + engine.attention_cache.misses
-
-    hits, misses = engine.cache.hits, encodes()
+    hits, misses = model.cache_hits(), model.encodes()
     started = time.perf_counter()
-    failed = 0
+    ran = failed = 0
     images = ImageCache()
     with open(out, "a") as f, tqdm(todo, unit="case", file=sys.stderr, disable=not progress, desc=str(run_dir),
                                    total=len(cases), initial=len(cases) - len(todo)) as bar:  # resumed: starts part-way
         for case in bar:
-            record = answer_case(engine, case, run_dir, settings, window, interpolation, images, attention)
+            record = answer_case(model, case, run_dir, settings, window, interpolation, images, attention)
             record["run_settings"] = made_with
             failed += "error" in record
             bar.set_postfix(failed=failed, refresh=False)
             append_record(f, record)
+            ran += 1
+            if model.gone:
+                break
     this_run = {
-        "answered": len(todo) - failed, "failed": failed, "skipped_as_done": len(cases) - len(todo),
+        "answered": ran - failed, "failed": failed, "skipped_as_done": len(cases) - len(todo),
         "wall_s": round(time.perf_counter() - started, 3),
-        "images_encoded": encodes() - misses, "images_from_cache": engine.cache.hits - hits,
+        "images_encoded": None if misses is None else model.encodes() - misses,
+        "images_from_cache": None if hits is None else model.cache_hits() - hits,
     }
-    model = engine.describe() | {"toy": engine.model.dims.llm_dim < TOY_WIDTH}
     records = manifest_records(run_dir, cases)
     summary = write_summary(run_dir, records, len(cases), {
-        "manifest": manifest, "model": model, "settings": settings.to_dict(), "window": window,
+        "manifest": manifest, "model": model.describe(), "settings": settings.to_dict(), "window": window,
         "interpolation": interpolation, "last_run": this_run})
     write_gallery(run_dir, records, summary)
+    if model.gone:
+        raise RadFMError(f"stopped at case {case.id!r}: {model.gone}; the cases recorded so far (this one with its "
+                         f"error) are kept in {out}: rerun the same command to resume")
     return summary
 
 
