@@ -48,6 +48,7 @@ class FakeScene:
         self.saved = None
         self.set_aside = []  # conversations that could not be read, kept as they were
         self.previews = {}  # thumbnail file name -> PNG bytes, as the scene stores them
+        self.overlays = {}  # scan id -> (map, name) of the heat map shown over it
 
     def volumes(self):
         return [SceneItem(key, name, "volume") for key, name in self.NAMES.items()]
@@ -88,3 +89,9 @@ class FakeScene:
 
     def save_previews(self, previews):
         self.previews = dict(previews)
+
+    def show_overlay(self, scan_id, array, name):
+        if array.shape != self.arrays[scan_id].shape:
+            raise ValueError(f"The map's grid {array.shape} is not {self.NAMES[scan_id]}'s any more; ask again.")
+        self.overlays[scan_id] = (array, name)
+        return f"overlay/{scan_id}"

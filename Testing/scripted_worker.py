@@ -10,9 +10,13 @@ Event. When the script ends, or after ``cancel()``, a done event carries the tur
 import re
 import tempfile
 
+import torch
+
 from RadFMSlicer.ask import make_turn, prepare
+from RadFMSlicer.attention import write_npy_for_ask
 from RadFMSlicer.errors import RadFMError
 from RadFMSlicer.generation import GenerationResult
+from RadFMSlicer.image_cache import NO_CACHE
 from RadFMSlicer.worker.protocol import Event, ask_request_from_json
 
 PAUSE = "<pause>"
@@ -36,9 +40,21 @@ class _Model:
                 "dtype": self.load_args["dtype"], "quantization": self.load_args["quantization"]}
 
 
+class _PeakedAttention:
+    """An engine's ``image_attention``: all of it on the first patch (the corner at i, j, k = 0 of
+    the model image), so a test knows where the map must land on the scan."""
+
+    def image_attention(self, image):
+        _, h, w, d = image.tensor.shape
+        grid = torch.zeros(1, h // 32, w // 32, d // 4)
+        grid[0, 0, 0, 0] = 1.0
+        return grid
+
+
 class ScriptedRequest:
-    def __init__(self, client, request, prepared, script):
+    def __init__(self, client, request, prepared, script, attention=None):
         self.client, self.request, self.prepared = client, request, prepared
+        self.attention = attention  # the turn's provenance entry, as the worker's (attention: true)
         self.script = list(script)
         self.text = ""
         self.cancelled = self.finished = False
@@ -73,6 +89,8 @@ class ScriptedRequest:
         self.finished = True
         result = GenerationResult([0] * len(tokens(self.text)), self.text, stop_reason, 100, 0.5, 2.0)
         turn = make_turn(_Model(self.client.loaded), self.request, self.prepared, result, 0.3)
+        if self.attention:
+            turn.provenance["attention"] = self.attention
         return Event("done", self.text, {"answer": self.text, "stop_reason": stop_reason, "turn": turn.to_dict()})
 
 
@@ -95,11 +113,14 @@ class ScriptedWorkerClient:
     def ask(self, **kwargs) -> ScriptedRequest:
         self.asks.append(kwargs)
         request = ask_request_from_json({**kwargs, "preview_dir": self.preview_dir})
+        attention = None
         try:
             prepared, script = prepare(request), self.scripts.pop(0)
+            if kwargs.get("attention"):  # mapped onto the scan's grid and written like the worker's
+                attention = write_npy_for_ask(_PeakedAttention(), request, prepared, self.preview_dir, NO_CACHE)
         except RadFMError as exc:  # the worker answers a bad request with an error event
             prepared, script = None, [Event("error", str(exc))]
-        self.requests.append(ScriptedRequest(self, request, prepared, script))
+        self.requests.append(ScriptedRequest(self, request, prepared, script, attention))
         return self.requests[-1]
 
     def alive(self):

@@ -158,14 +158,33 @@ class LinearTransformNode(Node):
 
 
 class ScalarVolumeDisplayNode:
-    def __init__(self, center, width):
+    """vtkMRMLScalarVolumeDisplayNode: window/level (automatic until set), colour node, Grey by default."""
+
+    def __init__(self, center=0.0, width=0.0):
         self.center, self.width = center, width
+        self.auto_window_level = True
+        self.color_node_id = "vtkMRMLColorTableNodeGrey"
 
     def GetLevel(self):
         return self.center
 
     def GetWindow(self):
         return self.width
+
+    def AutoWindowLevelOff(self):
+        self.auto_window_level = False
+
+    def GetAutoWindowLevel(self):
+        return int(self.auto_window_level)
+
+    def SetWindowLevelMinMax(self, minimum, maximum):
+        self.width, self.center = maximum - minimum, (maximum + minimum) / 2
+
+    def SetAndObserveColorNodeID(self, color_node_id):
+        self.color_node_id = color_node_id
+
+    def GetColorNodeID(self):
+        return self.color_node_id
 
 
 class ScalarVolumeNode(Node):
@@ -193,6 +212,11 @@ class ScalarVolumeNode(Node):
 
     def GetDisplayNode(self):
         return self.display
+
+    def CreateDefaultDisplayNodes(self):
+        """vtkMRMLScalarVolumeNode: a display node with the defaults, if there is none yet."""
+        if self.display is None:
+            self.display = ScalarVolumeDisplayNode()
 
 
 class LabelMapVolumeNode(ScalarVolumeNode):
@@ -418,12 +442,35 @@ class SliceCompositeNode(Node):
     def __init__(self, layout_name="Red", background_id=None):
         super().__init__(f"SliceComposite{layout_name}")
         self.layout_name, self.background_id = layout_name, background_id
+        self.foreground_id, self.foreground_opacity = None, 0.0
+        self.label_id, self.label_opacity = None, 1.0
 
     def GetLayoutName(self):
         return self.layout_name
 
     def GetBackgroundVolumeID(self):
         return self.background_id
+
+    def SetBackgroundVolumeID(self, node_id):
+        self.background_id = node_id
+
+    def GetForegroundVolumeID(self):
+        return self.foreground_id
+
+    def SetForegroundVolumeID(self, node_id):
+        self.foreground_id = node_id
+
+    def GetForegroundOpacity(self):
+        return self.foreground_opacity
+
+    def SetForegroundOpacity(self, opacity):
+        self.foreground_opacity = opacity
+
+    def SetLabelVolumeID(self, node_id):
+        self.label_id = node_id
+
+    def SetLabelOpacity(self, opacity):
+        self.label_opacity = opacity
 
 
 NODE_CLASSES = {cls.CLASSES[0]: cls for cls in (
@@ -659,6 +706,46 @@ class util:
         if volumeNode.GetClassName() in tensor_types:
             return numpy_support.vtk_to_numpy(image.GetPointData().GetTensors()).reshape(shape + (3, 3))
         raise RuntimeError("Unsupported volume type: " + volumeNode.GetClassName())
+
+    @staticmethod
+    def updateVolumeFromArray(volumeNode, narray):
+        """Slicer 5.12.3 for a 3-D scalar array: the node's image (made if missing) takes the
+        array's shape and type, voxels deep-copied; ``long long`` refused."""
+        if narray.ndim != 3:
+            raise RuntimeError("Unsupported numpy array shape: " + str(narray.shape))
+        image = volumeNode.GetImageData()
+        if not image:
+            image = vtk.vtkImageData()
+            volumeNode.SetAndObserveImageData(image)
+        vtype = numpy_support.get_vtk_array_type(narray.dtype)
+        if vtype == vtk.VTK_LONG_LONG:
+            raise RuntimeError("Unsupported numpy array type: long long")
+        image.SetDimensions(tuple(reversed(narray.shape)))
+        image.AllocateScalars(vtype, 1)
+        util.arrayFromVolume(volumeNode)[:] = narray
+        volumeNode.Modified()
+
+    @staticmethod
+    def setSliceViewerLayers(background="keep-current", foreground="keep-current", label="keep-current",
+                             foregroundOpacity=None, labelOpacity=None, fit=False, rotateToVolumePlane=False):
+        """Slicer 5.12.3: every slice composite node takes the given layers (a node or its id;
+        "keep-current" leaves a layer alone) and opacities. ``fit`` and ``rotateToVolumePlane``
+        need a layout manager, which there is none of here: ignored."""
+        def node_id(node_or_id):
+            return node_or_id.GetID() if isinstance(node_or_id, Node) else node_or_id
+
+        for n in range(mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            viewer = mrmlScene.GetNthNodeByClass(n, "vtkMRMLSliceCompositeNode")
+            if background != "keep-current":
+                viewer.SetBackgroundVolumeID(node_id(background))
+            if foreground != "keep-current":
+                viewer.SetForegroundVolumeID(node_id(foreground))
+            if foregroundOpacity is not None:
+                viewer.SetForegroundOpacity(foregroundOpacity)
+            if label != "keep-current":
+                viewer.SetLabelVolumeID(node_id(label))
+            if labelOpacity is not None:
+                viewer.SetLabelOpacity(labelOpacity)
 
     @staticmethod
     def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode=None):

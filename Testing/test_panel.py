@@ -495,3 +495,28 @@ def test_run_on_server_keeps_the_token_out_of_settings_and_never_shows_it(qtbot,
     assert (reopened.run_on_box.currentText(), reopened.server_edit.text(), reopened.token_edit.text()) == (
         "server", "https://rad-server:8765", "")
     assert reopened.assistant.settings.run_on == "server"
+
+
+def test_show_where_the_model_looked_sends_attention_and_shows_the_map_over_the_scan(open_panel, qtbot):
+    panel, scene, clients = open_panel(tokens("No nodule."), tokens("No effusion."))
+    assert not panel.attention_box.isChecked()  # off by default: nothing extra computed
+    panel.input.setPlainText("Any effusion?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    assert "attention" not in clients[0].asks[0] and not panel.answers[-1].attention_button.isVisibleTo(panel)
+
+    panel.attention_box.setChecked(True)
+    panel.input.setPlainText("Any nodule?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    assert clients[0].asks[1]["attention"] is True
+    view = panel.answers[-1]
+    assert view.attention_button.isVisibleTo(panel)
+    qtbot.mouseClick(view.attention_button, QtCore.Qt.LeftButton)
+    heat, name = scene.overlays["ct"]
+    assert heat.shape == SHAPE and heat.max() == 1.0 and heat.mean() < 0.5  # on the scan's own grid, one peak
+    assert name == "CT chest 2024-03-01 \u2014 resampler attention, not an explanation"
+
+    os.remove(panel.assistant.session.turns[-1].provenance["attention"]["file"])  # e.g. after Slicer restarted
+    qtbot.mouseClick(view.attention_button, QtCore.Qt.LeftButton)
+    assert "attention map is gone" in panel.status_label.text()

@@ -371,3 +371,70 @@ def test_a_precision_too_big_for_the_gpu_is_met_with_an_offer_of_one_that_fits(s
         assert panel.assistant.settings.precision == "int8 weights" and not panel.offer_button.isVisibleTo(panel)
     finally:
         widget.cleanup()
+
+
+# ---------------------------------------------------------------------------------- issue 12 item 6: where the model looked
+def ask_in_panel(slicer, panel, question, tmp_path, scripts):
+    panel.before_connect = None
+    panel.assistant.start_client = lambda python: ScriptedWorkerClient(scripts)
+    panel.folder_edit.setText(str(tmp_path))
+    panel.input.setPlainText(question)
+    panel.ask("vqa")
+    deadline = time.monotonic() + 15
+    while panel.busy_now and time.monotonic() < deadline:
+        slicer.app.processEvents()
+    return panel.answers[-1]
+
+
+def test_show_attention_overlays_the_answers_map_on_the_scan(slicer, module, tmp_path):
+    """Ticked, the answer carries a map and "Show attention" shows it as a heat-map volume on the
+    scan's grid and geometry, Inferno, 40 % over the scan in every slice view; a second answer's map
+    updates the same overlay, which is never offered as a scan."""
+    from RadFMModuleLib.scene_adapters import OVERLAY_COLOR_ID, SlicerScene
+
+    ct = add_ct(slicer)
+    slicer.mrmlScene.AddNode(slicer.SliceCompositeNode("Yellow", ct.GetID()))
+    widget = module.RadFMModuleWidget()
+    panel = widget.panel
+    try:
+        panel.attention_box.setChecked(True)
+        view = ask_in_panel(slicer, panel, "Any nodule?", tmp_path, [tokens("No."), tokens("Still no.")])
+        assert view.attention_button.isVisibleTo(panel)
+        view.attention_button.click()
+        (overlay,) = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode") if n is not ct]
+        assert overlay.GetName() == "CT \u2014 resampler attention, not an explanation"
+        assert panel.status_label.text() == f"Showing {overlay.GetName()}"
+        heat = slicer.util.arrayFromVolume(overlay)
+        assert heat.shape == SHAPE and heat.dtype == np.float32 and heat.max() == 1.0 and 0 < heat.mean() < 1
+        matrix = slicer.vtk_matrix(np.eye(4))
+        overlay.GetIJKToRASMatrix(matrix)
+        np.testing.assert_allclose(slicer.numpy_matrix(matrix), IJK_TO_RAS)
+        display = overlay.GetDisplayNode()
+        assert display.GetColorNodeID() == OVERLAY_COLOR_ID and (display.GetLevel(), display.GetWindow()) == (0.5, 1)
+        for composite in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):
+            assert (composite.GetBackgroundVolumeID(), composite.GetForegroundVolumeID()) == (ct.GetID(),
+                                                                                             overlay.GetID())
+            assert composite.GetForegroundOpacity() == 0.4
+        assert [item.name for item in SlicerScene().volumes()] == ["CT"]
+
+        second = ask_in_panel(slicer, panel, "Any effusion?", tmp_path, [])
+        second.attention_button.click()
+        assert len(slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")) == 2  # the one overlay, updated
+    finally:
+        widget.cleanup()
+
+
+def test_unticked_no_map_is_computed_and_a_changed_scan_is_refused(slicer, module, tmp_path):
+    from RadFMModuleLib.scene_adapters import SlicerScene
+
+    ct = add_ct(slicer)
+    widget = module.RadFMModuleWidget()
+    panel = widget.panel
+    try:
+        view = ask_in_panel(slicer, panel, "Any nodule?", tmp_path, [tokens("No.")])
+        assert "attention" not in panel.assistant.session.turns[-1].provenance
+        assert not view.attention_button.isVisibleTo(panel)
+        with pytest.raises(ValueError, match="not CT's any more"):
+            SlicerScene().show_overlay(ct.GetID(), np.zeros((2, 2, 2), np.float32), "x")
+    finally:
+        widget.cleanup()

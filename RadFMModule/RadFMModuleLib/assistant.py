@@ -63,6 +63,7 @@ class Scene(Protocol):
     def load_previews(self) -> dict: ...  # thumbnail file name -> PNG bytes, saved with the scene
     def save_previews(self, previews: dict) -> None: ...
     def load_scan(self, path: str) -> str: ...  # a scan file into the scene, shown; returns its volume id
+    def show_overlay(self, scan_id: str, array: np.ndarray, name: str) -> str: ...  # heat map over the scan; node id
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Selection:
     region_ids: tuple = ()
     window: object = WINDOW_AS_SHOWN  # WINDOW_AS_SHOWN, a preset name, or None (automatic)
     history: str = ""
+    attention: bool = False  # also compute where the model looked (resampler attention) with the answer
 
 
 def start_remote_client(url, token):
@@ -100,6 +102,7 @@ class Assistant:
         self._session = None
         self._files = tempfile.mkdtemp(prefix="radfm-slicer-")
         self._volume_files = {}  # volume id -> (version, .npy path)
+        self._asked_volume = None  # the scan of the last build_ask: an answer's attention map goes over it
         self._previews = os.path.join(self._files, "previews")  # thumbnails of this conversation only
         os.mkdir(self._previews)
         self._preview_bytes = {}  # file name -> PNG bytes, what the scene saves
@@ -118,6 +121,8 @@ class Assistant:
                 raise ValueError("Enter the RadFM server's address in Model settings first.")
         elif not self.settings.checkpoint_folder:
             raise ValueError("Choose the RadFM checkpoint folder in Model settings first.")
+        if selection.attention and self.settings.run_on == RUN_SERVER:
+            raise ValueError("Showing where the model looked needs the model on this computer (Run on).")
         as_shown = selection.window == WINDOW_AS_SHOWN
         images = [self._image(selection.volume_id, "current", as_shown)]
         if selection.prior_id and selection.prior_id != selection.volume_id:
@@ -142,7 +147,8 @@ class Assistant:
         history = selection.history.strip()
         if lengths:
             history = "; ".join(filter(None, [history, "Measured: " + ", ".join(lengths)]))
-        return {
+        self._asked_volume = selection.volume_id
+        ask = {
             "task": task,
             "question": question.strip(),
             "images": images,
@@ -151,6 +157,9 @@ class Assistant:
             "window": None if as_shown else selection.window,
             "max_new_tokens": TASK_TOKENS.get(task, 256),
         }
+        if selection.attention:
+            ask["attention"] = True
+        return ask
 
     def _image(self, volume_id: str, role: str, as_shown: bool) -> dict:
         data = self.scene.volume(volume_id)
@@ -227,6 +236,7 @@ class Assistant:
         turn = self.session.add_turn(turn)
         for image in turn.images:
             self._keep_preview(image)
+        self._keep_attention(turn)
         self.scene.save_previews(self._referenced_previews())
         self.scene.save_session_json(self.session.to_json())
         return turn
@@ -261,6 +271,29 @@ class Assistant:
         with open(kept, "rb") as f:
             self._preview_bytes[name] = f.read()
         image.preview_png = kept
+
+    def _keep_attention(self, turn):
+        """Move a turn's attention map from the worker's folder into ours and note the scan it was
+        asked about (the last ``build_ask``'s). Kept while Slicer runs, not in the scene (a float per voxel)."""
+        info = turn.provenance.get("attention")
+        if not info or not os.path.isfile(info.get("file") or ""):
+            return
+        kept = os.path.join(self._files, os.path.basename(info["file"]))
+        if os.path.abspath(info["file"]) != kept:
+            shutil.move(info["file"], kept)
+        info.update(file=kept, volume_id=self._asked_volume)
+
+    def show_attention(self, turn) -> str:
+        """Show a turn's attention map over its scan (``Scene.show_overlay``); returns the overlay's name."""
+        from RadFMSlicer.attention import LABEL  # numpy only
+
+        info = turn.provenance.get("attention") or {}
+        if not (info.get("volume_id") and os.path.isfile(info.get("file") or "")):
+            raise ValueError("This answer's attention map is gone (maps are kept while Slicer runs); "
+                             "tick \u201cShow where the model looked\u201d and ask again.")
+        name = f"{turn.images[0].label} \u2014 {LABEL}"
+        self.scene.show_overlay(info["volume_id"], np.load(info["file"], allow_pickle=False), name)
+        return name
 
     def _referenced_previews(self) -> dict:
         names = {os.path.basename(i.preview_png) for t in self.session.turns for i in t.images if i.preview_png}

@@ -83,8 +83,12 @@ class ChatPanel(QtWidgets.QWidget):
             self.window_box.addItem(text, value)
         self.history_edit = QtWidgets.QLineEdit()
         self.history_edit.setPlaceholderText("Age, sex, indication, e.g. 58 y, male, cough for 3 weeks")
+        self.attention_box = QtWidgets.QCheckBox("Show where the model looked")
+        self.attention_box.setToolTip("Also compute the resampler's attention map with the answer (resampler "
+                                      "attention, not an explanation); \u201cShow attention\u201d under the "
+                                      "answer overlays it on the scan.")
         for label, widget in [("Scan", self.volume_box), ("Prior", self.prior_box), ("Regions", self.region_list),
-                              ("Window", self.window_box), ("History", self.history_edit)]:
+                              ("Window", self.window_box), ("History", self.history_edit), ("", self.attention_box)]:
             form.addRow(label, widget)
             if widget is self.volume_box:  # why a volume in the scene is not in the list (a colour volume...)
                 self.skipped_label = text_label("", "muted", point_delta=-1)
@@ -301,6 +305,7 @@ class ChatPanel(QtWidgets.QWidget):
             region_ids=tuple(e.data(QtCore.Qt.UserRole) for e in self._checked_regions()),
             window=get(self.window_box, "currentData"),
             history=get(self.history_edit, "text"),
+            attention=bool(get(self.attention_box, "checked")),
         )
 
     def select(self, selection: Selection):
@@ -358,7 +363,7 @@ class ChatPanel(QtWidgets.QWidget):
                 return self._set_status("RadFM cannot start until its Python packages are installed.")
         self.input.clear()
         self._add_turn_views(UserTurnView(task, question, self._context(selection)))
-        self._answer = AnswerView(task)
+        self._answer = AnswerView(task, self.show_attention)
         self._add_turn_views(self._answer)
         self._tokens = 0
         self._job = ConnectJob(self.assistant)
@@ -476,10 +481,18 @@ class ChatPanel(QtWidgets.QWidget):
         for turn in turns:
             context = ", ".join(f"{image.label} ({image.role})" for image in turn.images)
             self._add_turn_views(UserTurnView(turn.task, turn.question, context))
-            view = AnswerView(turn.task)
+            view = AnswerView(turn.task, self.show_attention)
             view.finish(turn)
             self._add_turn_views(view)
             self.answers.append(view)
+
+    def show_attention(self, turn):
+        """An answer's "Show attention": its map over the scan in the slice views."""
+        try:
+            name = self.assistant.show_attention(turn)
+        except (ValueError, OSError, RuntimeError) as exc:  # gone, or the scan changed since
+            return self._set_status(str(exc))
+        self._set_status(f"Showing {name}")
 
     def reload(self):
         """After the scene was closed or loaded: cancel, then show the scene's conversation."""

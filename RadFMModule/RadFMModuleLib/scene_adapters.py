@@ -20,6 +20,10 @@ UNREADABLE_ATTRIBUTE = "RadFM.UnreadableConversation"
 PREVIEWS_ATTRIBUTE = "RadFM.Previews"
 PREVIEWS_NODE_NAME = "RadFM previews"
 SCAN_CLASS = "vtkMRMLScalarVolumeNode"
+OVERLAY_ATTRIBUTE = "RadFM.AttentionOf"  # on an attention overlay: the id of its scan (no scan to ask about)
+# Slicer's colour logic names a colour file's table "vtkMRMLColorTableNode" + "File" + the file's name.
+OVERLAY_COLOR_ID = "vtkMRMLColorTableNodeFileInferno.txt"
+OVERLAY_OPACITY = 0.4
 # Classes that derive from vtkMRMLScalarVolumeNode but hold no single grey-scale 3D scan, and why
 # they are not offered (most specific first: a streaming volume is also a vector volume).
 NOT_A_SCAN = {
@@ -118,6 +122,8 @@ class SlicerScene:
         items = []
         for node in slicer.util.getNodesByClass(SCAN_CLASS):
             reason = _not_a_scan(node)
+            if node.GetAttribute(OVERLAY_ATTRIBUTE):
+                continue  # our attention map: shown over its scan, not a scan itself
             if reason is None:
                 items.append(SceneItem(node.GetID(), node.GetName(), "volume"))
             elif reason:
@@ -195,6 +201,35 @@ class SlicerScene:
         A file Slicer cannot read raises RuntimeError (``slicer.util.loadVolume``), which the tab shows.
         """
         return slicer.util.loadVolume(path).GetID()
+
+    def show_overlay(self, scan_id: str, array: np.ndarray, name: str) -> str:
+        """Show ``array`` (``[k, j, i]`` on the scan's grid, 0..1) as a heat map over the scan in
+        every slice view; one overlay per scan, updated by the next answer's map. Its node id."""
+        scan = self._node(scan_id)
+        if tuple(array.shape) != tuple(slicer.util.arrayFromVolume(scan).shape):
+            raise ValueError(f"The map's grid {tuple(array.shape)} is not {scan.GetName()}'s any more "
+                             "(the scan changed since the answer); ask again.")
+        overlay = next((node for node in slicer.util.getNodesByClass(SCAN_CLASS)
+                        if node.GetAttribute(OVERLAY_ATTRIBUTE) == scan_id), None)
+        if overlay is None:
+            overlay = slicer.mrmlScene.AddNewNodeByClass(SCAN_CLASS, name)
+            overlay.SetAttribute(OVERLAY_ATTRIBUTE, scan_id)
+            overlay.CreateDefaultDisplayNodes()
+        overlay.SetName(name)
+        ijk_to_ras = vtk.vtkMatrix4x4()
+        scan.GetIJKToRASMatrix(ijk_to_ras)
+        world = _node_to_world(scan) @ _numpy(ijk_to_ras)  # the scan's transform hardened into the overlay
+        for r in range(4):
+            for c in range(4):
+                ijk_to_ras.SetElement(r, c, float(world[r, c]))
+        overlay.SetIJKToRASMatrix(ijk_to_ras)
+        slicer.util.updateVolumeFromArray(overlay, np.asarray(array, np.float32))
+        display = overlay.GetDisplayNode()
+        display.SetAndObserveColorNodeID(OVERLAY_COLOR_ID)
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, 1.0)
+        slicer.util.setSliceViewerLayers(background=scan, foreground=overlay, foregroundOpacity=OVERLAY_OPACITY)
+        return overlay.GetID()
 
     def save_previews(self, previews: dict) -> None:
         """Thumbnails live in a hidden text node (long text is saved as a file in the .mrb)."""

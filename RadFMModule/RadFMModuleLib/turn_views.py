@@ -141,8 +141,9 @@ class UserTurnView:
 class AnswerView:
     """One answer: streams in, then shows thumbnails of what the model saw and its provenance."""
 
-    def __init__(self, task: str):
+    def __init__(self, task: str, show_attention=None):
         self.text = ""
+        self.show_attention = show_attention  # called with the turn by "Show attention" (a map came with it)
         self.frame = QtWidgets.QFrame()
         self.frame.setObjectName("answerTurn")
         layout = QtWidgets.QVBoxLayout(self.frame)
@@ -166,7 +167,13 @@ class AnswerView:
             button.setCursor(QtCore.Qt.PointingHandCursor)
             button.setEnabled(False)
         self.details_button.setCheckable(True)
-        layout.addLayout(hrow(self.copy_button, self.details_button, stretch_at=2))
+        self.attention_button = QtWidgets.QPushButton("Show attention")
+        self.attention_button.setObjectName("link")
+        self.attention_button.setCursor(QtCore.Qt.PointingHandCursor)
+        self.attention_button.setToolTip("Overlay where the model looked on the scan (resampler attention, "
+                                         "not an explanation)")
+        self.attention_button.setVisible(False)
+        layout.addLayout(hrow(self.copy_button, self.details_button, self.attention_button, stretch_at=3))
         self.details = text_label("", "details", point_delta=-1)
         self.details.setVisible(False)
         layout.addWidget(self.details)
@@ -197,6 +204,9 @@ class AnswerView:
         self.details.setText(describe_turn(turn))
         self.copy_button.setEnabled(bool(self.text))
         self.details_button.setEnabled(True)
+        if self.show_attention and turn.provenance.get("attention"):
+            self.attention_button.clicked.connect(lambda: self.show_attention(turn))
+            self.attention_button.setVisible(True)
 
     def fail(self, message: str, partial: str = ""):
         self.text = partial
