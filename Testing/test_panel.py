@@ -520,3 +520,14 @@ def test_show_where_the_model_looked_sends_attention_and_shows_the_map_over_the_
     os.remove(panel.assistant.session.turns[-1].provenance["attention"]["file"])  # e.g. after Slicer restarted
     qtbot.mouseClick(view.attention_button, QtCore.Qt.LeftButton)
     assert "attention map is gone" in panel.status_label.text()
+
+
+def test_where_the_model_looked_with_a_server_says_it_needs_the_model_here(open_panel, qtbot):
+    panel, scene, clients = open_panel(tokens("No."))
+    panel.run_on_box.setCurrentText("server")
+    panel.server_edit.setText("https://rad-server:8765")
+    panel.attention_box.setChecked(True)
+    panel.input.setPlainText("Any nodule?")
+    panel.ask("vqa")
+    assert not panel.busy_now and clients == []  # refused before anything starts: a server writes no map here
+    assert "needs the model on this computer" in panel.status_label.text()
