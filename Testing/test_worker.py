@@ -454,3 +454,19 @@ def test_a_failing_log_callback_does_not_stop_the_stderr_reader(launcher):
             time.sleep(0.05)
         assert "launcher: starting the real python" in c.stderr_tail()
         assert any("log callback failed: RuntimeError: log pane gone" in line for line in c.stderr_tail())
+
+
+def test_attention_costs_no_second_encode(tiny_checkpoint, tmp_path):
+    """The map comes from the encoding the answer then reuses: one vision pass per ask."""
+    from RadFMSlicer.engine import RadFMEngine
+
+    server = WorkerServer(Recorder(), heartbeat_s=0)
+    server.engine = RadFMEngine.load(tiny_checkpoint)
+    passes = []
+    encode = server.engine.model.encode_images
+    server.engine.model.encode_images = lambda *a, **k: (passes.append(k), encode(*a, **k))[1]
+    server.op_ask("a", {"id": "a", "op": "ask", "question": "Is there a nodule", "images": [CT],
+                        "max_new_tokens": 2, "preview_dir": str(tmp_path), "attention": True})
+    (final,) = server.sink.finals("a")
+    assert final.kind == "done" and os.path.isfile(final.data["turn"]["provenance"]["attention"]["file"])
+    assert passes == [{"return_attention": True}]
