@@ -34,9 +34,10 @@ DISPLAY_TO_IJK_COLUMNS = [2, 1, 0, 3]
 
 
 # =============================================================================== HTTP
-class ServerGone(RadFMError):
-    """The server could not be reached or dropped an answer: the question was not at fault,
-    so a run of many questions stops here instead of failing every one that follows."""
+class ServerUnavailable(RadFMError):
+    """The server cannot answer now (unreachable, gone mid-answer, the token refused, its queue
+    full): the question was not at fault, so a run of many questions stops here instead of
+    failing every one that follows."""
 
 
 def http_request(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None,
@@ -56,7 +57,7 @@ def http_request(url: str, method: str = "GET", body: bytes | None = None, heade
         return connection.getresponse()
     except (OSError, http.client.HTTPException) as exc:
         connection.close()
-        raise ServerGone(f"cannot reach {what} at {parts.scheme}://{parts.netloc}: {exc}") from exc
+        raise ServerUnavailable(f"cannot reach {what} at {parts.scheme}://{parts.netloc}: {exc}") from exc
 
 
 def read_error(response: http.client.HTTPResponse) -> str:
@@ -202,7 +203,8 @@ class RemoteClient:
             message = read_error(response)
             if response.status == 401:
                 message = "the RadFM server refused the token (check the token for this server)"
-            raise WorkerError(f"the RadFM server answered {response.status}: {message}")
+            error = ServerUnavailable if response.status in (401, 429) else WorkerError
+            raise error(f"the RadFM server answered {response.status}: {message}")
         return response
 
     def _json(self, method: str, path: str, payload=None, timeout: float = 60.0) -> dict:
@@ -376,8 +378,8 @@ def ask_server(client: RemoteClient, request, session=None, on_text=None, timeou
         if event.kind == "token" and on_text:
             on_text(event.text)
         elif event.kind == "error":
-            gone = event.data.get("kind") in ("worker_died", ServerGone.__name__)
-            raise (ServerGone if gone else RadFMError)(event.text)
+            gone = event.data.get("kind") in ("worker_died", ServerUnavailable.__name__)
+            raise (ServerUnavailable if gone else RadFMError)(event.text)
     turn = Turn.from_dict(pending.final.data["turn"])
     if session is not None:
         session.add_turn(turn)

@@ -14,7 +14,7 @@ from RadFMSlicer.errors import RadFMError  # noqa: E402
 from RadFMSlicer.evaluation.datasets import load_manifest  # noqa: E402
 from RadFMSlicer.evaluation.run import read_cases, run_eval  # noqa: E402
 from RadFMSlicer.generation import GenerationSettings  # noqa: E402
-from RadFMSlicer.remote import RemoteClient, RemoteRequest, ServerGone, ask_server  # noqa: E402
+from RadFMSlicer.remote import RemoteClient, RemoteRequest, ServerUnavailable, ask_server  # noqa: E402
 from RadFMSlicer.worker import Event  # noqa: E402
 from test_server import CT, TOKEN, free_port, server  # noqa: E402,F401 (server: the module's own radfm serve)
 
@@ -102,23 +102,29 @@ def test_eval_server_refusals_are_one_line_before_any_answer(server, tiny_checkp
     assert "--attention needs the model in this process" in capsys.readouterr().err
 
 
-def test_a_server_gone_mid_run_keeps_the_case_with_its_error_and_stops(server, tmp_path):
+@pytest.mark.parametrize("change, error", [
+    ("url", "cannot reach the RadFM server"),  # stopped, or the network dropped
+    ("token", "the RadFM server answered 401: the RadFM server refused the token"),  # the token changed on the server
+])
+def test_a_server_gone_mid_run_keeps_the_case_with_its_error_and_stops(server, tmp_path, change, error):
     class GoesAway(RemoteClient):
         asks = 0
 
         def ask(self, *args, **kwargs):
             self.asks += 1
-            if self.asks == 2:
+            if self.asks == 2 and change == "url":
                 self.url = f"http://127.0.0.1:{free_port()}"  # nothing listens there any more
+            if self.asks == 2 and change == "token":
+                self.token = "not-the-token-at-all-000"
             return super().ask(*args, **kwargs)
 
     cases = load_manifest(manifest(tmp_path))
     run = tmp_path / "run"
-    with pytest.raises(RadFMError, match=r"stopped at case 'ct-effusion': cannot reach the RadFM server.*rerun"):
+    with pytest.raises(RadFMError, match=rf"stopped at case 'ct-effusion': {error}.*rerun"):
         run_eval(GoesAway(server.url, TOKEN), cases, run, GenerationSettings(max_new_tokens=3), progress=False)
     records = by_id(run)
     assert set(records) == {"ct-modality", "ct-effusion"} and "answer" in records["ct-modality"]
-    assert "cannot reach the RadFM server" in records["ct-effusion"]["error"]
+    assert error in records["ct-effusion"]["error"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["cases"] == {"total": 3, "answered": 1, "failed": 1, "not_run": 1}
     summary = run_eval(RemoteClient(server.url, TOKEN), cases, run, GenerationSettings(max_new_tokens=3),
@@ -131,11 +137,11 @@ def test_an_answer_dropped_mid_stream_is_server_gone(monkeypatch):
     dropped = RemoteRequest(client, "r1", "ask")
     dropped._push(Event("error", "the RadFM server went away mid-answer", {"kind": "worker_died"}))
     monkeypatch.setattr(client, "ask", lambda **kwargs: dropped)
-    with pytest.raises(ServerGone, match="went away"):
+    with pytest.raises(ServerUnavailable, match="went away"):
         ask_server(client, AskRequest(task="modality", images=[ImageInput(path=CT)]))
     refused = RemoteRequest(client, "r2", "ask")
     refused._push(Event("error", "unknown task", {"kind": "RadFMError"}))  # the question's fault: not gone
     monkeypatch.setattr(client, "ask", lambda **kwargs: refused)
     with pytest.raises(RadFMError) as raised:
         ask_server(client, AskRequest(task="modality", images=[ImageInput(path=CT)]))
-    assert not isinstance(raised.value, ServerGone)
+    assert not isinstance(raised.value, ServerUnavailable)

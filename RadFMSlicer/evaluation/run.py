@@ -28,7 +28,7 @@ from ..errors import RadFMError
 from ..generation import GenerationSettings
 from ..image_cache import NO_CACHE, ImageCache
 from ..preview import render_montage
-from ..remote import RemoteClient, ServerGone, ask_server
+from ..remote import RemoteClient, ServerUnavailable, ask_server
 from ..session import Turn
 from . import metrics
 from .datasets import Case
@@ -66,7 +66,7 @@ class LocalModel:
     def __init__(self, engine):
         self.engine = engine
         self.tokens_per_image, self.device = engine.model.dims.num_latents, engine.device
-        self.gone: ServerGone | None = None  # a local engine does not go away
+        self.unavailable: ServerUnavailable | None = None  # a local engine does not go away
 
     def made_with(self) -> dict:
         model = self.engine.describe()
@@ -103,7 +103,7 @@ class ServerModel:
             self.model = client.load()["model"] or {}  # reachable, the token accepted, a model loaded
         except WorkerError as exc:
             raise RadFMError(str(exc)) from None
-        self.gone: ServerGone | None = None
+        self.unavailable: ServerUnavailable | None = None
 
     def made_with(self) -> dict:
         return {"server": self.client.url, "dtype": self.model.get("dtype"),
@@ -120,8 +120,8 @@ class ServerModel:
     def answer(self, request: AskRequest, prepared) -> Turn:
         try:
             turn = ask_server(self.client, request)
-        except ServerGone as exc:
-            self.gone = exc
+        except ServerUnavailable as exc:
+            self.unavailable = exc
             raise
         for image, local in zip(turn.images, prepared.records):  # the server only saw "image k"
             image.source, image.preview_png = local.source, local.preview_png
@@ -190,8 +190,9 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
     """Answer the cases not yet answered in ``run_dir``, then write and return the summary.
 
     ``engine``: a loaded engine, or a :class:`~RadFMSlicer.remote.RemoteClient` of the server
-    that answers every case. A server that goes away ends the run after recording that case's
-    error (retried on resume) and writing the summary: every later case would fail the same way.
+    that answers every case. A server that cannot answer (gone, the token refused, its queue full)
+    ends the run after recording that case's error (retried on resume) and writing the summary:
+    every later case would fail the same way.
     ``force``: resume a run folder made with other settings (each record keeps its own).
     ``attention``: write each case's resampler attention map and overlaid thumbnail.
     """
@@ -221,7 +222,7 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
             bar.set_postfix(failed=failed, refresh=False)
             append_record(f, record)
             ran += 1
-            if model.gone:
+            if model.unavailable:
                 break
     this_run = {
         "answered": ran - failed, "failed": failed, "skipped_as_done": len(cases) - len(todo),
@@ -234,9 +235,9 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
         "manifest": manifest, "model": model.describe(), "settings": settings.to_dict(), "window": window,
         "interpolation": interpolation, "last_run": this_run})
     write_gallery(run_dir, records, summary)
-    if model.gone:
-        raise RadFMError(f"stopped at case {case.id!r}: {model.gone}; the cases recorded so far (this one with its "
-                         f"error) are kept in {out}: rerun the same command to resume")
+    if model.unavailable:
+        raise RadFMError(f"stopped at case {case.id!r}: {model.unavailable}; the cases recorded so far (this one "
+                         f"with its error) are kept in {out}: rerun the same command to resume")
     return summary
 
 
