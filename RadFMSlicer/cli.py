@@ -145,6 +145,13 @@ def remote_client(args):
     if args.checkpoint:
         raise RadFMError(f"radfm {args.command} takes --checkpoint FOLDER (the model here) or --server URL "
                          f"(a radfm serve), not both")
+    here_only = [flag for flag, given in (("--device", args.device != "cpu"), ("--dtype", args.dtype),
+                                          ("--quantization", args.quantization), ("--compile-decode", args.compile_decode),
+                                          ("--llm-backend", args.llm_backend != "local"), ("--vllm-url", args.vllm_url))
+                 if given]
+    if here_only:
+        raise RadFMError(f"{', '.join(here_only)} {'sets' if len(here_only) == 1 else 'set'} the model loaded here; "
+                         f"with --server the server's own settings answer (give them to radfm serve)")
     return RemoteClient(args.server, token_from_args(args))
 
 

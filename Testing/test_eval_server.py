@@ -98,6 +98,8 @@ def test_eval_server_refusals_are_one_line_before_any_answer(server, tiny_checkp
 
     assert radfm(["eval", "--server", server.url, "--checkpoint", str(tiny_checkpoint)] + good) == 2
     assert "--checkpoint FOLDER (the model here) or --server URL (a radfm serve), not both" in capsys.readouterr().err
+    assert radfm(["eval", "--server", server.url, "--dtype", "bfloat16", "--quantization", "int8"] + good) == 2
+    assert "--dtype, --quantization set the model loaded here; with --server the server's own" in capsys.readouterr().err
     assert radfm(["eval", "--server", server.url, "--token-file", token_file(tmp_path), "--attention"] + good) == 2
     assert "--attention needs the model in this process" in capsys.readouterr().err
 
