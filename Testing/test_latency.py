@@ -5,6 +5,7 @@ is built, plus the recipe), so asking again about an encoded scan hashes, checks
 preprocesses nothing; anything that changes the pixels the model sees changes the key.
 """
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -219,6 +220,63 @@ def test_the_viewer_hands_a_volume_over_once_per_change_as_int16(tmp_path):
     scene.version = "2"  # the node's voxels changed
     changed = assistant.build_ask("vqa", "Nodule?", Selection("ct"))["images"][0]["array"]
     assert changed != files[0] and np.array_equal(np.load(changed), scene.array)
+
+
+def test_the_hand_over_lives_in_memory_and_is_removed_when_replaced_or_the_panel_closes(tmp_path, monkeypatch):
+    from RadFMModuleLib import assistant as assistant_module
+    from RadFMModuleLib.settings import ModelSettings
+
+    memory = tmp_path / "shm"
+    memory.mkdir()
+    monkeypatch.setattr(assistant_module, "MEMORY_FOLDER", str(memory))
+    scene = OneScanScene(ct_array())
+    assistant = assistant_module.Assistant(scene, start_client=None,
+                                           settings=ModelSettings(checkpoint_folder=str(tmp_path)))
+    ask = lambda: assistant.build_ask("vqa", "Nodule?", assistant_module.Selection("ct"))["images"][0]["array"]
+    first = ask()
+    assert Path(first).is_relative_to(memory)  # written to RAM, not to the disk
+    scene.version = "2"
+    second = ask()
+    assert Path(second).is_relative_to(memory) and not os.path.exists(first)  # the replaced one is gone
+    assistant.close()
+    assert list(memory.iterdir()) == []  # nothing left behind
+    dropped = assistant_module.Assistant(OneScanScene(ct_array()), start_client=None,
+                                         settings=ModelSettings(checkpoint_folder=str(tmp_path)))
+    dropped.build_ask("vqa", "Nodule?", assistant_module.Selection("ct"))
+    assert len(list(memory.iterdir())) == 1
+    del dropped  # a panel gone without close() (or Python exiting) leaves no RAM taken either
+    gc.collect()
+    assert list(memory.iterdir()) == []
+
+
+def test_without_a_memory_folder_the_hand_over_goes_to_the_temp_folder(tmp_path, monkeypatch):
+    from RadFMModuleLib import assistant as assistant_module
+    from RadFMModuleLib.settings import ModelSettings
+
+    monkeypatch.setattr(assistant_module, "MEMORY_FOLDER", str(tmp_path / "absent"))
+    scene = OneScanScene(ct_array())
+    assistant = assistant_module.Assistant(scene, start_client=None,
+                                           settings=ModelSettings(checkpoint_folder=str(tmp_path)))
+    path = assistant.build_ask("vqa", "Nodule?", assistant_module.Selection("ct"))["images"][0]["array"]
+    assert np.array_equal(np.load(path), scene.array) and os.path.dirname(path) == assistant._files
+    assistant.close()
+    assert not os.path.exists(path)
+
+
+@pytest.mark.parametrize("slices", [12, 80])  # 12: every slice is used; 80: 64 are picked
+def test_a_handed_over_scan_is_read_in_place_and_the_model_sees_the_same(tmp_path, slices):
+    from RadFMSlicer.ask import ImageInput
+
+    array = ct_array(slices=slices)
+    item = ImageInput.from_json(handed_over(tmp_path, array))
+    volume = item.load()
+    assert np.shares_memory(volume.voxels, item.array)  # the mapped file, no copy of the voxels
+    np.testing.assert_array_equal(volume.voxels, array[::-1])
+    in_memory = volume_from_array(array, CT_GEOMETRY, name="ct")
+    assert volume.fingerprint == in_memory.fingerprint
+    for window, interpolation in (("40,400", "nearest"), ("40,400", "linear"), (None, "nearest")):
+        mapped, copied = (preprocess(v, window, interpolation=interpolation) for v in (volume, in_memory))
+        assert torch.equal(mapped.tensor, copied.tensor) and mapped.key == copied.key
 
 
 def test_an_int16_scan_is_kept_int16_and_preprocessed_from_its_own_values():

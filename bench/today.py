@@ -27,7 +27,7 @@ def preprocess(vol, window=None, *, interpolation="nearest", depth=None, device=
     win = resolve_window(vol, window)
     d = choose_depth(vol.shape[0], depth)
     mode = "nearest" if interpolation == "nearest" else "trilinear"
-    x = torch.from_numpy(vol.voxels)
+    x = torch.from_numpy(np.array(vol.voxels))  # the volume's own copy of the scan, as every volume had then
     x = ((x - win["low"]) / (win["high"] - win["low"])).clamp_(0.0, 1.0)
     kwargs = {"align_corners": False} if mode == "trilinear" else {}
     x = torch.nn.functional.interpolate(x.permute(1, 2, 0)[None, None], size=(MODEL_SIZE, MODEL_SIZE, d),

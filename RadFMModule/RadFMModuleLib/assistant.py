@@ -15,6 +15,7 @@ import queue
 import shutil
 import tempfile
 import threading
+import weakref
 from collections import namedtuple
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,6 +26,7 @@ from RadFMSlicer.errors import DeviceMemoryError, RadFMError
 
 from .settings import RUN_SERVER, ModelSettings, load_token, precision_for_tiers
 
+MEMORY_FOLDER = "/dev/shm"  # Linux: RAM-backed, so handing a scan to the worker writes nothing to disk
 TASK_TOKENS = {"report": 512, "rationale": 384, "vqa": 256, "diagnosis": 256, "modality": 32}
 WINDOW_AS_SHOWN = "view"  # use each volume's current window/level from the viewer
 
@@ -103,6 +105,8 @@ class Assistant:
         self._files = tempfile.mkdtemp(prefix="radfm-slicer-")
         self._volume_files = {}  # volume id -> (version, .npy path)
         self._asked_volume = None  # the scan of the last build_ask: an answer's attention map goes over it
+        self._memory = None  # our folder in MEMORY_FOLDER, made on the first hand-over that fits there
+        self._stale = set()  # replaced hand-overs not removed yet (Windows: the worker still maps them)
         self._previews = os.path.join(self._files, "previews")  # thumbnails of this conversation only
         os.mkdir(self._previews)
         self._preview_bytes = {}  # file name -> PNG bytes, what the scene saves
@@ -165,18 +169,50 @@ class Assistant:
         data = self.scene.volume(volume_id)
         version, path = self._volume_files.get(volume_id, (None, None))
         if version != data.version or not data.version:
-            path = self._new_file("volume")
-            np.save(path, np.ascontiguousarray(data.array))
+            if path is not None:
+                self._stale.add(path)  # replaced: the worker is handed the new file from now on
+            path = self._hand_over(np.ascontiguousarray(data.array))
             self._volume_files[volume_id] = (data.version, path)
+            self._remove_stale()
         # "center,width": the spelling every window parser in RadFMSlicer accepts for one image.
         window = f"{float(data.window[0])!r},{float(data.window[1])!r}" if (as_shown and data.window) else None
         return {"array": path, "ijk_to_ras": np.asarray(data.ijk_to_ras, float).tolist(),
                 "name": data.name, "window": window, "role": role}
 
-    def _new_file(self, stem: str) -> str:
-        fd, path = tempfile.mkstemp(prefix=stem + "-", suffix=".npy", dir=self._files)
+    def _new_file(self, stem: str, folder: str | None = None) -> str:
+        fd, path = tempfile.mkstemp(prefix=stem + "-", suffix=".npy", dir=folder or self._files)
         os.close(fd)
         return path
+
+    def _hand_over(self, array: np.ndarray) -> str:
+        """A volume's ``.npy`` for the worker (which maps it, reading in place): in memory
+        (MEMORY_FOLDER) when that is present with room for it twice over, else the temp folder."""
+        try:
+            if shutil.disk_usage(MEMORY_FOLDER).free > 2 * array.nbytes:
+                if self._memory is None:  # RAM until removed: also when dropped without close() or at exit
+                    self._memory = tempfile.mkdtemp(prefix="radfm-slicer-", dir=MEMORY_FOLDER)
+                    self._forget_memory = weakref.finalize(self, shutil.rmtree, self._memory, ignore_errors=True)
+                path = self._new_file("volume", self._memory)
+                try:
+                    np.save(path, array)
+                    return path
+                except OSError:  # filled up meanwhile
+                    os.remove(path)
+        except OSError:  # no such folder (macOS, Windows)
+            pass
+        path = self._new_file("volume")
+        np.save(path, array)
+        return path
+
+    def _remove_stale(self):
+        for path in list(self._stale):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            except OSError:  # Windows: still mapped by the worker; tried again at the next hand-over
+                continue
+            self._stale.discard(path)
 
     # ------------------------------------------------------------------ worker
     def connect(self, report=lambda text: None):
@@ -321,6 +357,8 @@ class Assistant:
         self._closed = True
         self._drop_client()
         shutil.rmtree(self._files, ignore_errors=True)
+        if self._memory:
+            self._forget_memory()
 
 
 class ConnectJob:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import mmap
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -196,6 +197,17 @@ class Volume:
         )
 
 
+def _mapped_read_only(array: np.ndarray) -> bool:
+    """Whether ``array`` is a view of a file mapped read-only (``np.load(path, mmap_mode="r")``):
+    nothing in this process can change its voxels, so a volume may keep it instead of a copy."""
+    base = array
+    while isinstance(base, np.ndarray):
+        if base.flags.writeable:
+            return False
+        base = base.base
+    return isinstance(base, mmap.mmap)
+
+
 def fingerprint(array_kji: np.ndarray, ijk_to_lps: np.ndarray) -> str:
     """A fast hash (xxh3, ~10 GB/s) of the source voxels in their own compact dtype plus geometry."""
     import xxhash  # on first use: Slicer's process imports this module before its packages are installed
@@ -220,7 +232,10 @@ def build_volume(array_kji, ijk_to_lps, source, modality=None, notes=()) -> Volu
         raise ImageError(f"{source}: the IJK->RAS/LPS matrix must be a finite, invertible 4x4 matrix.")
     grid = Grid.plan(a.shape, m)
     check_size(grid.display_shape, source)
-    vox = np.array(grid.reorient(a), dtype=a.dtype if a.dtype.kind in "iu" else np.float32)  # always a copy
+    if a.dtype.kind in "iu" and _mapped_read_only(a):
+        vox = grid.reorient(a)  # the viewer's hand-over, mapped from its file: read in place, no second copy
+    else:
+        vox = np.array(grid.reorient(a), dtype=a.dtype if a.dtype.kind in "iu" else np.float32)  # a copy
     notes = list(notes)
     finite = np.isfinite(vox) if a.dtype.kind == "f" else None  # integer voxels are finite: no full-size mask
     if finite is not None and not finite.all():

@@ -85,7 +85,7 @@ def preprocess(vol: Volume, window=None, *, interpolation="nearest", depth=None,
     if mode == "nearest":
         picked = vol.voxels
         if picked.shape[0] != d:  # whole slices, the way interpolate would pick them
-            picked = np.take(picked, _nearest_indices(picked.shape[0], d), axis=0)
+            picked = picked[_nearest_indices(picked.shape[0], d)]  # whole slices (np.take: 7x slower on a flipped view)
         x = _window_(_float_tensor(picked, device, copy=picked is vol.voxels), win)  # own buffer, in place
         if x.shape[1:] != size[1:]:
             x = torch.nn.functional.interpolate(x[None], size=size[1:], mode="nearest")[0]
@@ -136,7 +136,12 @@ def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
 
 
 def _float_tensor(array: np.ndarray, device, copy: bool) -> torch.Tensor:
-    """float32 on ``device``, moved there in the array's own (compact) dtype; a new buffer if ``copy``."""
+    """float32 on ``device``, moved there in the array's own (compact) dtype; a new buffer if ``copy``.
+
+    A volume mapped from the viewer's hand-over is read-only and may be flipped (negative
+    strides), which torch cannot wrap: it is copied in its compact dtype first."""
+    if not array.flags.writeable or min(array.strides) < 0:
+        array, copy = np.array(array), False  # the copy is already a new buffer
     return torch.from_numpy(array).to(device).to(torch.float32, copy=copy)
 
 
