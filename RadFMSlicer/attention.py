@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageError
+from .image_cache import NO_CACHE
 
 LABEL = "resampler attention, not an explanation"
 
@@ -67,11 +68,12 @@ def check_map_name(path: "str | Path") -> None:
         raise ImageError(f"--attention {path}: name the map .nii.gz, .nii, .nrrd or .mha")
 
 
-def write_for_ask(engine, request, prepared, path: "str | Path") -> dict:
+def write_for_ask(engine, request, prepared, path: "str | Path", images=NO_CACHE) -> dict:
     """The current study's map written on its own grid, before the answer (so the answer reuses the
-    encoding); returns what the turn's provenance records about it."""
+    encoding); returns what the turn's provenance records about it. ``images``: an
+    :class:`~RadFMSlicer.image_cache.ImageCache` that may hold the scan already, so it is not read again."""
     grid = patch_map(engine, prepared.model_images[0])
-    volume = request.images[0].load()
+    volume = images.volume(request.images[0])
     return _provenance(write_scan_map(path, scan_map(grid, volume), volume))
 
 
