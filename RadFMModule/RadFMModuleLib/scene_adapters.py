@@ -206,7 +206,8 @@ class SlicerScene:
         """Show ``array`` (``[k, j, i]`` on the scan's grid, 0..1) as a heat map over the scan in
         every slice view; one overlay per scan, updated by the next answer's map. Its node id."""
         scan = self._node(scan_id)
-        if tuple(array.shape) != tuple(slicer.util.arrayFromVolume(scan).shape):
+        data = volume_data(scan)  # the scan's grid, and its IJK -> world with its transform hardened in
+        if tuple(array.shape) != tuple(data.array.shape):
             raise ValueError(f"The map's grid {tuple(array.shape)} is not {scan.GetName()}'s any more "
                              "(the scan changed since the answer); ask again.")
         overlay = next((node for node in slicer.util.getNodesByClass(SCAN_CLASS)
@@ -217,11 +218,9 @@ class SlicerScene:
             overlay.CreateDefaultDisplayNodes()
         overlay.SetName(name)
         ijk_to_ras = vtk.vtkMatrix4x4()
-        scan.GetIJKToRASMatrix(ijk_to_ras)
-        world = _node_to_world(scan) @ _numpy(ijk_to_ras)  # the scan's transform hardened into the overlay
         for r in range(4):
             for c in range(4):
-                ijk_to_ras.SetElement(r, c, float(world[r, c]))
+                ijk_to_ras.SetElement(r, c, float(data.ijk_to_ras[r, c]))
         overlay.SetIJKToRASMatrix(ijk_to_ras)
         slicer.util.updateVolumeFromArray(overlay, np.asarray(array, np.float32))
         display = overlay.GetDisplayNode()
