@@ -105,8 +105,8 @@ class RadFMModuleWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservation
             return
         self.logic = RadFMModuleLogic()
         self.panel = ChatPanel(self.logic.assistant, QtCore.QSettings())
-        log = getattr(self.panel, "log", lambda text: None)  # install output goes to the panel's log pane
-        self.panel.before_connect = lambda: dependencies.ensure(self.logic.assistant.settings, log=log)
+        # install output goes to the panel's log pane
+        self.panel.before_connect = lambda: dependencies.ensure(self.logic.assistant.settings, log=self.panel.log)
         self.results = ResultsView(self.logic.assistant.scene)  # an eval run's cases, beside the chat
         self.results.ask_again = self._ask_again
         self.tabs = QtWidgets.QTabWidget()
