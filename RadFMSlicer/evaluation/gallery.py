@@ -53,23 +53,24 @@ def _thumbnail(path: Path) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def _thumb_key(path: Path, thumbs: dict) -> str | None:
+    """The page's id of the thumbnail of ``path`` (identical thumbnails share one), None if it is missing."""
+    uri = _thumbnail(path)
+    return None if uri is None else thumbs.setdefault(uri, f"t{len(thumbs)}")
+
+
 def _case_view(record: dict, run_dir: Path, thumbs: dict) -> dict:
     """What the page needs of one case record; thumbnails shared by id when identical."""
     images = []
     for seen in record.get("seen") or []:
-        uri = _thumbnail(run_dir / seen["preview_png"]) if seen.get("preview_png") else None
-        key = None
-        if uri is not None:
-            key = thumbs.setdefault(uri, f"t{len(thumbs)}")
         images.append({"label": seen.get("label"), "role": seen.get("role"), "source": seen.get("source"),
                        "shape": seen.get("shape"), "window": describe_window(seen["window"]) if seen.get("window") else None,
-                       "thumb": key})
+                       "thumb": _thumb_key(run_dir / seen["preview_png"], thumbs) if seen.get("preview_png") else None})
     provenance = record.get("provenance") or {}
     looked = provenance.get("attention")
     if looked and looked.get("thumbnail"):
-        uri = _thumbnail(run_dir / looked["thumbnail"])
         images.append({"label": looked["label"], "role": "attention", "source": looked["file"], "shape": None,
-                       "window": None, "thumb": None if uri is None else thumbs.setdefault(uri, f"t{len(thumbs)}")})
+                       "window": None, "thumb": _thumb_key(run_dir / looked["thumbnail"], thumbs)})
     return {
         "id": record["id"], "task": record["task"], "question": record.get("question"),
         "reference": record.get("reference", ""), "answer": record.get("answer"), "error": record.get("error"),
