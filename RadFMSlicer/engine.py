@@ -168,14 +168,18 @@ class RadFMEngine:
                 if image is tensor:  # raw: nobody checked its values yet
                     self.check_image(tensor)
                 with torch.inference_mode(), explain_out_of_memory(f"encoding a {tensor.shape[-1]}-slice image"):
-                    source = tensor[:1] if tensor.stride(0) == 0 else tensor  # one shared gray channel moves, not 3
-                    batch = source.to(self.device, self.dtype).expand_as(tensor).unsqueeze(0)
-                    cached = self.model.encode_images(batch)[0].to(self.dtype)
+                    cached = self.model.encode_images(self._batch(tensor))[0].to(self.dtype)
                 self.cache.put(key, cached)
             tokens.append(cached)
         if not tokens:
             return torch.empty(0, self.model.dims.llm_dim, device=self.device, dtype=self.dtype)
         return torch.cat(tokens)
+
+    def _batch(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``[1, 3, H, W, D]`` on the model's device and dtype; a gray image shared by its 3 channels
+        (preprocess's view) stays shared, so one channel moves and the encoder embeds it once."""
+        source = tensor[:1] if tensor.stride(0) == 0 else tensor
+        return source.to(self.device, self.dtype).expand_as(tensor).unsqueeze(0)
 
     def image_attention(self, image) -> torch.Tensor:
         """The resampler's attention on ``image``'s patch grid, float32 ``[layers, H/32, W/32, D/4]``.
@@ -190,8 +194,7 @@ class RadFMEngine:
         attention = self.attention_cache.get(key)
         if attention is None:
             with torch.inference_mode(), explain_out_of_memory(f"encoding a {tensor.shape[-1]}-slice image"):
-                batch = tensor.unsqueeze(0).to(self.device, self.dtype)
-                tokens, maps = self.model.encode_images(batch, return_attention=True)
+                tokens, maps = self.model.encode_images(self._batch(tensor), return_attention=True)
             self.cache.put(key, tokens[0].to(self.dtype))
             attention = maps[:, 0].float().cpu()
             self.attention_cache.put(key, attention)
