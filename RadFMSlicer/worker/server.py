@@ -71,7 +71,6 @@ class WorkerServer:
         self._stopped = threading.Event()
         self._work_thread = threading.Thread(target=self._work_loop, name="radfm-work", daemon=True)
         self.engine = None
-        self.load_args: dict | None = None
         self.images = ImageCache()  # scans and model images of recent questions: follow-ups reuse them
 
     def emit(self, request_id, kind: str, text: str = "", /, **data) -> None:
@@ -261,7 +260,7 @@ class WorkerServer:
                 raise
             raise RadFMError(f"{exc} (the model loaded before, {self.engine.describe().get('checkpoint')}, "
                             "is still loaded)") from exc
-        self.engine, self.load_args = engine, args
+        self.engine = engine
         self.emit(rid, "done", "model loaded", model=self.engine.describe(),
                   load_s=round(time.perf_counter() - start, 2))
 
