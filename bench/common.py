@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from RadFMSlicer.checkpoint import build_llama_config
+from RadFMSlicer.generation import GenerationSettings
 from RadFMSlicer.model import RadFMDims, RadFMModel
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -108,6 +109,14 @@ def compare(calls: dict, repeats: int, warmup: bool = True) -> dict:
                     times[name].append(seconds)
                 peak[name], extra[name] = max(peak[name], memory.peak), max(extra[name], memory.extra)
     return {name: (min(times[name]), peak[name], extra[name]) for name in calls}
+
+
+def engine_first_token_s(engine, prompt: str, images) -> float:
+    """Seconds from a question to its first token through ``engine.stream`` (encode unless cached,
+    embed, prefill): the run's wall time less the part after the first token."""
+    start = time.perf_counter()
+    result = engine.stream(prompt, images, GenerationSettings(max_new_tokens=1)).run()
+    return time.perf_counter() - start - result.total_s + result.time_to_first_token_s
 
 
 def memory_fields(peak_mb: float, extra_mb: float) -> dict:

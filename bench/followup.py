@@ -15,7 +15,6 @@ re-hash and re-check every question).
 import contextlib
 import dataclasses
 import tempfile
-import time
 from functools import partial
 from pathlib import Path
 
@@ -32,7 +31,8 @@ from RadFMSlicer.model.resampler import PerceiverAttention
 from RadFMSlicer.model.vision import SelfAttention
 from RadFMSlicer.tokenizer import RadFMTokenizer
 
-from .common import REAL_DIMS, TINY_VISION, Result, compare, memory_fields, random_model, tokenizer_model
+from .common import (REAL_DIMS, TINY_VISION, Result, compare, engine_first_token_s, memory_fields, random_model,
+                     tokenizer_model)
 from .today import today_path
 from .vision import MathPerceiverAttention, MathSelfAttention
 
@@ -88,9 +88,7 @@ def run(recorder, quick: bool) -> None:
         """From the question to its first token (encode if cold, embed, prefill)."""
         if cold:
             engine.cache.clear()
-        start_s = time.perf_counter()
-        result = engine.stream(prompt, [image], GenerationSettings(max_new_tokens=1)).run()
-        return time.perf_counter() - start_s - result.total_s + result.time_to_first_token_s
+        return engine_first_token_s(engine, prompt, [image])
 
     engine.answer(prompt, [image], GenerationSettings(max_new_tokens=1))  # warm: kernels, and the image encoded
     calls = {"official code: cold (encode + prefill)": official_cold,

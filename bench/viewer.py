@@ -25,13 +25,12 @@ import SimpleITK as sitk
 import torch
 
 from RadFMSlicer.engine import RadFMEngine
-from RadFMSlicer.generation import GenerationSettings
 from RadFMSlicer.imaging import load_volume, preprocess, volume_from_array
 from RadFMSlicer.testing import make_tiny_checkpoint
 from RadFMSlicer.worker import WorkerClient
 
 from . import today
-from .common import PROJECT, Result, compare, memory_fields, tokenizer_model
+from .common import PROJECT, Result, compare, engine_first_token_s, memory_fields, tokenizer_model
 
 sys.path.insert(0, str(PROJECT / "RadFMModule"))
 from RadFMModuleLib.assistant import Assistant, Selection, VolumeData  # noqa: E402
@@ -86,9 +85,7 @@ def model_s(checkpoint: Path, image) -> tuple[float, float]:
     for _ in range(3):
         engine.cache.clear()
         for cold in (True, False):
-            start = time.perf_counter()
-            result = engine.stream(prompt, [image], GenerationSettings(max_new_tokens=1)).run()
-            seconds = time.perf_counter() - start - result.total_s + result.time_to_first_token_s
+            seconds = engine_first_token_s(engine, prompt, [image])
             if cold:
                 best_cold = min(best_cold, seconds)
             else:
