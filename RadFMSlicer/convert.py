@@ -171,6 +171,5 @@ def convert_for_vllm(src_folder, out_folder, dtype="bfloat16", shard_size_gb: fl
     (out / "tokenizer_config.json").write_text(json.dumps(LLAMA_TOKENIZER_CONFIG, indent=2))
     (out / "special_tokens_map.json").write_text(json.dumps(
         {k: LLAMA_TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token")}, indent=2))
-    dropped = sorted(k for k in source.shapes if k not in set(names.values()))
-    write_manifest(out, files, store_dtype, "radfm-vllm-llama", dropped)
+    write_manifest(out, files, store_dtype, "radfm-vllm-llama", sorted(set(source.shapes) - set(names.values())))
     return out
