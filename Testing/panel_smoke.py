@@ -144,6 +144,16 @@ def main(worker_python, fixture, out):
     check(QtWidgets.QApplication.clipboard().text() == turn.answer, "Copy answer puts it on the clipboard")
     step("opened what the model saw; copied the answer")
 
+    def prepared_ahead():
+        return panel.log_view.toPlainText().count("prepared ahead of the question")
+
+    panel.volume_box.setCurrentIndex(panel.volume_box.findData("prior"))  # the radiologist moves on to the prior
+    wait_until(lambda: prepared_ahead() == 1, "the prior prepared ahead of a question")
+    panel.volume_box.setCurrentIndex(panel.volume_box.findData("ct"))
+    wait_until(lambda: prepared_ahead() == 2, "the CT prepared ahead again")
+    check(not panel.busy_now and len(panel.assistant.session.turns) == 1, "preparing ahead records no turn")
+    step("choosing another scan had the worker read and encode it before any question")
+
     panel.prior_box.setCurrentIndex(panel.prior_box.findData("prior"))
     panel.window_box.setCurrentIndex(panel.window_box.findData("lung"))
     panel.region_list.item(0).setCheckState(QtCore.Qt.Checked)  # the segment

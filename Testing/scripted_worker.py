@@ -94,13 +94,23 @@ class ScriptedRequest:
         return Event("done", self.text, {"answer": self.text, "stop_reason": stop_reason, "turn": turn.to_dict()})
 
 
+class Encoded:
+    """An encode request, finished at once."""
+
+    def __init__(self, final: Event):
+        self.final = final
+
+    def wait(self, timeout=600) -> Event:
+        return self.final
+
+
 class ScriptedWorkerClient:
     """``scripts`` is shared by every client a test starts: one script per ask, in order."""
 
     def __init__(self, scripts: list, load_gate=None):
         self.scripts = scripts
         self.load_gate = load_gate  # a threading.Event: load() waits for it, like a slow model load
-        self.asks, self.requests = [], []
+        self.asks, self.requests, self.encodes = [], [], []
         self.loaded = None
         self.closed = self.crashed = False
         self.preview_dir = tempfile.mkdtemp(prefix="radfm-scripted-previews-")
@@ -122,6 +132,15 @@ class ScriptedWorkerClient:
             prepared, script = None, [Event("error", str(exc))]
         self.requests.append(ScriptedRequest(self, request, prepared, script, attention))
         return self.requests[-1]
+
+    def encode(self, images, window=None) -> "Encoded":
+        """The worker's encode ahead of a question: the images prepared by the real pipeline."""
+        self.encodes.append({"images": images, "window": window})
+        try:
+            prepare(ask_request_from_json({"question": "ahead", "images": images, "window": window}))
+            return Encoded(Event("done", f"{len(images)} image(s) encoded"))
+        except RadFMError as exc:
+            return Encoded(Event("error", str(exc)))
 
     def alive(self):
         return not (self.crashed or self.closed)

@@ -298,3 +298,25 @@ def test_a_gray_volume_seen_as_three_channels_encodes_like_its_full_copy(engine)
         shared = engine.model.encode_images(view)
         full = engine.model.encode_images(view.contiguous())
     torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-4)
+
+
+def test_a_scan_encoded_ahead_is_asked_about_without_reading_or_encoding_it_again(tmp_path, tiny_engine, made,
+                                                                                  monkeypatch):
+    """The panel's prepare-ahead: the worker's encode op fills the caches the question then finds."""
+    from RadFMSlicer.worker.server import WorkerServer
+
+    events = []
+    server = WorkerServer(lambda request_id, event: events.append((request_id, event)), heartbeat_s=0)
+    server.engine = tiny_engine
+    tiny_engine.cache.clear()
+    encodes = []
+    real = tiny_engine.model.encode_images
+    monkeypatch.setattr(tiny_engine.model, "encode_images", lambda x: encodes.append(1) or real(x))
+    image = handed_over(tmp_path, ct_array())
+    server.op_encode("ahead", {"id": "ahead", "op": "encode", "images": [image]})
+    assert made == {"loads": 1, "preprocessed": 1} and encodes == [1]
+    server.op_ask("q", {"id": "q", "op": "ask", "question": "Is there a nodule?", "images": [image],
+                        "max_new_tokens": 1})
+    (final,) = [event for request_id, event in events if request_id == "q" and event.final]
+    assert final.kind == "done" and final.data["turn"]["images"][0]["source"] == "ct"
+    assert made == {"loads": 1, "preprocessed": 1} and encodes == [1]

@@ -203,6 +203,50 @@ def test_closing_mid_answer_cancels_and_stops_the_worker(open_panel, qtbot):
     assert not os.path.exists(files) and not panel.busy_now
 
 
+def choose_scan(panel, volume_id):
+    panel.volume_box.setCurrentIndex(panel.volume_box.findData(volume_id))
+
+
+def test_a_scan_chosen_while_the_model_runs_is_prepared_before_the_question(open_panel, qtbot):
+    panel, scene, clients = open_panel(tokens("No nodule."), tokens("A nodule."))
+    choose_scan(panel, "prior")
+    qtbot.wait(2 * chat_panel.AHEAD_MS)
+    assert clients == []  # no model yet: choosing a scan starts nothing (the first question does)
+    choose_scan(panel, "ct")
+    panel.input.setPlainText("Any nodule?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    qtbot.wait(2 * chat_panel.AHEAD_MS)
+    assert clients[0].encodes == []  # the question just sent this scan
+
+    choose_scan(panel, "prior")  # the radiologist moves on to the prior and starts typing
+    qtbot.waitUntil(lambda: len(clients[0].encodes) == 1)
+    (ahead,) = clients[0].encodes[0]["images"]
+    assert ahead["role"] == "current" and np.array_equal(np.load(ahead["array"]), scene.arrays["prior"])
+    qtbot.waitUntil(lambda: "prepared ahead of the question" in panel.log_view.toPlainText())
+    panel.input.setPlainText("Any nodule?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    assert clients[0].asks[-1]["images"] == [ahead]  # the same file: nothing handed over twice
+    qtbot.wait(2 * chat_panel.AHEAD_MS)
+    assert len(clients[0].encodes) == 1
+
+
+def test_a_scan_that_cannot_be_prepared_ahead_is_logged_and_the_question_says_why(open_panel, qtbot):
+    panel, scene, clients = open_panel(tokens("No nodule."))
+    panel.input.setPlainText("Any nodule?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    scene.arrays["prior"] = np.zeros(SHAPE, dtype=np.int16)  # nothing to see: the pipeline refuses it
+    choose_scan(panel, "prior")
+    qtbot.waitUntil(lambda: "ahead of the question failed" in panel.log_view.toPlainText())
+    assert "same value" in panel.log_view.toPlainText() and panel.status_label.text() == "Answer complete."
+    panel.input.setPlainText("Any nodule?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    assert "same value" in panel.answers[-1].frame.findChild(QtWidgets.QLabel, "error").text()
+
+
 # ---------------------------------------------------------------------------------- failures
 def test_worker_crash_is_shown_and_the_conversation_kept(open_panel, qtbot):
     panel, scene, clients = open_panel(tokens("No effusion."), tokens("The") + [CRASH], tokens("Clear lungs."))

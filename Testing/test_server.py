@@ -415,6 +415,30 @@ def test_the_panel_asks_the_server_with_its_own_inputs(panel_lib, server, tmp_pa
         helper.build_ask("vqa", "q", panel_lib.assistant.Selection(volume_id="v"))
 
 
+def test_a_scan_chosen_with_a_server_is_uploaded_ahead_and_not_again_with_the_question(panel_lib, server,
+                                                                                      monkeypatch):
+    settings, assistant_module = panel_lib.settings, panel_lib.assistant
+    settings.save_token(server.url, TOKEN)
+    pixels = pydicom.dcmread(CT).pixel_array[None].astype(np.int16)
+    pixels[0, 0, 0] += 3  # a scan the server has not seen
+    scene = SimpleNamespace(volume=lambda volume_id: assistant_module.VolumeData(
+        "Chest CT", pixels, np.diag([0.66, 0.66, 5.0, 1]), (40.0, 400.0), "1"), regions=lambda: [])
+    helper = assistant_module.Assistant(scene, settings=settings.ModelSettings(run_on=settings.RUN_SERVER,
+                                                                                server_url=server.url))
+    client = helper.connect()
+    calls = []
+    real_call = client._call
+    monkeypatch.setattr(client, "_call", lambda method, path, *a, **k: (calls.append((method, path)),
+                                                                         real_call(method, path, *a, **k))[1])
+    helper.prepare_ahead(assistant_module.Selection("ct")).join(30)
+    assert calls.count(("POST", "/images")) == 1  # uploaded while the radiologist types
+    ask = helper.build_ask("vqa", "Is there a nodule?", assistant_module.Selection("ct"))
+    final = client.ask(**{**ask, "max_new_tokens": 2}).wait(60)
+    assert final.kind == "done", final.text
+    assert calls.count(("POST", "/images")) == 1  # the question found it on the server
+    helper.close()
+
+
 def test_a_server_gone_mid_answer_is_reported_like_a_crashed_worker():
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 

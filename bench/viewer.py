@@ -7,7 +7,10 @@ and resampling it, identifying the image, the encoder (first question only) and 
 prefill. Also a ``.nii.gz`` file asked about by path. Two workers run side by side, one on
 today's path (:mod:`bench.today`, switched on by ``bench/today_site/sitecustomize.py``),
 rounds interleaved; every round is a new scan (the node's voxels changed), then follow-ups.
-"Overhead" subtracts the tiny model's own encode + prefill, timed in this process.
+Then another new scan chosen in the panel before the question is typed: ours prepares it
+ahead (``Assistant.prepare_ahead``, waited for here as typing would), today's has nothing
+to do until the question comes. "Overhead" subtracts the tiny model's own encode +
+prefill, timed in this process.
 ``RADFM_BENCH_WORKER_THREADS=N`` runs both workers (and that timing) with N intra-op
 threads: on a busy 2-core machine the tiny model's small ops wait on the scheduler at 2.
 """
@@ -98,6 +101,7 @@ def run(recorder, quick: bool) -> None:
     work = Path(tempfile.mkdtemp(prefix="radfm-bench-viewer-"))
     checkpoint = make_tiny_checkpoint(work / "tiny", tokenizer_model=tokenizer_model())
     scans = [ct(seed) for seed in range(rounds + 1)]  # a new scan every round: each first question is cold
+    chosen_ahead = [ct(seed) for seed in range(rounds + 1, 2 * rounds + 2)]  # others, chosen before the question
     files = []
     for k, array in enumerate(scans):  # the same scans as files, asked about by path
         image = sitk.GetImageFromArray(array)
@@ -108,23 +112,36 @@ def run(recorder, quick: bool) -> None:
     env = dict(os.environ, **({"OMP_NUM_THREADS": threads} if threads else {}))
     env_today = dict(env, PYTHONPATH=os.pathsep.join([str(TODAY_SITE), os.environ.get("PYTHONPATH", "")]))
     clients = {"today": WorkerClient.start(env=env_today), "ours": WorkerClient.start(env=env)}
-    times = {(path, name, kind): [] for path in ("viewer", "file") for name in clients for kind in ("first", "follow")}
+    times = {(path, name, kind): [] for path in ("viewer", "file", "ahead") for name in clients
+             for kind in ("first", "follow")}
+    settings = ModelSettings(checkpoint_folder=str(checkpoint), device="cpu", precision="float32")
+    scenes = {name: ViewerScene() for name in clients}
+    assistants = {name: Assistant(scenes[name], start_client=lambda python, c=client: c, settings=settings)
+                  for name, client in clients.items()}
     try:
-        for client in clients.values():
-            client.load(checkpoint)
-        settings = ModelSettings(checkpoint_folder=str(checkpoint))
+        for assistant in assistants.values():
+            assistant.connect()  # loads the tiny checkpoint, as the panel's first question does
         for round_ in range(rounds + 1):  # round 0 warms both workers up (imports, kernels)
             for name, client in clients.items():
-                scene = ViewerScene()
-                assistant = Assistant(scene, start_client=None, settings=settings)
-                scene.show(scans[round_])
-                for kind, question in zip(("first", "follow", "follow"), QUESTIONS):
+                scene, assistant = scenes[name], assistants[name]
+
+                def viewer_first_token_s(question):
                     started = time.perf_counter()
                     ask = assistant.build_ask("vqa", question, Selection("ct"))
                     ask.pop("max_new_tokens")
-                    seconds = first_token_s(client, started, **ask)
+                    return first_token_s(client, started, **ask)
+
+                scene.show(scans[round_])
+                for kind, question in zip(("first", "follow", "follow"), QUESTIONS):
+                    seconds = viewer_first_token_s(question)
                     if round_:
                         times["viewer", name, kind].append(seconds)
+                scene.show(chosen_ahead[round_])
+                if name == "ours":
+                    assistant.prepare_ahead(Selection("ct")).join()  # done while the radiologist types
+                seconds = viewer_first_token_s(QUESTIONS[0])
+                if round_:
+                    times["ahead", name, "first"].append(seconds)
                 for kind, question in zip(("first", "follow", "follow"), QUESTIONS):
                     started = time.perf_counter()
                     seconds = first_token_s(client, started, question=question, images=[files[round_]],
@@ -132,22 +149,27 @@ def run(recorder, quick: bool) -> None:
                     if round_:
                         times["file", name, kind].append(seconds)
     finally:
-        for client in clients.values():
-            client.close()
+        for assistant in assistants.values():
+            assistant.close()  # its client and its hand-over files
     image = preprocess(load_volume(files[0]), "40,400")
     if threads:
         torch.set_num_threads(int(threads))
     model_first, model_follow = model_s(checkpoint, image)
-    for path, what in (("viewer", "panel hand-over (.npy int16)"), ("file", ".nii.gz by path")):
-        for kind in ("first", "follow"):
-            model = model_first if kind == "first" else model_follow
+    paths = (("viewer", "panel hand-over (.npy int16)", ("first", "follow")),
+             ("file", ".nii.gz by path", ("first", "follow")),
+             ("ahead", "chosen in the panel, then the question typed", ("first",)))
+    for path, what, kinds in paths:
+        for kind in kinds:
             for name in clients:
+                encoded = kind == "follow" or (path == "ahead" and name == "ours")  # before the question came
+                model = model_follow if encoded else model_first
                 seconds = statistics.median(times[path, name, kind])
                 first = statistics.median(times[path, name, "first"])
+                ours = "ours: prepared ahead" if path == "ahead" else "ours: fingerprints + worker image cache"
                 recorder.add(Result(
                     "viewer", f"viewer -> first token, 512x512x300 int16 CT, {what}: "
                               f"{'first question' if kind == 'first' else 'follow-up'}",
-                    "today's path" if name == "today" else "ours: fingerprints + worker image cache",
+                    "today's path" if name == "today" else ours,
                     {"shape": list(SHAPE), "dtype": "int16", "path": path, "question": kind, "rounds": rounds,
                      "checkpoint": "tiny (make_tiny_checkpoint)", "threads": torch.get_num_threads()},
                     seconds, name == "today",

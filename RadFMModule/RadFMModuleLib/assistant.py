@@ -29,6 +29,7 @@ from .settings import RUN_SERVER, ModelSettings, load_token, precision_for_tiers
 MEMORY_FOLDER = "/dev/shm"  # Linux: RAM-backed, so handing a scan to the worker writes nothing to disk
 TASK_TOKENS = {"report": 512, "rationale": 384, "vqa": 256, "diagnosis": 256, "modality": 32}
 WINDOW_AS_SHOWN = "view"  # use each volume's current window/level from the viewer
+PREPARE_AHEAD_TIMEOUT_S = 600  # a scan encoded ahead on the CPU can take minutes
 
 # Shaped like the worker's events so the panel handles connection and answer alike.
 Note = namedtuple("Note", "kind text data", defaults=("", None))
@@ -112,6 +113,9 @@ class Assistant:
         self._preview_bytes = {}  # file name -> PNG bytes, what the scene saves
         self.restore_note = ""  # after restore(): what the radiologist should know about it
         self.on_worker_line = None  # gets each line the worker writes on stderr (any thread)
+        self._prepared = None  # (images, window) the running model was last sent (a question or prepare_ahead)
+        self._ahead_sent = threading.Event()  # set unless a prepare_ahead is still handing its images over
+        self._ahead_sent.set()
 
     # ------------------------------------------------------------------ inputs
     def build_ask(self, task: str, question: str, selection: Selection) -> dict:
@@ -127,10 +131,7 @@ class Assistant:
             raise ValueError("Choose the RadFM checkpoint folder in Model settings first.")
         if selection.attention and self.settings.run_on == RUN_SERVER:
             raise ValueError("Showing where the model looked needs the model on this computer (Run on).")
-        as_shown = selection.window == WINDOW_AS_SHOWN
-        images = [self._image(selection.volume_id, "current", as_shown)]
-        if selection.prior_id and selection.prior_id != selection.volume_id:
-            images.append(self._image(selection.prior_id, "prior", as_shown))
+        images, window = self._images(selection)
         known = {item.id: item for item in self.scene.regions()}
         regions, lengths = [], []
         for region_id in selection.region_ids:
@@ -158,12 +159,63 @@ class Assistant:
             "images": images,
             "regions": regions,
             "history": history or None,
-            "window": None if as_shown else selection.window,
+            "window": window,
             "max_new_tokens": TASK_TOKENS.get(task, 256),
         }
         if selection.attention:
             ask["attention"] = True
+        self._prepared = repr(images), window  # this question sends them: nothing to prepare after it
         return ask
+
+    def prepare_ahead(self, selection: Selection) -> "threading.Thread | None":
+        """Have the running model read and encode the chosen scan (and prior) now, while the
+        radiologist types: the first question about them then starts as a follow-up does.
+
+        Reads the scene (GUI thread) and hands the volumes over as ``build_ask`` would, so the
+        question reuses the same files; sending and waiting run on a thread (a server upload
+        takes a while), which is returned. None when there is nothing to do: no model running
+        yet (the first question starts it), no scan chosen, or these images were sent last.
+        A failure goes to the log only: the question itself reports it properly.
+        """
+        client = self.client
+        if client is None or self._closed or not selection.volume_id or not client.alive():
+            return None
+        images, window = self._images(selection)
+        if (repr(images), window) == self._prepared:
+            return None
+        self._prepared = repr(images), window
+        self._ahead_sent.clear()
+        thread = threading.Thread(target=self._send_ahead, args=(client, images, window), daemon=True,
+                                  name="radfm-prepare-ahead")
+        thread.start()
+        return thread
+
+    def _send_ahead(self, client, images, window):
+        names = ", ".join(item["name"] for item in images)
+        try:
+            request = client.encode(images, window)
+            self._ahead_sent.set()  # the question may go now: it queues behind this encode, or finds it uploaded
+            event = request.wait(PREPARE_AHEAD_TIMEOUT_S)
+            text = event.text if event.kind == "error" else ""
+        except Exception as exc:  # the worker stopped or the server went away: the question will restart it
+            text = str(exc) or type(exc).__name__
+        finally:
+            self._ahead_sent.set()
+        if text:
+            self._prepared = None
+        report = self.on_worker_line
+        if report:
+            report(f"Preparing {names} ahead of the question failed: {text}" if text
+                   else f"{names} prepared ahead of the question")
+
+    def _images(self, selection: Selection) -> tuple:
+        """The ``images`` of an ask about this selection (handed over once per change of a node)
+        and its request-wide window."""
+        as_shown = selection.window == WINDOW_AS_SHOWN
+        images = [self._image(selection.volume_id, "current", as_shown)]
+        if selection.prior_id and selection.prior_id != selection.volume_id:
+            images.append(self._image(selection.prior_id, "prior", as_shown))
+        return images, None if as_shown else selection.window
 
     def _image(self, volume_id: str, role: str, as_shown: bool) -> dict:
         data = self.scene.volume(volume_id)
@@ -217,6 +269,7 @@ class Assistant:
     # ------------------------------------------------------------------ worker
     def connect(self, report=lambda text: None):
         """A worker loaded with the current settings: reused, or (re)started. Blocks."""
+        self._ahead_sent.wait(PREPARE_AHEAD_TIMEOUT_S)  # a scan still uploading ahead is not uploaded twice
         with self._connecting:
             return self._connect(report)
 
@@ -247,7 +300,7 @@ class Assistant:
         return self.client
 
     def _drop_client(self):
-        client, self.client, self._loaded = self.client, None, None
+        client, self.client, self._loaded, self._prepared = self.client, None, None, None
         if client is not None:
             try:
                 client.close()

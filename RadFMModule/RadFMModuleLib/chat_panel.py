@@ -26,6 +26,7 @@ TICK_MS = 50
 RATE_AFTER_S = 4 * TICK_MS / 1000  # tokens arrive in batches, one per tick: a rate over fewer ticks is noise
 LOG_MS = 250  # the log pane drains worker lines this often, busy or not (a crash while idle is logged too)
 LOG_LINES = 2000
+AHEAD_MS = 400  # the scan is prepared ahead once the choice has settled (a refresh re-fills the boxes)
 
 # What the panel is doing; every button and status follows from it.
 IDLE, CONNECTING, GENERATING, STOPPING = "idle", "connecting", "generating", "stopping"
@@ -61,6 +62,12 @@ class ChatPanel(QtWidgets.QWidget):
         self._log_timer.setInterval(LOG_MS)
         self._log_timer.timeout.connect(self._drain_worker_lines)
         self._log_timer.start()
+        self._ahead_timer = QtCore.QTimer(self)
+        self._ahead_timer.setSingleShot(True)
+        self._ahead_timer.setInterval(AHEAD_MS)
+        self._ahead_timer.timeout.connect(self._prepare_ahead)
+        for box in (self.volume_box, self.prior_box, self.window_box):
+            box.currentIndexChanged.connect(lambda *args: self._ahead_timer.start())
         self.refresh_scene()
         self.show_conversation(self.assistant.restore())
         self._set_status(self.assistant.restore_note)
@@ -336,6 +343,15 @@ class ChatPanel(QtWidgets.QWidget):
             names.append(f"history: {selection.history.strip()}")
         return " \u00b7 ".join(names)
 
+    def _prepare_ahead(self):
+        """While idle, have a running model read and encode the chosen scan before the question comes."""
+        if self.busy_now or self._closed:
+            return
+        try:
+            self.assistant.prepare_ahead(self.selection())
+        except (ValueError, OSError) as exc:  # the scan is gone or cannot be handed over: the question will say
+            self.log(f"Could not prepare the scan ahead: {exc}")
+
     # ------------------------------------------------------------------ asking
     @property
     def busy_now(self) -> bool:
@@ -438,6 +454,7 @@ class ChatPanel(QtWidgets.QWidget):
         view, pending = self._answer, self._pending
         self._job = self._pending = None
         self._set_state(IDLE)
+        self._ahead_timer.start()  # a scan chosen while the answer was written
         self.answers.append(view)
         known = {"task": pending["task"], "question": pending["question"], "answer": view.text}
         try:
@@ -536,6 +553,7 @@ class ChatPanel(QtWidgets.QWidget):
         """Cancel, stop the worker and remove temporary files. Safe to call twice."""
         if not self._closed:
             self._closed = True
+            self._ahead_timer.stop()
             self.cancel_quietly()
             self.assistant.close()
 
