@@ -103,14 +103,24 @@ def test_a_crop_is_known_apart_from_its_scan_and_from_other_crops():
     assert preprocess(volume.crop((0, 0, 0), (8, 32, 32), "again"), "soft_tissue").key in keys
 
 
-@pytest.mark.parametrize("shape", [(300, 64, 64), (9, 100, 130), (70, 600, 480), (1, 30, 20)])
-def test_nearest_preprocess_equals_interpolating_the_windowed_volume(shape):
-    """The fast path (pick voxels, then window those) gives exactly the reference tensor."""
-    volume = volume_from_array(np.random.default_rng(1).integers(-1000, 2000, shape).astype(np.int16),
-                               CT_GEOMETRY, name="ct")
-    image = preprocess(volume, "soft_tissue")
+@pytest.mark.parametrize("shape, dtype", [((300, 64, 64), np.int16), ((9, 100, 130), np.int16),
+                                          ((70, 600, 480), np.int16), ((1, 30, 20), np.int16),
+                                          ((9, 40, 40), np.uint8), ((9, 40, 40), np.int32), ((9, 40, 40), np.float32)])
+def test_nearest_preprocess_equals_interpolating_the_windowed_volume(shape, dtype):
+    """The fast path (pick slices, then window those one by one) gives exactly the reference tensor."""
+    values = np.random.default_rng(1).integers(-1000, 2000, shape)
+    if dtype == np.uint8:
+        values = values % 256
+    elif dtype == np.int32:
+        values = values * 40_001 + 2**24 + 1  # past float32's exact integers: rounded as torch rounds them
+    elif dtype == np.float32:
+        values = values + np.random.default_rng(2).random(shape)
+    volume = volume_from_array(values.astype(dtype), CT_GEOMETRY, name="ct")
+    window = "soft_tissue" if dtype != np.int32 else "37000000,120000000"
+    image = preprocess(volume, window)
     low, high = image.window["low"], image.window["high"]
-    windowed = ((torch.from_numpy(volume.voxels) - low) / (high - low)).clamp(0, 1).permute(1, 2, 0)
+    windowed = ((torch.from_numpy(np.ascontiguousarray(volume.voxels)).float() - low) / (high - low)).clamp(0, 1)
+    windowed = windowed.permute(1, 2, 0)
     reference = torch.nn.functional.interpolate(windowed[None, None], size=tuple(image.resample["size"]))[0, 0]
     assert torch.equal(image.tensor[0], reference) and torch.equal(image.tensor[2], reference)
     assert not np.shares_memory(image.tensor.numpy(), volume.voxels)  # windowing never edits the scan

@@ -71,9 +71,10 @@ class ModelImage:
 def preprocess(vol: Volume, window=None, *, interpolation="nearest", depth=None, device=None) -> ModelImage:
     """Window to [0, 1], resize to 512 x 512 x D, repeat to 3 channels (on ``device``, default CPU).
 
-    Nearest neighbour picks its source voxels first (the indices ``interpolate`` would use)
-    in the scan's own dtype and windows only those in float32: D slices, never a float copy
-    of the whole volume. Linear windows one float32 copy of the volume in place, then
+    Nearest neighbour picks its source slices first (the indices ``interpolate`` would use)
+    and windows only those in float32: D slices, never a float copy of the whole volume; on
+    the CPU one slice at a time, while it is in cache (a GPU gets the picked slices in the
+    scan's own compact dtype). Linear windows one float32 copy of the volume in place, then
     interpolates it.
     """
     win = resolve_window(vol, window)
@@ -83,10 +84,13 @@ def preprocess(vol: Volume, window=None, *, interpolation="nearest", depth=None,
         raise ImageError(f"Unknown interpolation {interpolation!r}: use 'nearest' or 'linear'.")
     size = (d, MODEL_SIZE, MODEL_SIZE)  # [slices, rows, cols]
     if mode == "nearest":
-        picked = vol.voxels
-        if picked.shape[0] != d:  # whole slices, the way interpolate would pick them
-            picked = picked[_nearest_indices(picked.shape[0], d)]  # whole slices (np.take: 7x slower on a flipped view)
-        x = _window_(_float_tensor(picked, device, copy=picked is vol.voxels), win)  # own buffer, in place
+        # whole slices, the way interpolate would pick them
+        picks = _nearest_indices(vol.shape[0], d) if vol.shape[0] != d else np.arange(d)
+        if device is None or torch.device(device).type == "cpu":
+            x = _window_slices(vol.voxels, picks, win)
+        else:
+            picked = vol.voxels[picks]  # whole slices (np.take: 7x slower on a flipped view)
+            x = _window_(_float_tensor(picked, device, copy=False), win)  # own buffer, in place
         if x.shape[1:] != size[1:]:
             x = torch.nn.functional.interpolate(x[None], size=size[1:], mode="nearest")[0]
     else:
@@ -143,6 +147,20 @@ def _float_tensor(array: np.ndarray, device, copy: bool) -> torch.Tensor:
     if not array.flags.writeable or min(array.strides) < 0:
         array, copy = np.array(array), False  # the copy is already a new buffer
     return torch.from_numpy(array).to(device).to(torch.float32, copy=copy)
+
+
+def _window_slices(voxels: np.ndarray, picks: np.ndarray, win: dict) -> torch.Tensor:
+    """float32 ``[len(picks), rows, cols]``: each picked slice windowed as :func:`_window_` does
+    (cast to float32, subtract low, divide by the width, clamp), one slice at a time, so each
+    step reads memory that is still in cache: half the time of whole-array passes."""
+    out = np.empty((len(picks), *voxels.shape[1:]), dtype=np.float32)
+    low, width = np.float32(win["low"]), np.float32(win["high"] - win["low"])
+    for k, source in enumerate(picks):
+        slice_ = out[k]
+        np.subtract(voxels[source], low, out=slice_, dtype=np.float32)
+        np.divide(slice_, width, out=slice_)
+        np.clip(slice_, 0.0, 1.0, out=slice_)
+    return torch.from_numpy(out)
 
 
 def _window_(x: torch.Tensor, win: dict) -> torch.Tensor:
