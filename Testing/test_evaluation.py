@@ -286,6 +286,21 @@ def test_cli_eval_refuses_a_bad_manifest_before_loading_and_compare_checks_runs(
     assert "accuracy" in capsys.readouterr().out and (tmp_path / "cmp" / "compare.json").is_file()
 
 
+
+@pytest.mark.parametrize("damage, problem", [
+    ('{"model": {"dtype": "bfl', "not JSON"), ('"done"', "not a JSON object but a str"),
+    ('{"model": "bf16"}', "model of the wrong type")])
+def test_cli_compare_names_a_damaged_summary_in_one_line(capsys, tmp_path, damage, problem):
+    from RadFMSlicer.cli import main
+
+    a = run_folder(tmp_path / "a", {"c1": {"accuracy": 0.0}})
+    b = run_folder(tmp_path / "b", {"c1": {"accuracy": 1.0}})
+    (a / "summary.json").write_text(damage)
+    assert main(["eval", "compare", str(a), str(b), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{a / 'summary.json'} is damaged ({problem}" in err and "delete it" in err
+    assert not (tmp_path / "cmp" / "compare.json").exists()
+
 # --- gallery -----------------------------------------------------------------------------
 def test_word_diff_marks_what_the_answer_dropped_and_added():
     from RadFMSlicer.evaluation.gallery import word_diff

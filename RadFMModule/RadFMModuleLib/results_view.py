@@ -9,12 +9,11 @@ the case to the owner (the module widget asks it in the chat panel with the curr
 settings), so a failure can be probed on the spot.
 """
 
-import json
 from pathlib import Path
 
 from RadFMSlicer.errors import RadFMError
 from RadFMSlicer.evaluation.metrics import case_score
-from RadFMSlicer.evaluation.records import read_cases
+from RadFMSlicer.evaluation.records import read_cases, read_summary
 
 from .qt_shim import QtCore, QtGui, QtWidgets, ask_existing_dir
 
@@ -29,15 +28,6 @@ def worst_first(records: list[dict]) -> list[dict]:
         score = case_score(record.get("scores"))
         return (0, 0.0) if "answer" not in record else (1, score if score is not None else 0.0)
     return sorted(records, key=key)
-
-
-def load_run(folder: "str | Path") -> tuple[list[dict], dict]:
-    """The cases of a run folder, worst first, and its summary (empty when not written yet)."""
-    folder = Path(folder)
-    records = worst_first(read_cases(folder))
-    summary_file = folder / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    return records, summary
 
 
 class ResultsView(QtWidgets.QWidget):
@@ -85,17 +75,21 @@ class ResultsView(QtWidgets.QWidget):
             self.open(folder)
 
     def open(self, folder) -> None:
-        """Show a run folder's cases, worst first (a folder that is not a run says so in the panel)."""
+        """Show a run folder's cases, worst first (a folder that is not a run says so in the panel; a
+        damaged ``summary.json`` is named beside the cases, which come from ``cases.jsonl`` alone)."""
         try:
-            self.records, summary = load_run(folder)
+            self.records = worst_first(read_cases(folder))
         except RadFMError as exc:
             self.summary_label.setText(str(exc))
             return
+        try:
+            note = read_summary(folder).get("note") or ""
+        except RadFMError as exc:
+            note = str(exc)
         self.folder = Path(folder)
-        counts = summary.get("cases") or {}
-        note = f" {summary['note']}" if summary.get("note") else ""
-        self.summary_label.setText(f"{self.folder.name}: {len(self.records)} cases, {counts.get('failed', 0)} failed; "
-                                   f"worst first.{note}")
+        failed = sum("answer" not in record for record in self.records)
+        counts = f"{self.folder.name}: {len(self.records)} cases, {failed} failed; worst first."
+        self.summary_label.setText(f"{counts} {note}".strip())
         self.table.setRowCount(len(self.records))
         for row, record in enumerate(self.records):
             score = case_score(record.get("scores"))

@@ -14,7 +14,7 @@ from .. import storage
 from ..errors import RadFMError
 from . import metrics
 from .gallery import write_gallery
-from .records import read_cases
+from .records import read_cases, read_summary
 
 MOST_CHANGED = 5
 
@@ -23,15 +23,9 @@ def _answered(run_dir) -> dict:
     return {r["id"]: r for r in read_cases(run_dir) if "answer" in r}
 
 
-def _summary(run_dir) -> dict:
-    """A run's ``summary.json``, or ``{}`` if it has none yet."""
-    summary_file = Path(run_dir) / "summary.json"
-    return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-
-
 def _label(run_dir: Path) -> dict:
     """What distinguishes a run: its folder and model settings, from its summary."""
-    summary = _summary(run_dir)
+    summary = read_summary(run_dir)
     model = summary.get("model") or {}
     return {"run": str(run_dir), "dtype": model.get("dtype"), "quantization": model.get("quantization"),
             "checkpoint": model.get("checkpoint"), "settings": summary.get("settings")}
@@ -105,5 +99,5 @@ def write_comparison(run_a: "str | Path", run_b: "str | Path", out: "str | Path"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     storage.write_text(out / "compare.json", json.dumps(result, indent=2))
-    write_gallery(run_a, read_cases(run_a), _summary(run_a), out / "index.html", result, read_cases(run_b))
+    write_gallery(run_a, read_cases(run_a), read_summary(run_a), out / "index.html", result, read_cases(run_b))
     return result
