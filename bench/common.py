@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ REAL_DIMS = RadFMDims(
 TINY_VISION = dict(vision_dim=48, vision_layers=1, vision_inner=64, vision_mlp=96,
                    perceiver_layers=1, perceiver_inner=64, perceiver_ff=96)
 MEDIUM_LLM = dict(llm_dim=2048, llm_layers=8, llm_intermediate=5504)  # ~0.5 B parameters
+CT_GEOMETRY = np.diag([-0.7, -0.7, 2.5, 1.0])  # the benchmarks' CT, ijk -> RAS: 0.7 mm in-plane, 2.5 mm slices
 
 
 def tokenizer_model() -> Path:

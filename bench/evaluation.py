@@ -53,7 +53,11 @@ def write_manifest(folder: Path, cases: int) -> Path:
 
 
 def run(recorder: Recorder, cases: int = 50, new_tokens: int = 16) -> None:
-    work = Path(tempfile.mkdtemp(prefix="radfm-bench-eval-"))
+    with tempfile.TemporaryDirectory(prefix="radfm-bench-eval-") as work:  # the checkpoint, manifest and run folders
+        _run(recorder, cases, new_tokens, Path(work))
+
+
+def _run(recorder: Recorder, cases: int, new_tokens: int, work: Path) -> None:
     checkpoint = make_tiny_checkpoint(work / "tiny", tokenizer_model=tokenizer_model())
     manifest = load_manifest(write_manifest(work, cases))
     loaded = RadFMEngine.load(checkpoint)

@@ -31,13 +31,12 @@ from RadFMSlicer.model.resampler import PerceiverAttention
 from RadFMSlicer.model.vision import SelfAttention
 from RadFMSlicer.tokenizer import RadFMTokenizer
 
-from .common import (REAL_DIMS, TINY_VISION, Result, compare, engine_first_token_s, memory_fields, random_model,
-                     tokenizer_model)
+from .common import (CT_GEOMETRY, REAL_DIMS, TINY_VISION, Result, compare, engine_first_token_s, memory_fields,
+                     random_model, tokenizer_model)
 from .today import today_path
 from .vision import MathPerceiverAttention, MathSelfAttention
 
 ONE_LAYER_LLM = dict(llm_layers=1)
-CT_GEOMETRY = np.diag([-0.7, -0.7, 2.5, 1.0])
 QUESTION = "Is there a pleural effusion?"
 
 
@@ -107,27 +106,32 @@ def run(recorder, quick: bool) -> None:
 def overhead(recorder, quick: bool) -> None:
     dims = dataclasses.replace(REAL_DIMS, llm_dim=256, llm_layers=1, llm_intermediate=512, **TINY_VISION)
     engine = engine_for(dims)
-    folder = Path(tempfile.mkdtemp(prefix="radfm-bench-"))
-    for slices in (4, 16) if quick else (4, 16, 64):
-        array, _ = ct_volume(slices)
-        np.save(folder / f"ct-{slices}.npy", array)
-        handed_over = {"array": str(folder / f"ct-{slices}.npy"), "ijk_to_ras": CT_GEOMETRY.tolist(), "name": "ct",
-                       "window": "40,400"}
-        kept = ImageCache()
+    with tempfile.TemporaryDirectory(prefix="radfm-bench-") as folder:  # the handed-over .npy files, up to 32 MB
+        for slices in (4, 16) if quick else (4, 16, 64):
+            _overhead(recorder, quick, engine, Path(folder), slices)
 
-        def follow_up(today: bool) -> None:
-            """The worker's path from an ask line to the prompt's embeddings (no LLM forward)."""
-            with today_path(today):
-                request = AskRequest(question=QUESTION, images=[ImageInput.from_json(handed_over)])
-                start(engine, request, None, NO_CACHE if today else kept)
 
-        for today in (True, False):  # the first question: encoded once per path (their keys differ)
-            follow_up(today)
-        measured = compare({"today: re-read, re-preprocess, re-hash": partial(follow_up, True),
-                            "ours: known by fingerprint": partial(follow_up, False)}, repeats=3 if quick else 5)
-        for name, (seconds, peak, extra) in measured.items():
-            recorder.add(Result(
-                "follow_up_overhead", f"follow-up overhead without the LLM forward, {slices} slices", name,
-                {"slices": slices, "volume": f"512x512x{slices} int16 .npy", "window": "40,400"},
-                seconds, name.startswith("today"), memory_fields(peak, extra),
-            ))
+def _overhead(recorder, quick: bool, engine: RadFMEngine, folder: Path, slices: int) -> None:
+    """One volume size of :func:`overhead`, its ``.npy`` saved in ``folder``."""
+    array, _ = ct_volume(slices)
+    np.save(folder / f"ct-{slices}.npy", array)
+    handed_over = {"array": str(folder / f"ct-{slices}.npy"), "ijk_to_ras": CT_GEOMETRY.tolist(), "name": "ct",
+                   "window": "40,400"}
+    kept = ImageCache()
+
+    def follow_up(today: bool) -> None:
+        """The worker's path from an ask line to the prompt's embeddings (no LLM forward)."""
+        with today_path(today):
+            request = AskRequest(question=QUESTION, images=[ImageInput.from_json(handed_over)])
+            start(engine, request, None, NO_CACHE if today else kept)
+
+    for today in (True, False):  # the first question: encoded once per path (their keys differ)
+        follow_up(today)
+    measured = compare({"today: re-read, re-preprocess, re-hash": partial(follow_up, True),
+                        "ours: known by fingerprint": partial(follow_up, False)}, repeats=3 if quick else 5)
+    for name, (seconds, peak, extra) in measured.items():
+        recorder.add(Result(
+            "follow_up_overhead", f"follow-up overhead without the LLM forward, {slices} slices", name,
+            {"slices": slices, "volume": f"512x512x{slices} int16 .npy", "window": "40,400"},
+            seconds, name.startswith("today"), memory_fields(peak, extra),
+        ))

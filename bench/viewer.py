@@ -33,14 +33,13 @@ from RadFMSlicer.testing import make_tiny_checkpoint
 from RadFMSlicer.worker import WorkerClient
 
 from . import today
-from .common import PROJECT, Result, compare, engine_first_token_s, memory_fields, tokenizer_model
+from .common import CT_GEOMETRY, PROJECT, Result, compare, engine_first_token_s, memory_fields, tokenizer_model
 
 sys.path.insert(0, str(PROJECT / "RadFMModule"))
 from RadFMModuleLib.assistant import Assistant, Selection, VolumeData  # noqa: E402
 from RadFMModuleLib.settings import ModelSettings  # noqa: E402
 
 SHAPE = (300, 512, 512)  # k, j, i
-CT_GEOMETRY = np.diag([-0.7, -0.7, 2.5, 1.0])  # 0.7 mm in-plane, 2.5 mm slices
 TODAY_SITE = Path(__file__).resolve().parent / "today_site"
 QUESTIONS = ("Is there a pleural effusion?", "Is there a pneumothorax?", "Any lung nodule?")
 
@@ -97,8 +96,12 @@ def model_s(checkpoint: Path, image) -> tuple[float, float]:
 
 
 def run(recorder, quick: bool) -> None:
+    with tempfile.TemporaryDirectory(prefix="radfm-bench-viewer-") as work:  # the checkpoint, 150 MB scans
+        _run(recorder, quick, Path(work))
+
+
+def _run(recorder, quick: bool, work: Path) -> None:
     rounds = 2 if quick else 3
-    work = Path(tempfile.mkdtemp(prefix="radfm-bench-viewer-"))
     checkpoint = make_tiny_checkpoint(work / "tiny", tokenizer_model=tokenizer_model())
     scans = [ct(seed) for seed in range(rounds + 1)]  # a new scan every round: each first question is cold
     chosen_ahead = [ct(seed) for seed in range(rounds + 1, 2 * rounds + 2)]  # others, chosen before the question
