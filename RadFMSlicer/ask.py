@@ -206,6 +206,7 @@ class PreparedAsk:
     records: list[ImageRecord]
     tokens_per_image: int = 32  # the prompt's image tags are this long: the model's latents
     edges: list = field(default_factory=list)  # per model image: patient directions at its edges (previews)
+    volumes: list[Volume] = field(default_factory=list)  # per request image: its scan (an attention map's grid)
 
 
 def validate(request: AskRequest) -> None:
@@ -263,7 +264,7 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
     prompt = build_prompt(request.task, labels, request.question, request.history, previous, tokens_per_image)
     if request.preview_dir:
         _write_previews(model_images, records, edges, Path(request.preview_dir), images)
-    return PreparedAsk(question, prompt, model_images, records, tokens_per_image, edges)
+    return PreparedAsk(question, prompt, model_images, records, tokens_per_image, edges, volumes)
 
 
 def _edges(volume: Volume) -> tuple:

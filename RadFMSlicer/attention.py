@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageError
-from .image_cache import NO_CACHE
 
 LABEL = "resampler attention, not an explanation"
 
@@ -68,23 +67,22 @@ def check_map_name(path: "str | Path") -> None:
         raise ImageError(f"--attention {path}: name the map .nii.gz, .nii, .nrrd or .mha")
 
 
-def write_for_ask(engine, request, prepared, path: "str | Path", images=NO_CACHE) -> dict:
+def write_for_ask(engine, prepared, path: "str | Path") -> dict:
     """The current study's map written on its own grid, before the answer (so the answer reuses the
-    encoding); returns what the turn's provenance records about it. ``images``: an
-    :class:`~RadFMSlicer.image_cache.ImageCache` that may hold the scan already, so it is not read again."""
+    encoding); returns what the turn's provenance records about it. The grid is the scan ``prepared``
+    was made from (:attr:`~RadFMSlicer.ask.PreparedAsk.volumes`): it is not read again."""
     grid = patch_map(engine, prepared.model_images[0])
-    volume = images.volume(request.images[0])
+    volume = prepared.volumes[0]
     return _provenance(write_scan_map(path, scan_map(grid, volume), volume))
 
 
-def write_npy_for_ask(engine, request, prepared, folder: "str | Path", images) -> dict:
+def write_npy_for_ask(engine, prepared, folder: "str | Path") -> dict:
     """The worker's form of :func:`write_for_ask`: the map as a float32 ``[k, j, i]`` ``.npy`` on the
-    current study's grid in ``folder`` (the viewer already has the geometry; arrays never travel in
-    JSON). ``images``: the worker's :class:`~RadFMSlicer.image_cache.ImageCache`, so the scan is not read again."""
+    current study's grid in ``folder`` (the viewer already has the geometry; arrays never travel in JSON)."""
     import uuid
 
     grid = patch_map(engine, prepared.model_images[0])
-    voxels = scan_map(grid, images.volume(request.images[0])).astype(np.float32)
+    voxels = scan_map(grid, prepared.volumes[0]).astype(np.float32)
     path = Path(folder) / f"attention-{uuid.uuid4().hex[:12]}.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
     np.save(path, voxels)

@@ -222,7 +222,7 @@ def cmd_ask(args) -> int:
         if args.attention:  # computed with the encoding, which the answer then reuses
             from .attention import write_for_ask
 
-            attention = write_for_ask(engine, request, prepared, args.attention)
+            attention = write_for_ask(engine, prepared, args.attention)
         turn = ask(engine, request, session, on_text=stream, prepared=prepared)
         if attention:
             turn.provenance["attention"] = attention

@@ -16,7 +16,6 @@ from RadFMSlicer.ask import make_turn, prepare
 from RadFMSlicer.attention import write_npy_for_ask
 from RadFMSlicer.errors import RadFMError
 from RadFMSlicer.generation import GenerationResult
-from RadFMSlicer.image_cache import NO_CACHE
 from RadFMSlicer.worker.protocol import Event, ask_request_from_json
 
 PAUSE = "<pause>"
@@ -127,7 +126,7 @@ class ScriptedWorkerClient:
         try:
             prepared, script = prepare(request), self.scripts.pop(0)
             if kwargs.get("attention"):  # mapped onto the scan's grid and written like the worker's
-                attention = write_npy_for_ask(_PeakedAttention(), request, prepared, self.preview_dir, NO_CACHE)
+                attention = write_npy_for_ask(_PeakedAttention(), prepared, self.preview_dir)
         except RadFMError as exc:  # the worker answers a bad request with an error event
             prepared, script = None, [Event("error", str(exc))]
         self.requests.append(ScriptedRequest(self, request, prepared, script, attention))

@@ -142,8 +142,7 @@ def answer_case(model: "LocalModel | ServerModel", case: Case, run_dir: Path, se
         previews = run_dir / "previews" / _safe_name(case.id)
         request = request_for(case, settings, window, interpolation, str(previews))
         prepared = prepare(request, None, model.tokens_per_image, images, model.device)
-        looked = (_write_attention(model.engine, request, prepared, run_dir, _safe_name(case.id), images)
-                  if attention else None)
+        looked = _write_attention(model.engine, prepared, run_dir, _safe_name(case.id)) if attention else None
         turn = model.answer(request, prepared)
     except RadFMError as exc:
         record["error"] = str(exc)
@@ -159,12 +158,12 @@ def answer_case(model: "LocalModel | ServerModel", case: Case, run_dir: Path, se
     return record
 
 
-def _write_attention(engine, request, prepared, run_dir: Path, name: str, images: ImageCache) -> dict:
+def _write_attention(engine, prepared, run_dir: Path, name: str) -> dict:
     """``RUN/attention/<id>.nii.gz`` on the scan's grid and ``<id>.png``, the thumbnails with it overlaid;
-    computed with the encoding, which the answer then reuses (the scan from ``images``, not read again)."""
+    computed with the encoding, which the answer then reuses (the scan ``prepared`` holds, not read again)."""
     folder = run_dir / "attention"
     folder.mkdir(exist_ok=True)
-    info = write_for_ask(engine, request, prepared, folder / f"{name}.nii.gz", images)
+    info = write_for_ask(engine, prepared, folder / f"{name}.nii.gz")
     image = prepared.model_images[0]
     png = render_montage([image], folder / f"{name}.png", titles=[prepared.records[0].label], tile=64,
                          overlays=[overlay(patch_map(engine, image), image)])

@@ -310,7 +310,7 @@ class WorkerServer:
             from ..attention import write_npy_for_ask
 
             prepared = prepare(ask_request, session, engine.model.dims.num_latents, self.images, engine.device)
-            attention = write_npy_for_ask(engine, ask_request, prepared, preview_dir, self.images)
+            attention = write_npy_for_ask(engine, prepared, preview_dir)
         prepared, generation = start(engine, ask_request, session, self.images, prepared=prepared)
         prepare_s = time.perf_counter() - t0
         with self._state_lock:
