@@ -242,8 +242,7 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
     question = task_question(request.task, request.question)
     volumes, model_images, records, labels, edges = [], [], [], [], []
     for k, item in enumerate(request.images):
-        volume = images.volume(item)
-        image = images.model_image(request, item, volume, device)
+        volume, image = images.load(request, item, device)
         label = ROLE_LABELS.get(item.role, item.role)
         volumes.append(volume)
         model_images.append(image)

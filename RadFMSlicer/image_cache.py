@@ -82,31 +82,28 @@ class ImageCache:
         self.images = LRUCache(images)  # (source identity, window, interpolation) -> ModelImage
         self.previews = LRUCache(images)  # (image key, title) -> PNG bytes of its montage
 
-    def volume(self, item):
-        """``item.load()``, or the volume it loaded last time if the source is unchanged."""
+    def load(self, request, item, device=None) -> tuple:
+        """``(item.load(), request.model_image(item, volume, device))``, each the one made before if
+        its source is unchanged; the source's identity is taken once (a DICOM folder: every file stat'ed)."""
         identity = source_identity(item)
-        volume = None if identity is None else self.volumes.get(identity)
-        if volume is None:
-            volume = item.load()
-            if identity is not None:
-                self.volumes.put(identity, volume)
-        return volume
-
-    def model_image(self, request, item, volume, device=None):
-        """``request.model_image(item, volume)``, or the same image made before."""
-        identity = source_identity(item)
+        volume = _cached(self.volumes, identity, item.load)
         window = item.window if item.window is not None else request.window
         key = None if identity is None else (identity, repr(window), request.interpolation)
-        image = None if key is None else self.images.get(key)
-        if image is None:
-            image = request.model_image(item, volume, device)
-            if key is not None:
-                self.images.put(key, image)
-        return image
+        return volume, _cached(self.images, key, lambda: request.model_image(item, volume, device))
 
     def clear(self) -> None:
         for cache in (self.volumes, self.images, self.previews):
             cache.clear()
+
+
+def _cached(cache: LRUCache, key, make):
+    """``cache``'s value for ``key``, else ``make()`` kept there (a None key: made, not kept)."""
+    value = None if key is None else cache.get(key)
+    if value is None:
+        value = make()
+        if key is not None:
+            cache.put(key, value)
+    return value
 
 
 NO_CACHE = ImageCache(0, 0)  # a one-off question (the CLI): make everything, keep nothing

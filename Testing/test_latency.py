@@ -200,6 +200,42 @@ def test_a_rewritten_file_is_read_again(tmp_path, made):
     assert after.key != before.key and not torch.equal(after.tensor, before.tensor)
 
 
+def dicom_series(folder: Path, slices: int = 3) -> Path:
+    """A CT series folder: pydicom's CT_small as ``slices`` files 5 mm apart."""
+    import pydicom
+    import pydicom.data
+
+    folder.mkdir()
+    for k in range(slices):
+        ds = pydicom.dcmread(pydicom.data.get_testdata_file("CT_small.dcm"))
+        ds.SOPInstanceUID, ds.InstanceNumber = f"{ds.SOPInstanceUID}.{k + 1}", k + 1
+        ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 5 * k]
+        ds.save_as(folder / f"slice{k}.dcm")
+    return folder
+
+
+def test_a_question_about_a_known_dicom_folder_looks_at_its_files_once(tmp_path, tiny_engine, monkeypatch):
+    """A follow-up (or a question about a series encoded ahead) knows the series unchanged by one walk
+    of its folder and one stat of each file, for its scan and its model image alike."""
+    from RadFMSlicer.worker.server import WorkerServer
+
+    events = []
+    server = WorkerServer(lambda request_id, event: events.append((request_id, event)), heartbeat_s=0)
+    server.engine = tiny_engine
+    folder = dicom_series(tmp_path / "series")
+    server.op_encode("ahead", {"id": "ahead", "op": "encode", "images": [str(folder)]})  # reads the series
+    walks, stats, real_walk, real_stat = [], [], os.walk, os.stat
+    monkeypatch.setattr(os, "walk", lambda top, *args, **kw: walks.append(str(top)) or real_walk(top, *args, **kw))
+    monkeypatch.setattr(os, "stat", lambda path, *args, **kw: stats.append(str(path)) or real_stat(path, *args, **kw))
+    for n in range(2):
+        server.op_ask(f"q{n}", {"id": f"q{n}", "op": "ask", "question": "Is there a nodule?", "images": [str(folder)],
+                                "max_new_tokens": 1})
+    assert [event.kind for _, event in events if event.final] == ["done"] * 3
+    assert walks == [str(folder)] * 2
+    files = sorted(str(folder / f"slice{k}.dcm") for k in range(3))
+    assert sorted(path for path in stats if path.startswith(str(folder) + os.sep)) == sorted(files * 2)
+
+
 class OneScanScene:
     """The viewer with one CT node (the assistant's Scene protocol, what build_ask reads)."""
 

@@ -288,7 +288,7 @@ class WorkerServer:
         records = []
         for item in ask_request.images:
             self.emit(rid, "status", f"encoding {item.name or item.path}")
-            image = self.images.model_image(ask_request, item, self.images.volume(item), engine.device)
+            _, image = self.images.load(ask_request, item, engine.device)
             engine.encode_images([image])
             records.append(image.to_dict())
         self.emit(rid, "done", f"{len(records)} image(s) encoded", images=records)
