@@ -129,7 +129,6 @@ def test_radfm_ask_writes_the_map_on_the_scans_grid_and_names_it(capsys, tiny_ch
     assert voxels.max() == pytest.approx(1.0) and voxels.min() >= 0.0
 
 
-
 def test_radfm_ask_attention_reads_the_scan_once(capsys, tiny_checkpoint, tmp_path, monkeypatch):
     """The map goes onto the grid of the scan the answer was prepared from, not onto a second read of it."""
     from RadFMSlicer import ask
@@ -141,6 +140,7 @@ def test_radfm_ask_attention_reads_the_scan_once(capsys, tiny_checkpoint, tmp_pa
     assert main(["ask", "--checkpoint", str(tiny_checkpoint), "--image", CT, "--max-new-tokens", "1",
                  "--attention", str(out)]) == 0
     assert reads == [CT] and sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(CT).GetSize()
+
 
 def test_preview_overlays_the_attention_on_the_thumbnails_and_labels_it(capsys, tiny_checkpoint, tmp_path):
     from PIL import Image

@@ -286,7 +286,6 @@ def test_cli_eval_refuses_a_bad_manifest_before_loading_and_compare_checks_runs(
     assert "accuracy" in capsys.readouterr().out and (tmp_path / "cmp" / "compare.json").is_file()
 
 
-
 @pytest.mark.parametrize("damage, problem", [
     ('{"model": {"dtype": "bfl', "not JSON"), ('"done"', "not a JSON object but a str"),
     ('{"model": "bf16"}', "model of the wrong type")])
@@ -300,6 +299,7 @@ def test_cli_compare_names_a_damaged_summary_in_one_line(capsys, tmp_path, damag
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{a / 'summary.json'} is damaged ({problem}" in err and "delete it" in err
     assert not (tmp_path / "cmp" / "compare.json").exists()
+
 
 # --- gallery -----------------------------------------------------------------------------
 def test_word_diff_marks_what_the_answer_dropped_and_added():

@@ -99,7 +99,6 @@ def test_a_scan_that_will_not_load_and_a_folder_that_is_no_run_are_said_in_the_t
     assert "not an evaluation run" in view.summary_label.text() and view.table.rowCount() == 4  # the open run stays
 
 
-
 @pytest.mark.parametrize("damage, problem", [
     ('{"cases": {"failed": 1}, "no', "not JSON: Unterminated string"),  # a torn write
     ("[1, 2]", "not a JSON object but a list"),
@@ -116,6 +115,7 @@ def test_a_damaged_summary_is_named_in_the_tab_and_the_cases_are_still_listed(qt
     assert "4 cases, 1 failed" in text and "\n" not in text
     assert f"{run_folder / 'summary.json'} is damaged ({problem}" in text
     assert "rerun the radfm eval command that made this run" in text and "or delete it" in text
+
 
 def test_the_module_shows_results_beside_the_chat_and_asks_a_case_again_there(slicer, qtbot, tmp_path, monkeypatch):
     """In the module (over the Slicer stand-in): the Results tab loads a real scan into the scene and
