@@ -81,9 +81,11 @@ class GenerationResult:
 
 
 def pick_token(
-    logits: torch.Tensor, settings: GenerationSettings, history: torch.Tensor, generator: torch.Generator | None
+    logits: torch.Tensor, settings: GenerationSettings, history: torch.Tensor | None,
+    generator: torch.Generator | None,
 ) -> int:
-    """Next token from ``logits [V]`` (float32); ``history`` holds the ids seen so far."""
+    """Next token from ``logits [V]`` (float32); ``history`` holds the ids seen so far (read only with a
+    repetition penalty, so None without one)."""
     if settings.repetition_penalty != 1.0 and history.numel():
         seen = logits[history]
         logits = logits.clone()
@@ -215,7 +217,10 @@ class Generation(StreamedAnswer):
         generator = None
         if self.settings.seed is not None and self.settings.temperature > 0:
             generator = torch.Generator(device=device).manual_seed(self.settings.seed)
-        history = self._prompt_ids[0][self._prompt_ids[0] < self._tokenizer.vocab_size].to(device)
+        penalized = self.settings.repetition_penalty != 1.0  # only the penalty reads the ids said so far
+        history = None
+        if penalized:
+            history = self._prompt_ids[0][self._prompt_ids[0] < self._tokenizer.vocab_size].to(device)
         ids: list[int] = []
         start = time.perf_counter()
         first_token_s = None
@@ -237,7 +242,8 @@ class Generation(StreamedAnswer):
                     break
                 if self._cancel.is_set():
                     break
-                history = torch.cat([history, torch.tensor([token], device=device)])
+                if penalized:  # on a GPU each is a host-to-device copy
+                    history = torch.cat([history, torch.tensor([token], device=device)])
                 logits = self._decoder.step(token, position)
                 position += 1
         self.result = GenerationResult(

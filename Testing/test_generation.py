@@ -2,6 +2,7 @@
 
 import threading
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -104,6 +105,51 @@ def test_repetition_penalty_demotes_tokens_already_said():
     said = torch.tensor([1, 3])
     assert pick_token(logits, GenerationSettings(), said, None) == 1
     assert pick_token(logits, GenerationSettings(repetition_penalty=1.2), said, None) == 2
+
+
+class CountingTorch:
+    """``torch`` as generation.py sees it, counting its ``torch.cat`` calls (the model's own are not counted)."""
+
+    def __init__(self):
+        self.cats = 0
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def cat(self, *args, **kwargs):
+        self.cats += 1
+        return torch.cat(*args, **kwargs)
+
+
+class FavouriteTokens:
+    """A decoder whose every step prefers token 100, then 101, then 102 (logits 4, 3 and 2.5; 0 elsewhere)."""
+
+    def prefill(self, embeds):
+        return self.step(None, None)
+
+    def step(self, token, position):
+        logits = torch.zeros(1, 1, 32000)
+        logits[0, 0, [100, 101, 102]] = torch.tensor([4.0, 3.0, 2.5])
+        return logits
+
+
+def test_only_a_repetition_penalty_keeps_the_ids_said_and_it_demotes_them(monkeypatch):
+    """Off (the default) no per-token history is built (on a GPU a host-to-device copy each); on, it
+    grows with the answer, so a token said is demoted later in the same answer."""
+    from RadFMSlicer import generation
+
+    counted = CountingTorch()
+    monkeypatch.setattr(generation, "torch", counted)
+    tokenizer = SimpleNamespace(vocab_size=32000, decode=lambda ids: " ".join(map(str, ids)))
+    prompt_ids = torch.tensor([[1, 7, 8]])  # none of the favourite tokens
+
+    def answer(settings):
+        run = generation.Generation(FavouriteTokens(), tokenizer, prompt_ids, torch.zeros(1, 3, 8), settings, 2048)
+        return run.run().token_ids
+
+    assert answer(GenerationSettings(max_new_tokens=3)) == [100, 100, 100] and counted.cats == 0
+    assert answer(GenerationSettings(max_new_tokens=3, repetition_penalty=2.0)) == [100, 101, 102]  # 4/2 < 3; 3/2 < 2.5
+    assert counted.cats == 2
 
 
 def test_top_k_and_top_p_only_sample_the_head():
