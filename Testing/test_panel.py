@@ -28,7 +28,7 @@ from RadFMModuleLib.settings import ModelSettings  # noqa: E402
 from RadFMModuleLib.turn_views import CURSOR, NOTICE, STOP_NOTES, AnswerView  # noqa: E402
 from RadFMSlicer.session import Session  # noqa: E402
 from panel_scene import IJK_TO_RAS, SHAPE, FakeScene, nodule_mask  # noqa: E402
-from scripted_worker import CRASH, PAUSE, ScriptedWorkerClient, tokens  # noqa: E402
+from scripted_worker import CRASH, PAUSE, Encoded, ScriptedWorkerClient, tokens  # noqa: E402
 
 # The README's screenshot is remade only on request (RADFM_UPDATE_SCREENSHOTS=1), so a test run
 # leaves the checkout as it was.
@@ -245,6 +245,27 @@ def test_a_scan_that_cannot_be_prepared_ahead_is_logged_and_the_question_says_wh
     panel.ask("vqa")
     wait_idle(qtbot, panel)
     assert "same value" in panel.answers[-1].frame.findChild(QtWidgets.QLabel, "error").text()
+
+
+def test_a_worker_that_dies_while_preparing_ahead_is_logged_and_the_next_question_restarts_it(open_panel, qtbot):
+    panel, scene, clients = open_panel(tokens("No nodule."), tokens("A nodule."))
+    panel.input.setPlainText("Any nodule?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+
+    def dies(images, window=None):
+        clients[0].crashed = True
+        return Encoded(CRASH)
+
+    clients[0].encode = dies
+    choose_scan(panel, "prior")
+    qtbot.waitUntil(lambda: "ahead of the question failed" in panel.log_view.toPlainText())
+    assert "killed by SIGKILL" in panel.log_view.toPlainText() and not panel.busy_now
+    panel.input.setPlainText("Any nodule?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    assert len(clients) == 2 and panel.answers[-1].body.text() == "A nodule."  # a fresh worker answered
+    assert [turn.answer for turn in panel.assistant.session.turns] == ["No nodule.", "A nodule."]
 
 
 # ---------------------------------------------------------------------------------- failures
