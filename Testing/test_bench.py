@@ -59,3 +59,26 @@ def test_a_bench_run_that_stops_part_way_removes_its_checkpoint_and_scans(monkey
     with pytest.raises(KeyboardInterrupt):
         module.run(Recorder(tmp_path / "results" / f"{topic}.jsonl"), *args)
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["worker_latency", "server_load"])
+def test_the_standalone_bench_scripts_remove_the_checkpoint_they_make(monkeypatch, tmp_path, script):
+    """Run without --checkpoint they make a tiny one in a temp folder of their own, removed however they end."""
+    import importlib
+    import sys
+    import tempfile
+
+    module = importlib.import_module(f"bench.{script}")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(sys, "argv", [script])
+
+    def checkpoint_then_stop(folder, **kwargs):
+        (Path(folder) / "pytorch_model.bin").write_bytes(b"0" * 1024)
+        raise KeyboardInterrupt  # the researcher pressed Ctrl-C
+
+    monkeypatch.setattr(module, "make_tiny_checkpoint", checkpoint_then_stop)
+    monkeypatch.setattr(module, "tokenizer_model", lambda: None, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        module.main()
+    assert list((tmp_path / "tmp").iterdir()) == []

@@ -95,8 +95,11 @@ def main() -> None:
     args = parser.parse_args()
     if not (1 <= args.clients <= 32 and 1 <= args.questions <= 20):
         raise SystemExit("bounded: at most 32 clients and 20 questions each")
-    checkpoint = args.checkpoint or make_tiny_checkpoint(tempfile.mkdtemp(prefix="radfm-bench-"),
-                                                         tokenizer_model=tokenizer_model())
+    with tempfile.TemporaryDirectory(prefix="radfm-bench-") as work:  # a tiny checkpoint made here goes with it
+        measure(args, args.checkpoint or make_tiny_checkpoint(work, tokenizer_model=tokenizer_model()))
+
+
+def measure(args, checkpoint) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

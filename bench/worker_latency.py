@@ -29,7 +29,11 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    checkpoint = args.checkpoint or make_tiny_checkpoint(tempfile.mkdtemp(prefix="radfm-bench-"))
+    with tempfile.TemporaryDirectory(prefix="radfm-bench-") as work:  # a tiny checkpoint made here goes with it
+        measure(args, args.checkpoint or make_tiny_checkpoint(work))
+
+
+def measure(args, checkpoint) -> None:
     rows = []
     with WorkerClient.start() as client:
         t0 = time.perf_counter()
