@@ -36,26 +36,33 @@ def test_bench_overhead_leaves_nothing_in_the_temp_folder(monkeypatch, tmp_path,
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-@pytest.mark.parametrize("topic, args", [("viewer", (True,)), ("evaluation", (2, 1))])  # quick; 2 cases, 1 token
-def test_a_bench_run_that_stops_part_way_removes_its_checkpoint_and_scans(monkeypatch, tmp_path, topic, args):
-    """bench viewer writes a checkpoint and three 150 MB scans, bench evaluation a checkpoint and run
-    folders, in a temp folder of their own: removed however the run ends."""
+def stopped_after_its_checkpoint(monkeypatch, tmp_path, name):
+    """bench module ``name`` with the temp folder in ``tmp_path/tmp`` and a tiny checkpoint whose
+    making ends in Ctrl-C, right after writing a file."""
     import importlib
     import tempfile
 
-    from bench.common import Recorder
-
-    module = importlib.import_module(f"bench.{topic}")
+    module = importlib.import_module(f"bench.{name}")
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
 
     def checkpoint_then_stop(folder, **kwargs):
-        Path(folder).mkdir(parents=True)
+        Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / "pytorch_model.bin").write_bytes(b"0" * 1024)
         raise KeyboardInterrupt  # the researcher pressed Ctrl-C
 
     monkeypatch.setattr(module, "make_tiny_checkpoint", checkpoint_then_stop)
-    monkeypatch.setattr(module, "tokenizer_model", lambda: None)
+    monkeypatch.setattr(module, "tokenizer_model", lambda: None, raising=False)
+    return module
+
+
+@pytest.mark.parametrize("topic, args", [("viewer", (True,)), ("evaluation", (2, 1))])  # quick; 2 cases, 1 token
+def test_a_bench_run_that_stops_part_way_removes_its_checkpoint_and_scans(monkeypatch, tmp_path, topic, args):
+    """bench viewer writes a checkpoint and three 150 MB scans, bench evaluation a checkpoint and run
+    folders, in a temp folder of their own: removed however the run ends."""
+    from bench.common import Recorder
+
+    module = stopped_after_its_checkpoint(monkeypatch, tmp_path, topic)
     with pytest.raises(KeyboardInterrupt):
         module.run(Recorder(tmp_path / "results" / f"{topic}.jsonl"), *args)
     assert list((tmp_path / "tmp").iterdir()) == []
@@ -64,21 +71,10 @@ def test_a_bench_run_that_stops_part_way_removes_its_checkpoint_and_scans(monkey
 @pytest.mark.parametrize("script", ["worker_latency", "server_load"])
 def test_the_standalone_bench_scripts_remove_the_checkpoint_they_make(monkeypatch, tmp_path, script):
     """Run without --checkpoint they make a tiny one in a temp folder of their own, removed however they end."""
-    import importlib
     import sys
-    import tempfile
 
-    module = importlib.import_module(f"bench.{script}")
-    (tmp_path / "tmp").mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    module = stopped_after_its_checkpoint(monkeypatch, tmp_path, script)
     monkeypatch.setattr(sys, "argv", [script])
-
-    def checkpoint_then_stop(folder, **kwargs):
-        (Path(folder) / "pytorch_model.bin").write_bytes(b"0" * 1024)
-        raise KeyboardInterrupt  # the researcher pressed Ctrl-C
-
-    monkeypatch.setattr(module, "make_tiny_checkpoint", checkpoint_then_stop)
-    monkeypatch.setattr(module, "tokenizer_model", lambda: None, raising=False)
     with pytest.raises(KeyboardInterrupt):
         module.main()
     assert list((tmp_path / "tmp").iterdir()) == []
