@@ -1,6 +1,7 @@
 """Imaging layer: files/arrays -> display orientation -> the [3, 512, 512, D] model tensor."""
 
 import json
+import locale
 import os
 
 import nibabel
@@ -113,8 +114,19 @@ def test_rgb_jpeg_is_converted_to_gray(tmp_path):
 
 # ----------------------------------------------------------------------------- DICOM folder
 def write_series(folder, uid, description, n, z_step=2.5):
-    """n single-slice DICOM files, file names in reverse of the table position."""
+    """n single-slice DICOM files, file names in reverse of the table position.
+
+    GDCM's writer switches the process to the C locale and leaves it there (reading does
+    not): the locale is put back, or every later ``open()`` in this test process decodes ASCII."""
     os.makedirs(folder, exist_ok=True)
+    kept = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_series(folder, uid, description, n, z_step)
+    finally:
+        locale.setlocale(locale.LC_ALL, kept)
+
+
+def _write_series(folder, uid, description, n, z_step):
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     for z in range(n):
