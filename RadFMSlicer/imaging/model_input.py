@@ -84,8 +84,7 @@ def preprocess(vol: Volume, window=None, *, interpolation="nearest", depth=None,
         raise ImageError(f"Unknown interpolation {interpolation!r}: use 'nearest' or 'linear'.")
     size = (d, MODEL_SIZE, MODEL_SIZE)  # [slices, rows, cols]
     if mode == "nearest":
-        # whole slices, the way interpolate would pick them
-        picks = _nearest_indices(vol.shape[0], d) if vol.shape[0] != d else np.arange(d)
+        picks = _nearest_indices(vol.shape[0], d)  # whole slices, the way interpolate would pick them
         if device is None or torch.device(device).type == "cpu":
             x = _window_slices(vol.voxels, picks, win)
         else:
