@@ -209,19 +209,19 @@ class PreparedAsk:
     volumes: list[Volume] = field(default_factory=list)  # per request image: its scan (an attention map's grid)
 
 
-def validate(request: AskRequest) -> None:
+def validate(request: AskRequest) -> str:
     """Every check that needs neither the model nor the pixels; raises the first problem found.
 
     Task and question, window spellings, that each image exists, each region's kind,
     numbers and image, and that the preview folder can be written. Front ends (CLI,
     batch, eval, worker) call it before loading the model, so a typo costs no load;
-    :func:`prepare` calls it too.
+    :func:`prepare` calls it too, and uses the question it returns (the task's wording).
     """
     if not request.images:
         raise ImageError("no image given: RadFM answers about an image (--image PATH)")
     if len(request.images) + len(request.regions) > len(ORDINALS):
         raise PromptError(f"at most {len(ORDINALS)} images and regions per question")
-    task_question(request.task, request.question)
+    question = task_question(request.task, request.question)
     parse_window(request.window)
     for item in request.images:
         item.check()
@@ -229,6 +229,7 @@ def validate(request: AskRequest) -> None:
         region.check(len(request.images))
     if request.preview_dir:
         storage.check_writable(request.preview_dir, "preview folder", folder=True)
+    return question
 
 
 def prepare(request: AskRequest, session: Session | None = None, tokens_per_image: int = 32,
@@ -238,8 +239,7 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
     ``images``: what a long-lived caller (the worker) keeps between questions, so that a
     follow-up about an unchanged scan reads and preprocesses nothing again.
     """
-    validate(request)
-    question = task_question(request.task, request.question)
+    question = validate(request)
     volumes, model_images, records, labels, edges = [], [], [], [], []
     for k, item in enumerate(request.images):
         volume, image = images.load(request, item, device)
