@@ -59,25 +59,29 @@ def _thumb_key(path: Path, thumbs: dict) -> str | None:
     return None if uri is None else thumbs.setdefault(uri, f"t{len(thumbs)}")
 
 
-def _case_view(record: dict, run_dir: Path, thumbs: dict) -> dict:
-    """What the page needs of one case record; thumbnails shared by id when identical."""
-    images = []
-    for seen in record.get("seen") or []:
-        images.append({"label": seen.get("label"), "role": seen.get("role"), "source": seen.get("source"),
-                       "shape": seen.get("shape"), "window": describe_window(seen["window"]) if seen.get("window") else None,
-                       "thumb": _thumb_key(run_dir / seen["preview_png"], thumbs) if seen.get("preview_png") else None})
+def _case_view(record: dict, run_dir: Path, thumbs: dict, images: bool = True) -> dict:
+    """What the page needs of one case record; thumbnails shared by id when identical.
+
+    ``images=False`` leaves the montages out (no thumbnail made, ``images`` empty): run B of a
+    comparison, whose answers the page shows but whose montages it never does.
+    """
+    views = []
+    for seen in (record.get("seen") or []) if images else []:
+        views.append({"label": seen.get("label"), "role": seen.get("role"), "source": seen.get("source"),
+                      "shape": seen.get("shape"), "window": describe_window(seen["window"]) if seen.get("window") else None,
+                      "thumb": _thumb_key(run_dir / seen["preview_png"], thumbs) if seen.get("preview_png") else None})
     provenance = record.get("provenance") or {}
     looked = provenance.get("attention")
-    if looked and looked.get("thumbnail"):
-        images.append({"label": looked["label"], "role": "attention", "source": looked["file"], "shape": None,
-                       "window": None, "thumb": _thumb_key(run_dir / looked["thumbnail"], thumbs)})
+    if images and looked and looked.get("thumbnail"):
+        views.append({"label": looked["label"], "role": "attention", "source": looked["file"], "shape": None,
+                      "window": None, "thumb": _thumb_key(run_dir / looked["thumbnail"], thumbs)})
     return {
         "id": record["id"], "task": record["task"], "question": record.get("question"),
         "reference": record.get("reference", ""), "answer": record.get("answer"), "error": record.get("error"),
         "scores": {k: v for k, v in (record.get("scores") or {}).items() if isinstance(v, (int, float))},
         "score": case_score(record.get("scores")), "extra": record.get("extra") or {},
         "diff": word_diff(record.get("reference", ""), record["answer"]) if "answer" in record else [],
-        "images": images, "prompt": record.get("prompt"), "case_s": record.get("case_s"),
+        "images": views, "prompt": record.get("prompt"), "case_s": record.get("case_s"),
         "model": provenance.get("model"), "timing": provenance.get("timing"), "settings": provenance.get("settings"),
     }
 
@@ -94,7 +98,7 @@ def write_gallery(run_dir: "str | Path", records: list[dict], summary: dict, out
     cases = [_case_view(r, run_dir, thumbs) for r in records]
     if compare is not None:
         b_dir = Path(compare["b"]["run"])
-        b_cases = {r["id"]: _case_view(r, b_dir, thumbs) for r in other_records or []}
+        b_cases = {r["id"]: _case_view(r, b_dir, thumbs, images=False) for r in other_records or []}
         deltas = {c["id"]: c["delta"] for c in compare["per_case"]}
         for case in cases:
             b = b_cases.get(case["id"])
