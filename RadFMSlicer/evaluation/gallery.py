@@ -103,8 +103,7 @@ def write_gallery(run_dir: "str | Path", records: list[dict], summary: dict, out
         for case in cases:
             b = b_cases.get(case["id"])
             case["b"] = None if b is None else {k: b[k] for k in ("answer", "error", "scores", "score", "diff", "model")}
-            delta = deltas.get(case["id"], {})
-            case["delta"] = delta.get("accuracy", delta.get("rougeL"))
+            case["delta"] = case_score(deltas.get(case["id"]))
     data = {"summary": summary, "cases": cases, "thumbs": {key: uri for uri, key in thumbs.items()},
             "compare": compare and {k: compare[k] for k in ("a", "b", "cases", "metrics")},
             "disclaimer": DISCLAIMER}
