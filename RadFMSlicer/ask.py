@@ -291,12 +291,13 @@ def write_previews(prepared: PreparedAsk, folder, cache: ImageCache = NO_CACHE) 
 
 def _write_previews(images: list[ModelImage], records: list[ImageRecord], edges: list, folder: Path,
                     cache: ImageCache) -> None:
-    """A montage PNG per image; one drawn before for the same image and title is written again, not redrawn."""
+    """A montage PNG per image; one drawn before for the same image and title is written again, not redrawn
+    (a cache that keeps no previews is neither asked nor given one: the PNG is not read back for it)."""
     folder.mkdir(parents=True, exist_ok=True)
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:12]}"  # unique: asks in one second don't share
     for k, (image, record, edge) in enumerate(zip(images, records, edges)):
         out = folder / f"{stamp}-{k}-{record.role}.png"
-        key = None if image.key is None else (image.key, record.label)
+        key = None if image.key is None or not cache.previews.keeps else (image.key, record.label)
         png = None if key is None else cache.previews.get(key)
         if png is None:
             render_montage([image], out, titles=[record.label], tile=64, edges=[edge])

@@ -59,8 +59,13 @@ class LRUCache:
         self.hits += 1
         return value
 
+    @property
+    def keeps(self) -> bool:
+        """Whether anything put is kept (capacity 0: a value put is dropped at once)."""
+        return self.capacity > 0
+
     def put(self, key, value) -> None:
-        if self.capacity <= 0:
+        if not self.keeps:
             return
         self._entries[key] = value
         self._entries.move_to_end(key)
@@ -84,8 +89,9 @@ class ImageCache:
 
     def load(self, request, item, device=None) -> tuple:
         """``(item.load(), request.model_image(item, volume, device))``, each the one made before if
-        its source is unchanged; the source's identity is taken once (a DICOM folder: every file stat'ed)."""
-        identity = source_identity(item)
+        its source is unchanged; the source's identity is taken once (a DICOM folder: every file stat'ed),
+        and not at all by a cache that keeps neither (nothing could be found again by it)."""
+        identity = source_identity(item) if self.volumes.keeps or self.images.keeps else None
         volume = _cached(self.volumes, identity, item.load)
         window = item.window if item.window is not None else request.window
         key = None if identity is None else (identity, repr(window), request.interpolation)

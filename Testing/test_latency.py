@@ -236,6 +236,27 @@ def test_a_question_about_a_known_dicom_folder_looks_at_its_files_once(tmp_path,
     assert sorted(path for path in stats if path.startswith(str(folder) + os.sep)) == sorted(files * 2)
 
 
+def test_a_one_off_question_stats_no_series_file_and_reads_no_preview_back(tmp_path, monkeypatch):
+    """The CLI keeps nothing between questions, so it takes no fingerprint of a DICOM series (a stat of
+    every file) and reads no montage back for a previews cache that would drop it; a worker's cache does both."""
+    from RadFMSlicer import image_cache
+    from RadFMSlicer.ask import AskRequest, ImageInput, prepare
+
+    folder = dicom_series(tmp_path / "series")
+    fingerprinted, read_back = [], []
+    real_state, real_read = image_cache._file_state, Path.read_bytes
+    monkeypatch.setattr(image_cache, "_file_state", lambda path: fingerprinted.append(path) or real_state(path))
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read_back.append(self.suffix) or real_read(self))
+    request = AskRequest(question="Is there a nodule?", images=[ImageInput(path=str(folder))],
+                         preview_dir=str(tmp_path / "previews"))
+    one_off = prepare(request)
+    assert fingerprinted == [] and ".png" not in read_back
+    assert Path(one_off.records[0].preview_png).stat().st_size > 0
+    kept = image_cache.ImageCache()
+    prepare(request, images=kept)
+    assert fingerprinted == [str(folder)] and read_back.count(".png") == 1 and len(kept.previews) == 1
+
+
 class OneScanScene:
     """The viewer with one CT node (the assistant's Scene protocol, what build_ask reads)."""
 
