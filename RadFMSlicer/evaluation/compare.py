@@ -19,8 +19,8 @@ from .records import read_cases, read_summary
 MOST_CHANGED = 5
 
 
-def _answered(run_dir) -> dict:
-    return {r["id"]: r for r in read_cases(run_dir) if "answer" in r}
+def _answered(records: list[dict]) -> dict:
+    return {r["id"]: r for r in records if "answer" in r}
 
 
 def _label(run_dir: Path) -> dict:
@@ -31,9 +31,14 @@ def _label(run_dir: Path) -> dict:
             "checkpoint": model.get("checkpoint"), "settings": summary.get("settings")}
 
 
-def compare_runs(run_a: "str | Path", run_b: "str | Path") -> dict:
-    """Per-metric mean delta (B - A) with its paired 95 % interval, per-case deltas, biggest changes."""
-    a, b = _answered(run_a), _answered(run_b)
+def compare_runs(run_a: "str | Path", run_b: "str | Path",
+                 cases_a: list[dict] | None = None, cases_b: list[dict] | None = None) -> dict:
+    """Per-metric mean delta (B - A) with its paired 95 % interval, per-case deltas, biggest changes.
+
+    ``cases_a``/``cases_b``: the runs' ``cases.jsonl`` records when the caller has read them already.
+    """
+    a = _answered(read_cases(run_a) if cases_a is None else cases_a)
+    b = _answered(read_cases(run_b) if cases_b is None else cases_b)
     shared = [case_id for case_id in a if case_id in b]
     if not shared:
         raise RadFMError(f"{run_a} and {run_b} have no answered case in common: were they made from one manifest?")
@@ -95,9 +100,10 @@ def format_comparison(result: dict) -> str:
 
 def write_comparison(run_a: "str | Path", run_b: "str | Path", out: "str | Path") -> dict:
     """``OUT/compare.json`` and the side-by-side gallery ``OUT/index.html``; returns the comparison."""
-    result = compare_runs(run_a, run_b)
+    cases_a, cases_b = read_cases(run_a), read_cases(run_b)
+    result = compare_runs(run_a, run_b, cases_a, cases_b)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     storage.write_text(out / "compare.json", json.dumps(result, indent=2))
-    write_gallery(run_a, read_cases(run_a), read_summary(run_a), out / "index.html", result, read_cases(run_b))
+    write_gallery(run_a, cases_a, read_summary(run_a), out / "index.html", result, cases_b)
     return result
