@@ -136,7 +136,7 @@ def answer_case(model: "LocalModel | ServerModel", case: Case, run_dir: Path, se
     ``images``: recent scans and model images, so cases on one scan read and resample it once.
     ``attention``: also write where the resampler looked (see :func:`_write_attention`).
     """
-    record = {"id": case.id, **{k: v for k, v in case.to_dict().items() if k != "id"}}
+    record = case.to_dict()  # a fresh dict, id first
     started = time.perf_counter()
     try:
         previews = run_dir / "previews" / _safe_name(case.id)
