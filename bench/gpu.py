@@ -31,7 +31,7 @@ from RadFMSlicer.model import RadFMModel
 from RadFMSlicer.quantization import QUANTIZED_DTYPES, LinearQuantizer, tier_dtype, weight_bytes
 from RadFMSlicer.tokenizer import RadFMTokenizer
 
-from .common import MEDIUM_LLM, REAL_DIMS, TINY_VISION, engine_first_token_s, llama_config_dict, tokenizer_model
+from .common import CT_GEOMETRY, MEDIUM_LLM, REAL_DIMS, TINY_VISION, engine_first_token_s, llama_config_dict, tokenizer_model
 
 GIB = 2**30
 
@@ -63,8 +63,7 @@ def measure(engine: RadFMEngine, slices: int, new_tokens: int) -> dict:
     """A report about a CT-like volume, then a follow-up about it, as the worker asks them: the
     model image made on the engine's device and known by its fingerprint."""
     voxels = np.random.default_rng(0).integers(-1000, 1500, (slices, 512, 512), dtype=np.int16)
-    image = preprocess(volume_from_array(voxels, np.diag([-0.7, -0.7, 2.5, 1.0]), name="ct"), "soft_tissue",
-                       device=engine.device)
+    image = preprocess(volume_from_array(voxels, CT_GEOMETRY, name="ct"), "soft_tissue", device=engine.device)
     prompt = engine.image_tag(0) + "Please write a radiology report for this scan."
     settings = GenerationSettings(max_new_tokens=new_tokens)
     engine.answer(prompt, [image], settings)  # warm-up (and compilation, when on)
