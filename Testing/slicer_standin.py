@@ -781,8 +781,7 @@ class util:
         name = os.path.basename(str(filename)).split(".")[0]
         node = mrmlScene.AddNode(ScalarVolumeNode(name, sitk.GetArrayFromImage(image),
                                                   np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_lps))
-        for composite in util.getNodesByClass("vtkMRMLSliceCompositeNode"):
-            composite.background_id = node.GetID()
+        util.setSliceViewerLayers(background=node)
         return node
 
     @staticmethod
