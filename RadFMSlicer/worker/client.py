@@ -88,11 +88,10 @@ class _Worker:
         self.last_heard = time.monotonic()
         self.worker_pid: int | None = None  # the process that runs the model (from its heartbeat)
         self.ended_by: str | None = None  # why we ended it ourselves (hang, close)
-        self.finished = False  # its output ended and its requests got their final event
-        self.done = threading.Event()
+        self.done = threading.Event()  # its output ended and its requests got their final event
 
     def alive(self) -> bool:
-        return not self.finished and self.ended_by is None and self.popen.poll() is None
+        return not self.done.is_set() and self.ended_by is None and self.popen.poll() is None
 
     def tree(self) -> list:
         """The started process, everything under it, and the model process even if it was re-parented."""
@@ -294,8 +293,7 @@ class WorkerClient:
         with self._lock:
             orphans = list(worker.pending.values())
             worker.pending.clear()
-            worker.finished = True
-        worker.done.set()
+            worker.done.set()  # under the lock: a request sent now is either in orphans or told the worker ended
         for request in orphans:
             request._push(Event("error", f"the RadFM worker {cause}. Last messages:\n{tail}".rstrip(),
                                 {"kind": "worker_died", "exit_code": code, "hung": worker.ended_by is not None}))
@@ -331,7 +329,7 @@ class WorkerClient:
         request = Request(self, f"r{next(self._ids)}", op)
         request.worker = worker
         with self._lock:
-            dead = worker.finished
+            dead = worker.done.is_set()
             if not dead:
                 worker.pending[request.id] = request
         if dead:
