@@ -326,7 +326,7 @@ class Assistant:
         for image in turn.images:
             self._keep_preview(image)
         self._keep_attention(turn)
-        self.scene.save_previews(self._referenced_previews())
+        self.scene.save_previews(self._preview_bytes)  # exactly the recorded turns' thumbnails (restore trims)
         self.scene.save_session_json(self.session.to_json())
         return turn
 
@@ -353,12 +353,9 @@ class Assistant:
         source = image.preview_png
         if not source or not os.path.isfile(source):
             return
-        name = os.path.basename(source)
-        kept = os.path.join(self._previews, name)
-        if os.path.abspath(source) != kept:
-            shutil.move(source, kept)
+        kept = _move_into(source, self._previews)
         with open(kept, "rb") as f:
-            self._preview_bytes[name] = f.read()
+            self._preview_bytes[os.path.basename(kept)] = f.read()
         image.preview_png = kept
 
     def _keep_attention(self, turn):
@@ -367,10 +364,7 @@ class Assistant:
         info = turn.provenance.get("attention")
         if not info or not os.path.isfile(info.get("file") or ""):
             return
-        kept = os.path.join(self._files, os.path.basename(info["file"]))
-        if os.path.abspath(info["file"]) != kept:
-            shutil.move(info["file"], kept)
-        info.update(file=kept, volume_id=self._asked_volume)
+        info.update(file=_move_into(info["file"], self._files), volume_id=self._asked_volume)
 
     def show_attention(self, turn) -> str:
         """Show a turn's attention map over its scan (``Scene.show_overlay``); returns the overlay's name."""
@@ -383,10 +377,6 @@ class Assistant:
         name = f"{turn.images[0].label} \u2014 {LABEL}"
         self.scene.show_overlay(info["volume_id"], np.load(info["file"], allow_pickle=False), name)
         return name
-
-    def _referenced_previews(self) -> dict:
-        names = {os.path.basename(i.preview_png) for t in self.session.turns for i in t.images if i.preview_png}
-        return {name: data for name, data in self._preview_bytes.items() if name in names}
 
     def _restore_previews(self):
         """Write the scene's thumbnails to our folder, point the turns at them, delete the rest."""
@@ -412,6 +402,15 @@ class Assistant:
         shutil.rmtree(self._files, ignore_errors=True)
         if self._memory:
             self._forget_memory()
+
+
+def _move_into(source: str, folder: str) -> str:
+    """Where ``source`` (a file the worker wrote, its name unique) is once moved into ``folder``;
+    a file already there stays."""
+    kept = os.path.join(folder, os.path.basename(source))
+    if os.path.abspath(source) != kept:
+        shutil.move(source, kept)
+    return kept
 
 
 class ConnectJob:
