@@ -157,12 +157,9 @@ def remote_client(args):
 
 def check_model_arguments(args) -> None:
     """Checkpoint folder, device, dtype and quantization: checked before any scan is read."""
-    from .checkpoint import locate_checkpoint, resolve_device, resolve_dtype
-    from .quantization import check_tier, choose_dtype
+    from .engine import RadFMEngine
 
-    locate_checkpoint(args.checkpoint)
-    device = resolve_device(args.device)
-    choose_dtype(None if args.dtype is None else resolve_dtype(args.dtype), device, check_tier(args.quantization))
+    RadFMEngine.load_options(args.checkpoint, args.device, args.dtype, args.quantization)
 
 
 def load_engine(args):
