@@ -116,15 +116,17 @@ class RadFMModuleWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservation
         self._refresh = QtCore.QTimer()  # many events arrive at once (a scene loads, a point is dragged): refresh once
         self._refresh.setSingleShot(True)
         self._refresh.setInterval(200)
-        self._refresh.timeout.connect(self.panel.refresh_scene)
+        self._refresh.timeout.connect(self._follow_and_refresh)
         self._watched = {}  # node -> events observed on it
+        self._watched_events = watched_events()
         scene = slicer.mrmlScene
-        for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent):
-            self.addObserver(scene, event, self._follow_nodes)
+        for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent):  # a loading scene adds many: follow once
+            self.addObserver(scene, event, self._schedule_refresh)
         self.addObserver(scene, scene.StartCloseEvent, lambda *args: self.panel.cancel_quietly())
         self.addObserver(scene, scene.EndCloseEvent, self._reload)
         self.addObserver(scene, scene.EndImportEvent, self._reload)
         self._follow_nodes()
+        self._schedule_refresh()
         self._applying = False
         self._show_kept_selection(self.logic.kept_selection())
         for box in (self.panel.volume_box, self.panel.prior_box, self.panel.window_box):
@@ -159,9 +161,10 @@ class RadFMModuleWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservation
         if not self._applying:
             self.logic.keep_selection(self.panel.selection())
 
-    def _follow_nodes(self, *args):
-        """Observe the markups and segmentations now in the scene (and only those), then refresh."""
-        wanted = {node: events for cls, events in watched_events().items() for node in slicer.util.getNodesByClass(cls)}
+    def _follow_nodes(self):
+        """Observe the markups and segmentations now in the scene (and only those)."""
+        wanted = {node: events for cls, events in self._watched_events.items()
+                  for node in slicer.util.getNodesByClass(cls)}
         for node, events in self._watched.items():
             if node not in wanted:
                 for event in events:
@@ -171,10 +174,15 @@ class RadFMModuleWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservation
                 for event in events:
                     self.addObserver(node, event, self._schedule_refresh)
         self._watched = wanted
-        self._schedule_refresh()
 
     def _schedule_refresh(self, *args):
         self._refresh.start()
+
+    def _follow_and_refresh(self):
+        """The debounced refresh: the observers follow the nodes added and removed meanwhile, then the panel re-lists.
+        (A region node's own events before then need no observer: this refresh is already due.)"""
+        self._follow_nodes()
+        self.panel.refresh_scene()
 
     def enter(self):
         if self.panel is not None:

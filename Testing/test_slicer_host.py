@@ -140,6 +140,31 @@ def test_module_self_test_runs_light_with_setup_and_cleanup(slicer, module, monk
                                                               slicer.mrmlScene.EndCloseEvent))
 
 
+def test_a_loading_scene_is_scanned_once_and_region_nodes_are_observed_while_in_it(slicer, module, qtbot,
+                                                                                    monkeypatch):
+    """Adding many nodes (a scene loading) scans the scene for regions not once per node on the GUI thread but
+    once, at the debounced refresh; then every markups and segmentation node added is observed, a removed one no more."""
+    widget = module.RadFMModuleWidget()
+    try:
+        scans, real_scan = [], slicer.util.getNodesByClass
+        monkeypatch.setattr(slicer.util, "getNodesByClass", lambda cls, *args: scans.append(cls) or real_scan(cls, *args))
+        nodes = [slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", f"Line {n}") for n in range(10)]
+        nodes.append(slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation"))
+        assert scans == []  # nothing scanned while the nodes arrive
+        watched = module.watched_events()
+
+        def observed(node):
+            events = next(events for cls, events in watched.items() if node.IsA(cls))
+            return [node.HasObserver(event) for event in events]
+
+        qtbot.waitUntil(lambda: all(all(observed(node)) for node in nodes))
+        slicer.mrmlScene.RemoveNode(nodes[0])
+        qtbot.waitUntil(lambda: not any(observed(nodes[0])))
+        assert all(all(observed(node)) for node in nodes[1:])
+    finally:
+        widget.cleanup()
+
+
 def test_light_self_test_needs_no_torch(tmp_path):
     """In a fresh Python where torch, SimpleITK, transformers and SampleData cannot be imported."""
     script = textwrap.dedent(f"""
