@@ -25,6 +25,7 @@ import numpy as np
 
 from .errors import RadFMError
 from .worker import Event, Request, WorkerError
+from .worker.client import answer_history, previous_turns_param
 
 API = "/v1"
 UPLOAD_FIELDS = ("voxels", "ijk_to_ras")  # the members of an upload (.npz); nothing else is accepted
@@ -175,7 +176,7 @@ class RemoteClient:
         self.timeout = timeout
         self.client_id = uuid.uuid4().hex
         self._ids = itertools.count(1)
-        self._history: list[tuple[str, str]] = []
+        self._history = answer_history()
         self.load_args: dict | None = None
         self.restarts = 0  # the server restarts its own worker; nothing to count here
         self._closed = False
@@ -284,13 +285,11 @@ class RemoteClient:
             previous_turns=None, **settings) -> Request:
         """Start an answer; returns at once. Iterate ``req.events()`` or ``req.poll()``."""
         request = RemoteRequest(self, f"r{next(self._ids)}", "ask")
-        if include_previous_turns and previous_turns is None:
-            previous_turns = self._history[-3:]
         settings.pop("preview_dir", None)
         payload = {"task": task, "question": question, "history": history, "window": window,
                    "interpolation": settings.pop("interpolation", None),
                    "settings": {"max_new_tokens": max_new_tokens, **settings},
-                   "previous_turns": [list(t) for t in previous_turns or []] if include_previous_turns else None}
+                   "previous_turns": previous_turns_param(include_previous_turns, previous_turns, self._history)}
         threading.Thread(target=self._run_ask, args=(request, payload, list(images), list(regions)),
                          name="radfm-remote-ask", daemon=True).start()
         return request

@@ -26,6 +26,7 @@ from RadFMSlicer.generation import GenerationSettings  # noqa: E402
 from RadFMSlicer.remote import RemoteClient, image_id, upload_body  # noqa: E402
 from RadFMSlicer.worker import WorkerError  # noqa: E402
 from RadFMSlicer.worker.http import Ask, FairQueue, HTTPError, ServeConfig, create_app  # noqa: E402
+from RadFMSlicer.worker.client import previous_turns_param  # noqa: E402
 
 TOKEN = "reading-room-token-0123456789"
 CT = pydicom.data.get_testdata_file("CT_small.dcm")
@@ -287,6 +288,17 @@ def test_the_client_sends_no_patient_identifier(server, tmp_path, caplog):
         if secret != b"Any finding?":  # the prompt is sent, nothing else
             assert secret not in sent, secret
         assert secret.decode() not in logs.text and secret.decode() not in server_log(server), secret
+
+
+def test_a_long_lived_client_keeps_only_the_turns_it_would_send():
+    """The client ``radfm serve`` shares between readers answers for all of them: it keeps the last three, not all."""
+    client = RemoteClient(f"http://127.0.0.1:{free_port()}")
+    for k in range(50):
+        client._complete_provenance({"answer": f"A{k}", "turn": {"question": f"Q{k}?"}}, [])
+    assert len(client._history) == 3
+    assert previous_turns_param(True, None, client._history) == [["Q47?", "A47"], ["Q48?", "A48"], ["Q49?", "A49"]]
+    assert previous_turns_param(True, [("mine?", "yes")], client._history) == [["mine?", "yes"]]
+    assert previous_turns_param(False, None, client._history) is None
 
 
 def test_fair_queue_takes_clients_in_turn():

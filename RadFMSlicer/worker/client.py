@@ -127,6 +127,22 @@ def _line(message: dict) -> bytes:
     return (json.dumps(message) + "\n").encode("utf-8")
 
 
+HISTORY_TURNS = 3  # the answered turns a client keeps: an ask with include_previous_turns sends these
+
+
+def answer_history() -> "collections.deque[tuple[str, str]]":
+    """A client's answered (question, answer) pairs; only the last HISTORY_TURNS are ever sent, so only they are kept
+    (a long-lived client, the one ``radfm serve`` shares between readers, would otherwise keep every answer)."""
+    return collections.deque(maxlen=HISTORY_TURNS)
+
+
+def previous_turns_param(include: bool, given, history) -> list | None:
+    """The ``previous_turns`` an ask sends: the given pairs, else the client's history; None when not asked for."""
+    if not include:
+        return None
+    return [list(t) for t in (list(history) if given is None else given) or []]
+
+
 def _popen_options() -> dict:
     """On Windows, no console window pops up for the worker (as slicer.util.launchConsoleProcess)."""
     if os.name != "nt":
@@ -160,7 +176,7 @@ class WorkerClient:
         self._lock = threading.Lock()  # pending requests of every worker
         self._restart_lock = threading.Lock()  # one start or restart at a time, whoever sends
         self._stderr = collections.deque(maxlen=self.STDERR_LINES)
-        self._history: list[tuple[str, str]] = []
+        self._history = answer_history()
         self._worker: _Worker | None = None
         self._workers: list[_Worker] = []  # every process started and not yet ended
         self._closed = False
@@ -372,11 +388,9 @@ class WorkerClient:
             window=None, max_new_tokens: int = 256, include_previous_turns: bool = False,
             previous_turns=None, **settings) -> Request:
         """Start an answer; returns at once. Iterate ``req.events()`` or ``req.poll()``."""
-        if include_previous_turns and previous_turns is None:
-            previous_turns = self._history[-3:]
         return self.send("ask", task=task, question=question, images=list(images), regions=list(regions),
                          history=history, window=window, max_new_tokens=max_new_tokens,
-                         previous_turns=[list(t) for t in previous_turns or []] if include_previous_turns else None,
+                         previous_turns=previous_turns_param(include_previous_turns, previous_turns, self._history),
                          preview_dir=self.preview_dir, **settings)
 
     def encode(self, images, window=None) -> Request:
