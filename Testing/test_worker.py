@@ -470,3 +470,29 @@ def test_attention_costs_no_second_encode(tiny_checkpoint, tmp_path):
     (final,) = server.sink.finals("a")
     assert final.kind == "done" and os.path.isfile(final.data["turn"]["provenance"]["attention"]["file"])
     assert passes == [{"return_attention": True}]
+
+
+def test_a_queued_ask_reads_its_region_mask_once(tiny_checkpoint, tmp_path, monkeypatch):
+    """The request is parsed when it arrives (to refuse a bad one at once) and the answer uses that parse."""
+    from RadFMSlicer import ask as ask_module
+    from RadFMSlicer.engine import RadFMEngine
+
+    volume = pydicom.dcmread(CT).pixel_array[None].astype(np.int16)
+    mask = np.zeros_like(volume, dtype=np.uint8)
+    mask[0, 40:80, 40:80] = 1
+    np.save(tmp_path / "mask.npy", mask)
+    reads = []
+    load_npy = ask_module._load_npy
+    monkeypatch.setattr(ask_module, "_load_npy", lambda path, *a, **k: (reads.append(path), load_npy(path, *a, **k))[1])
+    server = WorkerServer(Recorder(), heartbeat_s=0)
+    server.engine = RadFMEngine.load(tiny_checkpoint)
+    server.start()
+    for op in ("encode", "ask"):
+        server.handle({"id": op, "op": op, "question": "Is it round?", "images": [CT], "max_new_tokens": 2,
+                       "regions": [{"mask": str(tmp_path / "mask.npy"), "image": 0}]})
+    deadline = time.monotonic() + 60
+    while len(server.sink.finals()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    server.close()
+    assert [final.kind for final in server.sink.finals()] == ["done", "done"], server.sink.finals()
+    assert reads == [str(tmp_path / "mask.npy")] * 2  # one read per request, not one more on the work thread

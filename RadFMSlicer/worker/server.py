@@ -62,7 +62,7 @@ class WorkerServer:
     def __init__(self, sink, heartbeat_s: float = HEARTBEAT_S):
         self.sink = sink
         self.heartbeat_s = heartbeat_s
-        self._jobs: "queue.Queue[dict | None]" = queue.Queue()
+        self._jobs: "queue.Queue[tuple[dict, object] | None]" = queue.Queue()  # (request, its AskRequest or None)
         self._live: dict = {}  # id -> op of every queued or running work request
         self._cancelled: set = set()  # live ids cancelled before they could stop themselves
         self._current_id = None
@@ -126,11 +126,13 @@ class WorkerServer:
         except RequestError as exc:
             self.emit(rid, "error", f"malformed request: {exc}", kind="protocol")
             return True
+        ask_request = None
         if op in ("ask", "encode"):  # a missing scan or a bad window is said now, not after a queued load
             from ..ask import validate
 
             try:
-                validate(ask_request_from_json(request))
+                ask_request = ask_request_from_json(request)  # parsed once: the op uses this one
+                validate(ask_request)
             except RadFMError as exc:
                 self.emit(rid, "error", str(exc), kind=type(exc).__name__)
                 return True
@@ -153,7 +155,7 @@ class WorkerServer:
                 duplicate, closing = rid in self._live, self._stopped.is_set()
                 if not (duplicate or closing):
                     self._live[rid] = op
-                    self._jobs.put(request)
+                    self._jobs.put((request, ask_request))
             if duplicate:
                 self.emit(rid, "error", f"request id {rid!r} is already in use by a request that has not finished; "
                                         "use a new id", kind="protocol")
@@ -179,7 +181,7 @@ class WorkerServer:
             queued = []
             while True:
                 try:
-                    request = self._jobs.get_nowait()
+                    request, _ = self._jobs.get_nowait()
                 except queue.Empty:
                     break
                 queued.append(request)
@@ -216,10 +218,11 @@ class WorkerServer:
     # --- work -----------------------------------------------------------------------------
     def _work_loop(self) -> None:
         """Serve work in order; nothing a request holds may end this thread (hello would still answer)."""
-        while (request := self._jobs.get()) is not None:
+        while (job := self._jobs.get()) is not None:
+            request, ask_request = job
             rid = request.get("id")
             try:
-                self._run(rid, request)
+                self._run(rid, request, ask_request)
             except Exception:  # the sink itself failed (stdout gone): nothing left to tell
                 traceback.print_exc(file=sys.stderr)
             finally:
@@ -228,14 +231,18 @@ class WorkerServer:
                     self._live.pop(rid, None)
                     self._cancelled.discard(rid)
 
-    def _run(self, rid, request) -> None:
+    def _run(self, rid, request, ask_request=None) -> None:
         with self._state_lock:
             if rid in self._cancelled:
                 self.emit(rid, "done", "", answer="", stop_reason="cancelled")
                 return
             self._current_id = rid
         try:
-            getattr(self, "op_" + request["op"])(rid, request)
+            op = getattr(self, "op_" + request["op"])
+            if ask_request is None:
+                op(rid, request)
+            else:
+                op(rid, request, ask_request)
         except RadFMError as exc:
             self.emit(rid, "error", str(exc), kind=type(exc).__name__)
         except Exception as exc:  # keep serving: report the bug with its traceback on stderr
@@ -281,10 +288,13 @@ class WorkerServer:
             raise RadFMError("no model loaded: send a load request first (checkpoint folder)")
         return self.engine
 
-    def op_encode(self, rid, request) -> None:
-        """Encode ahead of a question: the same tensors an ``ask`` with these fields would make."""
+    def op_encode(self, rid, request, ask_request=None) -> None:
+        """Encode ahead of a question: the same tensors an ``ask`` with these fields would make.
+
+        ``ask_request``: the request's fields as :func:`handle` parsed them (parsed here when not given)."""
         engine = self._require_engine()
-        ask_request = ask_request_from_json(request)
+        if ask_request is None:
+            ask_request = ask_request_from_json(request)
         records = []
         for item in ask_request.images:
             self.emit(rid, "status", f"encoding {item.name or item.path}")
@@ -293,12 +303,14 @@ class WorkerServer:
             records.append(image.to_dict())
         self.emit(rid, "done", f"{len(records)} image(s) encoded", images=records)
 
-    def op_ask(self, rid, request) -> None:
+    def op_ask(self, rid, request, ask_request=None) -> None:
+        """Answer a question; ``ask_request`` as in :meth:`op_encode`."""
         from ..ask import make_turn, prepare, start, write_previews
         from ..session import Session
 
         engine = self._require_engine()
-        ask_request = ask_request_from_json(request)
+        if ask_request is None:
+            ask_request = ask_request_from_json(request)
         preview_dir, ask_request.preview_dir = ask_request.preview_dir, None  # drawn after the answer, not before
         session = Session()
         for question, answer in request.get("previous_turns") or []:
