@@ -19,11 +19,13 @@ import ssl
 import threading
 import uuid
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import numpy as np
 
 from .errors import RadFMError
+from .image_cache import LRUCache, _cached, source_identity
 from .worker import Event, Request, WorkerError
 from .worker.client import answer_history, previous_turns_param
 
@@ -32,6 +34,7 @@ UPLOAD_FIELDS = ("voxels", "ijk_to_ras")  # the members of an upload (.npz); not
 CLIENT_HEADER = "X-RadFM-Client"  # an anonymous per-client id: the server queues fairly across these
 # Display voxels are indexed (slice, row, column); an IJK matrix takes (column, row, slice).
 DISPLAY_TO_IJK_COLUMNS = [2, 1, 0, 3]
+SCANS_KEPT = 2  # scans a client keeps read (voxels and id) for the next encode or question about them
 
 
 # =============================================================================== HTTP
@@ -108,27 +111,42 @@ def upload_body(voxels: np.ndarray, ijk_to_ras: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class _Scan:
-    """One image as it leaves the workstation: voxels and geometry, its local name kept here."""
+class _Pixels(NamedTuple):
+    """What a scan sends, read and hashed once per unchanged source (a follow-up reuses it)."""
 
-    def __init__(self, item, index: int):
+    volume: object  # the Volume of a file; None for an array (its own grid)
+    voxels: np.ndarray
+    matrix: np.ndarray
+    modality: str | None
+    id: str
+
+
+def _read_pixels(image, index: int) -> _Pixels:
+    if image.array is not None:  # a Slicer array: its own grid, so masks and IJK boxes stay valid
+        if image.ijk_to_ras is None:
+            raise RadFMError(f"image {image.name or index + 1}: an array needs its ijk_to_ras matrix")
+        voxels, matrix = np.asarray(image.array), np.asarray(image.ijk_to_ras, float)
+        return _Pixels(None, voxels, matrix, None, image_id(voxels, matrix))
+    volume = image.load()  # a file: read here, sent in display order with the matching matrix
+    matrix = volume.display_to_ras[:, DISPLAY_TO_IJK_COLUMNS]  # the server reads it as is
+    return _Pixels(volume, volume.voxels, matrix, volume.modality, image_id(volume.voxels, matrix))
+
+
+class _Scan:
+    """One image as it leaves the workstation: voxels and geometry, its local name kept here.
+
+    ``pixels``: a client's recent reads by source identity, so the encode ahead of a question and the
+    question itself (and each follow-up) read and hash an unchanged scan once."""
+
+    def __init__(self, item, index: int, pixels: LRUCache):
         from .ask import ImageInput
 
         image = ImageInput.from_json(item) if not isinstance(item, ImageInput) else item
-        self.role, self.window, self.volume = image.role, image.window, None
-        if image.array is not None:  # a Slicer array: its own grid, so masks and IJK boxes stay valid
-            if image.ijk_to_ras is None:
-                raise RadFMError(f"image {image.name or index + 1}: an array needs its ijk_to_ras matrix")
-            self.voxels, self.matrix = np.asarray(image.array), np.asarray(image.ijk_to_ras, float)
-            self.modality = None
-            self.label = image.name or f"image {index + 1}"
-        else:  # a file: read here, sent in display order with the matching matrix
-            self.volume = image.load()
-            self.voxels = self.volume.voxels
-            self.matrix = self.volume.display_to_ras[:, DISPLAY_TO_IJK_COLUMNS]  # the server reads it as is
-            self.modality = self.volume.modality
-            self.label = image.name or Path(image.path).name
-        self.id = image_id(self.voxels, self.matrix)
+        self.role, self.window = image.role, image.window
+        identity = source_identity(image) if pixels.keeps else None
+        self.volume, self.voxels, self.matrix, self.modality, self.id = _cached(
+            pixels, identity, lambda: _read_pixels(image, index))
+        self.label = image.name or (f"image {index + 1}" if image.array is not None else Path(image.path).name)
 
     def region(self, region, number: int, mask_id: str | None) -> dict:
         """A region as the server takes it: a box, or an uploaded mask; its name stays here."""
@@ -177,6 +195,8 @@ class RemoteClient:
         self.client_id = uuid.uuid4().hex
         self._ids = itertools.count(1)
         self._history = answer_history()
+        self._pixels = LRUCache(SCANS_KEPT)
+        self._pixels_lock = threading.Lock()  # encode (caller's thread) and asks (their own threads) share it
         self.load_args: dict | None = None
         self.restarts = 0  # the server restarts its own worker; nothing to count here
         self._closed = False
@@ -269,11 +289,15 @@ class RemoteClient:
         data = json.loads(self._call("POST", "/images", body, "application/octet-stream", timeout=self.timeout).read())
         return data["id"]
 
+    def _scans(self, images) -> list[_Scan]:
+        with self._pixels_lock:
+            return [_Scan(item, k, self._pixels) for k, item in enumerate(images)]
+
     def encode(self, images, window=None) -> Request:
         """Send the scans ahead of a question (the server encodes on the first ask)."""
         request = RemoteRequest(self, f"r{next(self._ids)}", "encode")
         try:
-            scans = [_Scan(item, k) for k, item in enumerate(images)]
+            scans = self._scans(images)
             ids = [self.upload(s.voxels, s.matrix, s.id) for s in scans]
             request._push(Event("done", f"{len(ids)} image(s) on the server", {"images": ids}))
         except (RadFMError, WorkerError, OSError) as exc:
@@ -300,7 +324,7 @@ class RemoteClient:
         labels = []
         try:
             request._push(Event("status", "sending the scan to the server"))
-            scans = [_Scan(item, k) for k, item in enumerate(images)]
+            scans = self._scans(images)
             payload["images"] = [{"id": self.upload(s.voxels, s.matrix, s.id), "role": s.role, "window": s.window,
                                   "modality": s.modality} for s in scans]
             labels = [s.label for s in scans]

@@ -290,6 +290,32 @@ def test_the_client_sends_no_patient_identifier(server, tmp_path, caplog):
         assert secret.decode() not in logs.text and secret.decode() not in server_log(server), secret
 
 
+def test_a_question_after_its_encode_reads_and_hashes_the_scan_once(server, tmp_path, monkeypatch):
+    """Preparing ahead and then asking (and each follow-up) about an unchanged scan: one read and hash, not one each;
+    the server is still asked whether it has the upload every time."""
+    from RadFMSlicer import remote
+
+    volume = pydicom.dcmread(CT).pixel_array[None].astype(np.int16)
+    np.save(tmp_path / "volume.npy", volume)
+    image = {"array": str(tmp_path / "volume.npy"), "ijk_to_ras": np.diag([0.66, 0.66, 5.0, 1]).tolist(),
+             "name": "Chest CT", "role": "current"}
+    hashed, asked = [], []
+    image_id_, call_ = remote.image_id, RemoteClient._call
+    monkeypatch.setattr(remote, "image_id", lambda *a: (hashed.append(1), image_id_(*a))[1])
+    monkeypatch.setattr(RemoteClient, "_call", lambda self, method, path, *a, **k: (
+        asked.append(path) if path.startswith("/images/") else None, call_(self, method, path, *a, **k))[1])
+    client = RemoteClient(server.url, TOKEN)
+    assert client.encode([image]).wait(30).kind == "done"
+    for question in ("Is it round?", "Is it new?"):
+        final = client.ask(question, images=[dict(image)], max_new_tokens=2).wait(60)
+        assert final.kind == "done", final.text
+        assert final.data["turn"]["images"][0]["label"] == "Chest CT"
+    assert len(hashed) == 1
+    assert len(asked) == 3
+    np.save(tmp_path / "volume.npy", volume + 1)  # a changed scan is read again
+    assert client.encode([image]).wait(30).kind == "done" and len(hashed) == 2
+
+
 def test_a_long_lived_client_keeps_only_the_turns_it_would_send():
     """The client ``radfm serve`` shares between readers answers for all of them: it keeps the last three, not all."""
     client = RemoteClient(f"http://127.0.0.1:{free_port()}")
