@@ -8,7 +8,9 @@ Event. When the script ends, or after ``cancel()``, a done event carries the tur
 """
 
 import re
+import shutil
 import tempfile
+import weakref
 
 import torch
 
@@ -112,7 +114,8 @@ class ScriptedWorkerClient:
         self.asks, self.requests, self.encodes = [], [], []
         self.loaded = None
         self.closed = self.crashed = False
-        self.preview_dir = tempfile.mkdtemp(prefix="radfm-scripted-previews-")
+        self.preview_dir = tempfile.mkdtemp(prefix="radfm-scripted-previews-")  # goes like a WorkerClient's
+        self._remove_previews = weakref.finalize(self, shutil.rmtree, self.preview_dir, ignore_errors=True)
 
     def load(self, folder, device="cpu", dtype="float32", quantization=None):
         if self.load_gate is not None:
@@ -146,3 +149,4 @@ class ScriptedWorkerClient:
 
     def close(self):
         self.closed = True
+        self._remove_previews()

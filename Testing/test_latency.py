@@ -328,6 +328,12 @@ def test_without_a_memory_folder_the_hand_over_goes_to_the_temp_folder(tmp_path,
     assert np.array_equal(np.load(path), scene.array) and os.path.dirname(path) == assistant._files
     assistant.close()
     assert not os.path.exists(path)
+    dropped = assistant_module.Assistant(scene, start_client=None,
+                                         settings=ModelSettings(checkpoint_folder=str(tmp_path)))
+    path = dropped.build_ask("vqa", "Nodule?", assistant_module.Selection("ct"))["images"][0]["array"]
+    del dropped  # a panel gone without close() (or Python exiting) leaves no scan on the disk either
+    gc.collect()
+    assert not os.path.exists(os.path.dirname(path))
 
 
 @pytest.mark.parametrize("slices", [12, 80])  # 12: every slice is used; 80: 64 are picked

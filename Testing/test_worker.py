@@ -1,5 +1,6 @@
 """A real worker process on a tiny checkpoint: streaming, cancel, errors, crashes, cleanup."""
 
+import gc
 import os
 import signal
 import time
@@ -129,6 +130,25 @@ def test_close_leaves_no_process_behind(tiny_checkpoint):
     pid = c.pid
     c.close()
     assert not process_exists(pid)
+
+
+def test_a_client_removes_its_own_preview_folder_when_closed_or_dropped_and_keeps_one_it_was_given(
+        tiny_checkpoint, tmp_path):
+    """Each Slicer session, server start and CLI worker made a thumbnail folder in the temp folder and left it."""
+    c = WorkerClient.start()
+    c.load(tiny_checkpoint)
+    final = c.ask(question="Describe", images=[CT], max_new_tokens=2).wait(120)
+    preview = final.data["turn"]["images"][0]["preview_png"]
+    assert os.path.isfile(preview)
+    c.close()
+    assert not os.path.exists(os.path.dirname(preview))
+    dropped = WorkerClient()  # never closed
+    folder = dropped.preview_dir
+    del dropped
+    gc.collect()
+    assert not os.path.exists(folder)
+    WorkerClient(preview_dir=str(tmp_path)).close()
+    assert tmp_path.is_dir()
 
 
 def test_worker_exits_when_its_client_disappears(tiny_checkpoint):

@@ -103,7 +103,8 @@ class Assistant:
         self._closed = False
         self._connecting = threading.Lock()  # one start/load at a time, whoever asks
         self._session = None
-        self._files = tempfile.mkdtemp(prefix="radfm-slicer-")
+        self._files = tempfile.mkdtemp(prefix="radfm-slicer-")  # goes on close(), when dropped, or at exit
+        self._forget_files = weakref.finalize(self, shutil.rmtree, self._files, ignore_errors=True)
         self._volume_files = {}  # volume id -> (version, .npy path)
         self._asked_volume = None  # the scan of the last build_ask: an answer's attention map goes over it
         self._memory = None  # our folder in MEMORY_FOLDER, made on the first hand-over that fits there
@@ -399,7 +400,7 @@ class Assistant:
     def close(self):
         self._closed = True
         self._drop_client()
-        shutil.rmtree(self._files, ignore_errors=True)
+        self._forget_files()
         if self._memory:
             self._forget_memory()
 

@@ -5,12 +5,14 @@ import itertools
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import weakref
 
 from .protocol import HEARTBEAT, Event
 
@@ -160,7 +162,9 @@ class WorkerClient:
     second from a thread of its own, so a long GPU step is not silence) after which it is
     reported as hung to every pending request, ended with its whole process tree, and
     restarted on the next request. ``on_stderr(line)`` gets each line the worker writes on
-    stderr, on a reader thread (the panel's log pane).
+    stderr, on a reader thread (the panel's log pane). Thumbnails and attention maps go to
+    ``preview_dir``; without one, to a temp folder of the client's own that goes when it
+    closes (move out what you keep).
     """
 
     STDERR_LINES = 40
@@ -170,6 +174,9 @@ class WorkerClient:
         self.python = python or sys.executable
         self.env = env
         self.preview_dir = preview_dir or tempfile.mkdtemp(prefix="radfm-previews-")
+        # A folder of our own goes on close(), or when the client is dropped or Python exits without that.
+        self._remove_previews = (weakref.finalize(self, shutil.rmtree, self.preview_dir, ignore_errors=True)
+                                 if preview_dir is None else None)
         self.hang_timeout = hang_timeout
         self.on_stderr = on_stderr  # called with each stderr line, on the reader thread (the panel's log pane)
         self._ids = itertools.count(1)
@@ -419,6 +426,8 @@ class WorkerClient:
             except subprocess.TimeoutExpired:
                 pass
             end_tree(tree + worker.tree())
+        if self._remove_previews:
+            self._remove_previews()
 
     def stderr_tail(self) -> list[str]:
         return list(self._stderr)
