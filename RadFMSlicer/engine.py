@@ -71,6 +71,8 @@ class RadFMEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.files = files
+        # Taken once, as the weights are read: provenance names what was loaded, whatever the folder holds later.
+        self.checkpoint_fingerprint = files.fingerprint() if files else None
         self.cache = LRUCache(cache_size)  # image key -> image tokens
         self.attention_cache = LRUCache(cache_size)  # image key -> resampler attention (only when asked for)
         self.device = next(model.parameters()).device
@@ -271,7 +273,7 @@ class RadFMEngine:
         """What produced an answer, for provenance."""
         return {
             "checkpoint": str(self.files.folder) if self.files else None,
-            "checkpoint_fingerprint": self.files.fingerprint() if self.files else None,
+            "checkpoint_fingerprint": self.checkpoint_fingerprint,
             "layout": self.files.layout if self.files else None,
             "device": str(self.device),
             "dtype": str(self.dtype).replace("torch.", ""),

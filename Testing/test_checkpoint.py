@@ -132,6 +132,30 @@ def test_locate_reports_layout(fixture_dir):
     assert files.layout == "official" and len(files.fingerprint()) == 16
 
 
+def test_an_answer_names_the_weights_that_were_loaded_and_reads_no_checkpoint_bytes(tiny_checkpoint, tmp_path,
+                                                                                    monkeypatch):
+    """Provenance was the folder's fingerprint at answer time: 2 MiB read per file per answer, and after the
+    folder's weights were replaced under a running model, the answer claimed weights it was not made with."""
+    from pydicom.data import get_testdata_file
+
+    from RadFMSlicer.ask import AskRequest, ImageInput, ask
+    from RadFMSlicer.generation import GenerationSettings
+
+    folder = shutil.copytree(tiny_checkpoint, tmp_path / "ckpt")
+    engine = RadFMEngine.load(folder)
+    loaded = locate_checkpoint(folder).fingerprint()
+    config = locate_checkpoint(folder).config
+    config.write_text(config.read_text() + " ")  # the folder changes under the running model
+    assert locate_checkpoint(folder).fingerprint() != loaded
+    reads = []
+    opened = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: reads.append(str(path)) or opened(path, *a, **k))
+    turn = ask(engine, AskRequest(question="Effusion?", images=[ImageInput(path=get_testdata_file("CT_small.dcm"))],
+                                  settings=GenerationSettings(max_new_tokens=1)))
+    assert turn.provenance["model"]["checkpoint_fingerprint"] == loaded
+    assert not [path for path in reads if path.startswith(str(folder))]
+
+
 def test_gpu_out_of_memory_while_loading_says_what_to_do(fixture_dir, monkeypatch):
     import RadFMSlicer.engine
 
