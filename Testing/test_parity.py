@@ -43,6 +43,20 @@ def test_greedy_tokens_identical(engine, fixture_cases, index):
     assert got == expected
 
 
+@pytest.mark.parametrize("index", range(3))
+def test_greedy_tokens_identical_when_the_attention_map_was_asked_for(engine, fixture_cases, index):
+    """``--attention`` and the panel's Show attention encode with the map; the answer is still the released one."""
+    case = fixture_cases["cases"][index]
+    with_map = RadFMEngine(engine.model, engine.tokenizer, engine.files)  # its own caches: the map's pass encodes
+    for image in RadFMEngine.split_vision_x(case["vision_x"]):
+        with_map.image_attention(image)
+    expected = _reference_tokens(case)
+    misses = with_map.cache.misses
+    got = with_map.generate_ids(case["input_ids"].unsqueeze(0), case["vision_x"], max_new_tokens=len(expected))
+    assert with_map.cache.misses == misses  # the answer used the tokens made with the map
+    assert got == expected
+
+
 def test_bfloat16_picks_the_same_first_token(fixture_dir, fixture_cases):
     bf16 = RadFMEngine.load(fixture_dir, dtype=torch.bfloat16)
     assert bf16.model.lang_model.lm_head.weight.dtype == torch.bfloat16

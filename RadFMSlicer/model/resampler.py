@@ -25,8 +25,8 @@ class PerceiverAttention(nn.Module):
         ``need_weights``: also return the latents' attention onto the media patches,
         ``[B, heads, L, N]`` (softmax over media and latents together, as in the forward
         pass; the latents' weights on themselves are left out). SDPA cannot return weights,
-        so this runs the same maths eagerly, as transformers falls back for
-        ``output_attentions``.
+        so they are computed eagerly beside it, for the map alone: the output is SDPA's either
+        way, so asking for the map changes no image token, and no answer.
         """
         media = self.norm_media(media)
         latents = self.norm_latents(latents)
@@ -34,11 +34,10 @@ class PerceiverAttention(nn.Module):
         q = self.to_q(latents).view(b, n_latents, self.heads, -1).transpose(1, 2)
         kv_input = torch.cat([media, latents], dim=1)
         k, v = self.to_kv(kv_input).view(b, kv_input.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n_latents, -1))
         if not need_weights:
-            out = F.scaled_dot_product_attention(q, k, v)
-            return self.to_out(out.transpose(1, 2).reshape(b, n_latents, -1))
+            return out
         weights = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(dim=-1)  # [B, heads, L, N + L]
-        out = self.to_out((weights @ v).transpose(1, 2).reshape(b, n_latents, -1))
         return out, weights[..., : media.shape[1]]
 
 
