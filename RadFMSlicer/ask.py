@@ -77,25 +77,26 @@ class ImageInput:
         return cls(**item)
 
     def load(self) -> Volume:
+        self._check_source()
         if self.array is not None:
-            if self.ijk_to_ras is None:
-                raise ImageError(f"image {self.name or 'array'}: an array needs its ijk_to_ras matrix")
             return volume_from_array(np.asarray(self.array), np.asarray(self.ijk_to_ras, float),
                                      name=self.name or "array", modality=self.modality)
-        if not self.path:
-            raise ImageError("an image needs a path or an array")
         return load_volume(self.path, series=self.series)
 
     def check(self) -> None:
         """What can be checked without reading pixels: the source exists, the window is spelled right."""
+        self._check_source()
+        if self.array is None and not Path(self.path).exists():
+            raise ImageError(f"Scan not found: {self.path}")
+        parse_window(self.window)
+
+    def _check_source(self) -> None:
+        """An array with its matrix, or a path."""
         if self.array is not None:
             if self.ijk_to_ras is None:
                 raise ImageError(f"image {self.name or 'array'}: an array needs its ijk_to_ras matrix")
         elif not self.path:
             raise ImageError("an image needs a path or an array")
-        elif not Path(self.path).exists():
-            raise ImageError(f"Scan not found: {self.path}")
-        parse_window(self.window)
 
 
 @dataclass
