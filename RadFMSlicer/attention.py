@@ -71,9 +71,7 @@ def write_for_ask(engine, prepared, path: "str | Path") -> dict:
     """The current study's map written on its own grid, before the answer (so the answer reuses the
     encoding); returns what the turn's provenance records about it. The grid is the scan ``prepared``
     was made from (:attr:`~RadFMSlicer.ask.PreparedAsk.volumes`): it is not read again."""
-    grid = patch_map(engine, prepared.model_images[0])
-    volume = prepared.volumes[0]
-    return _provenance(write_scan_map(path, scan_map(grid, volume), volume))
+    return _provenance(write_scan_map(path, _current_scan_map(engine, prepared), prepared.volumes[0]))
 
 
 def write_npy_for_ask(engine, prepared, folder: "str | Path") -> dict:
@@ -81,12 +79,15 @@ def write_npy_for_ask(engine, prepared, folder: "str | Path") -> dict:
     current study's grid in ``folder`` (the viewer already has the geometry; arrays never travel in JSON)."""
     import uuid
 
-    grid = patch_map(engine, prepared.model_images[0])
-    voxels = scan_map(grid, prepared.volumes[0]).astype(np.float32)
     path = Path(folder) / f"attention-{uuid.uuid4().hex[:12]}.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, voxels)
+    np.save(path, _current_scan_map(engine, prepared).astype(np.float32))
     return _provenance(path)
+
+
+def _current_scan_map(engine, prepared) -> np.ndarray:
+    """The map of the current study's model image on the scan it was made from (not read again)."""
+    return scan_map(patch_map(engine, prepared.model_images[0]), prepared.volumes[0])
 
 
 def _provenance(path: Path) -> dict:
