@@ -7,7 +7,8 @@ the model runs in a worker process of another Python (WORKER_PYTHON) on FIXTURE_
 
 Keys are sent as Qt delivers them (ShortcutOverride, KeyPress, KeyRelease per
 character; PythonQt hands the first to Python as a plain QEvent), then Enter, the
-streamed answer, Stop in the middle of a report, export, and a restore in a new panel.
+streamed answer, Stop in the middle of a report, export, every text read in full at
+Slicer's side-panel widths (``panel_fit``), and a restore in a new panel.
 
 usage: panel_smoke.py WORKER_PYTHON FIXTURE_DIR OUT_DIR
 Prints one line per step; exits with status 1 and the reason at the first failure.
@@ -25,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, os.path.join(PROJECT, "RadFMModule"), PROJECT]
 
+from panel_fit import unreadable_at  # noqa: E402
 from panel_scene import FakeScene  # noqa: E402
 from RadFMModuleLib import assistant as assistant_module  # noqa: E402
 from RadFMModuleLib.assistant import Assistant  # noqa: E402
@@ -36,6 +38,7 @@ from RadFMSlicer.session import Session  # noqa: E402
 
 QUESTION = ("Is there a pleural effusion?", "Which side?")  # typed with Shift+Enter between the lines
 TIMEOUT_S = 240
+WIDTHS = (400, 420, 440)  # Slicer's module panel, narrow to roomy
 
 
 def step(text):
@@ -182,6 +185,19 @@ def main(worker_python, fixture, out):
     check([t.stop_reason for t in exported.turns][-1] == "cancelled" and len(exported.turns) == 2, "JSON export")
     check(get(panel.status_label, "text") == "Conversation saved as talk.json", "the status names the saved file")
     step("exported Markdown and JSON")
+
+    sections = (panel.settings_section.toggle, panel.log_section.toggle)
+    for toggle in sections:
+        toggle.click()  # open: their texts are checked too
+    for width in WIDTHS:
+        cut = unreadable_at(panel, width, height=1400)
+        panel.grab().save(os.path.join(out, f"panel-{width}.png"))
+        check(not cut, f"at {width} px every text reads in full, but: " + "; ".join(cut))
+    for toggle in sections:
+        toggle.click()
+    # The open sections' minimum height goes only after a layout pass: resize until it has.
+    wait_until(lambda: panel.resize(440, 940) or get(panel, "height") == 940, "the panel back to 440 x 940")
+    step(f"at {', '.join(map(str, WIDTHS))} px wide the status, the question's context and every label read in full")
 
     reopened = open_panel(scene, store)
     check([get(v.body, "text") for v in reopened.answers] == [t.answer for t in exported.turns],

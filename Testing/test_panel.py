@@ -27,6 +27,7 @@ from RadFMModuleLib.qt_shim import QtCore, QtGui, QtWidgets  # noqa: E402
 from RadFMModuleLib.settings import ModelSettings  # noqa: E402
 from RadFMModuleLib.turn_views import CURSOR, NOTICE, STOP_NOTES, AnswerView  # noqa: E402
 from RadFMSlicer.session import Session  # noqa: E402
+from panel_fit import cuts_of, unreadable_at  # noqa: E402
 from panel_scene import IJK_TO_RAS, SHAPE, FakeScene, nodule_mask  # noqa: E402
 from scripted_worker import CRASH, PAUSE, Encoded, ScriptedWorkerClient, tokens  # noqa: E402
 
@@ -128,14 +129,19 @@ def test_enter_sends_and_shift_enter_starts_a_new_line(open_panel, qtbot):
     assert panel.answers[-1].body.text() == "Yes."
 
 
-def test_draft_report_sends_prior_regions_window_and_history(open_panel, qtbot):
-    panel, scene, clients = open_panel(tokens("Findings: a right upper lobe nodule."))
+def draft_report_on_everything(panel, qtbot, history):
+    """Draft report on the scan, the prior and every region, lung window, with ``history``."""
     panel.prior_box.setCurrentIndex(panel.prior_box.findData("prior"))
     panel.window_box.setCurrentIndex(panel.window_box.findData("lung"))
-    panel.history_edit.setText("67 y, male, former smoker")
+    panel.history_edit.setText(history)
     check_all_regions(panel)
     qtbot.mouseClick(panel.task_buttons[0], QtCore.Qt.LeftButton)  # Draft report
     wait_idle(qtbot, panel)
+
+
+def test_draft_report_sends_prior_regions_window_and_history(open_panel, qtbot):
+    panel, scene, clients = open_panel(tokens("Findings: a right upper lobe nodule."))
+    draft_report_on_everything(panel, qtbot, "67 y, male, former smoker")
 
     sent = clients[0].asks[0]
     assert sent["task"] == "report" and sent["window"] == "lung"
@@ -540,6 +546,87 @@ def test_screenshot_mid_conversation(open_panel, qtbot, tmp_path):
     shot = SCREENSHOT if os.environ.get("RADFM_UPDATE_SCREENSHOTS") == "1" else tmp_path / SCREENSHOT.name
     assert panel.grab().save(str(shot)) and shot.stat().st_size > 10_000
     assert panel.busy_now and len(thumbnails(panel.answers[0])) == 2
+
+
+# ---------------------------------------------------------------------------------- fitting Slicer's side panel
+SIDE_PANEL_WIDTHS = (400, 420, 440)
+
+
+@pytest.fixture(params=[None, 12], ids=["default font", "12 pt font"])
+def app_font(request, qapp):
+    """The application font the panel is built with: this PySide6's own, or the 12 pt that Qt 5 (and so
+    PythonQt, and Slicer on Linux) uses, where the panel's texts are a third wider."""
+    kept = QtGui.QFont(qapp.font())
+    if request.param:
+        font = QtGui.QFont(kept)
+        font.setPointSizeF(request.param)
+        qapp.setFont(font)
+    yield request.param
+    qapp.setFont(kept)
+
+
+def show_at(panel, qtbot, width):
+    panel.show()
+    qtbot.waitExposed(panel)
+    return unreadable_at(panel, width)
+
+
+def test_every_text_reads_in_full_at_side_panel_widths(open_panel, qtbot, tmp_path, app_font):
+    """A report on scan, prior and two regions, exported: at 400-440 px every label, the question's
+    context, the thumbnails' captions, each button and the status are drawn whole (none cut at the
+    right edge, none squeezed), and the panel is no wider than asked."""
+    panel, scene, clients = open_panel(tokens("Findings: a right upper lobe nodule."))
+    draft_report_on_everything(panel, qtbot, "67 y, male, former smoker, cough for 3 weeks")
+    panel.export(str(tmp_path / "talk.json"), "json")
+    panel.answers[-1].details_button.click()  # What the model saw
+    panel.settings_section.toggle.click()
+    panel.log_section.toggle.click()
+    assert panel.status_label.text() == "Conversation saved as talk.json"
+    context = panel.turns_layout.itemAt(1).widget().findChildren(QtWidgets.QLabel, "muted")[0]
+    assert "Lesion RUL (segment)" in context.text() and "history: 67 y" in context.text()
+    assert len(thumbnails(panel.answers[-1])) == 4
+    cut = {width: show_at(panel, qtbot, width) for width in SIDE_PANEL_WIDTHS}
+    assert cut == {width: [] for width in SIDE_PANEL_WIDTHS}
+
+
+def test_a_long_status_wraps_below_the_buttons_instead_of_being_cut(open_panel, qtbot, app_font):
+    """What failed and what to do next, in full: the crash status is longer than a side panel is wide."""
+    panel, scene, clients = open_panel(tokens("The") + [CRASH])
+    panel.input.setPlainText("Describe the lungs.")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    status = "The model could not answer; the conversation is kept. Ask again to restart the worker."
+    assert panel.status_label.text() == status
+    for width in SIDE_PANEL_WIDTHS:
+        show_at(panel, qtbot, width)
+        assert cuts_of(panel.status_label, panel) == []
+        top, bottom = panel.status_label.geometry(), panel.export_button.geometry()
+        assert top.width() >= panel.width() - 8 and not top.intersects(bottom)  # its own row, nothing over it
+
+
+def rows_of(widgets) -> int:
+    """How many rows the widgets are drawn in (one starts below the bottom of the last)."""
+    bottoms = []
+    for widget in sorted(widgets, key=lambda w: w.y()):
+        if not bottoms or widget.y() >= bottoms[-1]:
+            bottoms.append(widget.y() + widget.height())
+        bottoms[-1] = max(bottoms[-1], widget.y() + widget.height())
+    return len(bottoms)
+
+
+def test_thumbnails_take_as_many_rows_as_the_width_needs_and_name_their_image(open_panel, qtbot, app_font):
+    panel, scene, clients = open_panel(tokens("Findings: a right upper lobe nodule."))
+    draft_report_on_everything(panel, qtbot, "")
+    view, turn = panel.answers[-1], panel.assistant.session.turns[-1]
+    rows = {}
+    for width in (800, *SIDE_PANEL_WIDTHS):
+        assert show_at(panel, qtbot, width) == []
+        rows[width] = rows_of(thumbnails(view))
+    assert rows[800] == 1 and all(1 < rows[width] < 4 for width in SIDE_PANEL_WIDTHS)  # side by side while room
+    for button, image in zip(thumbnails(view), turn.images):
+        role, *caption = button.text().split("\n")
+        assert (role, " ".join(caption)) == (image.role, image.label)  # the name wraps, whole, under the picture
+        assert button.toolTip().startswith(f"{image.label} ({image.role})")
 
 
 def test_run_on_server_keeps_the_token_out_of_settings_and_never_shows_it(qtbot, store, monkeypatch):

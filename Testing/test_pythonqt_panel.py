@@ -1,7 +1,7 @@
 """The chat panel as Slicer's process runs it: no torch, transformers or SimpleITK, and PythonQt.
 
 Both tests run ``panel_smoke.py`` (build the panel, type key by key, Enter, stream, Stop,
-export, restore, close) in a fresh process whose Python blocks those packages; the model
+export, every text read in full at 400-440 px, restore, close) in a fresh process whose Python blocks those packages; the model
 runs in a worker process of this Python on the parity fixture.
 
 * Under PySide6: always.

@@ -15,8 +15,8 @@ from RadFMSlicer import storage
 from .assistant import WINDOW_AS_SHOWN, ConnectJob, Note, Selection
 from .qt_shim import QtCore, QtGui, QtWidgets, ask_existing_dir, ask_open_path, ask_save_path, get
 from .settings import DEVICES, PRECISIONS, RUN_ON, ModelSettings, save_token
-from .turn_views import (STOP_NOTES, STYLE, TASK_LABELS, AnswerView, EnterSends, Section, UserTurnView, hrow,
-                         text_label, theme_colors)
+from .turn_views import (STOP_NOTES, STYLE, TASK_LABELS, AnswerView, EnterSends, FlowGrid, Section, UserTurnView,
+                         hrow, text_label, theme_colors)
 
 TASK_BUTTONS = [(TASK_LABELS[task], task) for task in ("report", "rationale", "modality")]
 WINDOWS = [("As shown in the viewer", WINDOW_AS_SHOWN), ("Automatic", None), ("Soft tissue", "soft_tissue"),
@@ -31,6 +31,12 @@ AHEAD_MS = 400  # the scan is prepared ahead once the choice has settled (a refr
 # What the panel is doing; every button and status follows from it.
 IDLE, CONNECTING, GENERATING, STOPPING = "idle", "connecting", "generating", "stopping"
 INSTALLING = "installing"  # before_connect runs (Slicer's install dialogs and pip process Qt events)
+
+
+def show_hint(edit, text: str):
+    """An empty box's hint, also as its tooltip: Qt cuts a hint longer than a narrow box short."""
+    edit.setPlaceholderText(text)
+    edit.setToolTip(text)
 
 
 class ChatPanel(QtWidgets.QWidget):
@@ -89,7 +95,7 @@ class ChatPanel(QtWidgets.QWidget):
         for text, value in WINDOWS:
             self.window_box.addItem(text, value)
         self.history_edit = QtWidgets.QLineEdit()
-        self.history_edit.setPlaceholderText("Age, sex, indication, e.g. 58 y, male, cough for 3 weeks")
+        show_hint(self.history_edit, "Age, sex, indication, e.g. 58 y, male, cough for 3 weeks")
         self.attention_box = QtWidgets.QCheckBox("Show where the model looked")
         self.attention_box.setToolTip("Also compute the resampler's attention map with the answer (resampler "
                                       "attention, not an explanation); \u201cShow attention\u201d under the "
@@ -124,13 +130,13 @@ class ChatPanel(QtWidgets.QWidget):
         root.addWidget(self.conversation, 1)
 
         self.task_buttons = []
-        tasks = QtWidgets.QHBoxLayout()
+        tasks = FlowGrid(fill=True)  # one row where the panel is wide enough, two where not
         for text, task in TASK_BUTTONS:
             button = QtWidgets.QPushButton(text)
             button.clicked.connect(lambda checked=False, task=task: self.ask(task))
-            tasks.addWidget(button)
+            tasks.add(button)
             self.task_buttons.append(button)
-        root.addLayout(tasks)
+        root.addWidget(tasks)
 
         self.input = QtWidgets.QPlainTextEdit()
         self.input.setPlaceholderText("Ask about this scan. Enter sends, Shift+Enter starts a new line.")
@@ -152,10 +158,10 @@ class ChatPanel(QtWidgets.QWidget):
         ask_row.addLayout(buttons)
         root.addLayout(ask_row)
 
+        # The status has a row of its own, the panel's full width, and wraps: it says what failed and
+        # what to do, so it must read in full (beside the buttons it was cut, wrapped or not).
         self.status_label = text_label("", "status", point_delta=-1)
-        # One line that gives way to the buttons (a wrapped status was cut in half); the tooltip has it all.
-        self.status_label.setWordWrap(False)
-        self.status_label.setSizePolicy(QtWidgets.QSizePolicy.Ignored, QtWidgets.QSizePolicy.Preferred)
+        root.addWidget(self.status_label)
         self.busy = QtWidgets.QProgressBar()
         self.busy.setRange(0, 0)
         self.busy.setMaximumSize(72, 10)
@@ -171,9 +177,7 @@ class ChatPanel(QtWidgets.QWidget):
         self.offer_button = QtWidgets.QPushButton()  # the GPU check's offer: a precision that fits
         self.offer_button.setVisible(False)
         self.offer_button.clicked.connect(self._take_offer)
-        status_row = hrow(self.busy, self.status_label, self.offer_button, self.export_button)
-        status_row.setStretch(1, 1)
-        root.addLayout(status_row)
+        root.addLayout(hrow(self.busy, self.offer_button, self.export_button, stretch_at=2))
 
         root.addWidget(self._build_settings())
         root.addWidget(self._build_log())
@@ -186,7 +190,7 @@ class ChatPanel(QtWidgets.QWidget):
         form = QtWidgets.QFormLayout(section.body)
         form.setContentsMargins(4, 0, 0, 0)
         self.folder_edit = QtWidgets.QLineEdit(settings.checkpoint_folder)
-        self.folder_edit.setPlaceholderText("Folder with pytorch_model.bin and Language_files/")
+        show_hint(self.folder_edit, "Folder with pytorch_model.bin and Language_files/")
         self.device_box = QtWidgets.QComboBox()
         self.precision_box = QtWidgets.QComboBox()
         for box, options, value in [(self.device_box, DEVICES, settings.device),
@@ -194,7 +198,7 @@ class ChatPanel(QtWidgets.QWidget):
             box.addItems(list(options) + ([] if value in options else [value]))
             box.setCurrentText(value)
         self.python_edit = QtWidgets.QLineEdit(settings.worker_python)
-        self.python_edit.setPlaceholderText("Slicer's own Python (default)")
+        show_hint(self.python_edit, "Slicer's own Python (default)")
         browse_folder = QtWidgets.QToolButton()
         browse_folder.setText("\u2026")
         browse_folder.clicked.connect(lambda: self._browse(self.folder_edit, ask_existing_dir))
@@ -209,10 +213,10 @@ class ChatPanel(QtWidgets.QWidget):
         self.run_on_box.addItems(list(RUN_ON))
         self.run_on_box.setCurrentText(settings.run_on)
         self.server_edit = QtWidgets.QLineEdit(settings.server_url)
-        self.server_edit.setPlaceholderText("https://radfm-server:8765 (radfm serve)")
+        show_hint(self.server_edit, "https://radfm-server:8765 (radfm serve)")
         self.token_edit = QtWidgets.QLineEdit()  # never filled in: a saved token is not shown again
         self.token_edit.setEchoMode(QtWidgets.QLineEdit.Password)
-        self.token_edit.setPlaceholderText("Server token (kept in the system keyring)")
+        show_hint(self.token_edit, "Server token (kept in the system keyring)")
         self.token_edit.editingFinished.connect(self._save_token)
         form.addRow("Run on", self.run_on_box)
         form.addRow("Server", self.server_edit)
@@ -223,6 +227,7 @@ class ChatPanel(QtWidgets.QWidget):
             edit.textChanged.connect(self._save_settings)
         for box in (self.device_box, self.precision_box):
             box.currentIndexChanged.connect(self._save_settings)
+        self.settings_section = section
         return section.widget
 
     def _build_log(self):
@@ -270,8 +275,8 @@ class ChatPanel(QtWidgets.QWidget):
             return
         kept = save_token(self.assistant.settings.server_url, token)
         self.token_edit.clear()
-        self.token_edit.setPlaceholderText("Token saved in the system keyring" if kept
-                                           else "Token kept until Slicer closes (no keyring on this computer)")
+        show_hint(self.token_edit, "Token saved in the system keyring" if kept
+                  else "Token kept until Slicer closes (no keyring on this computer)")
 
     # ------------------------------------------------------------------ scene
     def refresh_scene(self):

@@ -57,10 +57,27 @@ def text_label(text="", name=None, rich=False, point_delta=0) -> QtWidgets.QLabe
     if name:
         label.setObjectName(name)
     if point_delta:
-        font = get(label, "font")
-        font.setPointSizeF(font.pointSizeF() + point_delta)
-        label.setFont(font)
+        resize_font(label, point_delta)
     return label
+
+
+def resize_font(widget, point_delta: float):
+    font = get(widget, "font")
+    font.setPointSizeF(font.pointSizeF() + point_delta)
+    widget.setFont(font)
+
+
+def wrap_lines(text: str, metrics, width: int) -> str:
+    """``text`` broken at spaces into lines at most ``width`` px wide; a word too long for a line is cut
+    in its middle with an ellipsis (its whole is in the widget's tooltip)."""
+    lines = []
+    for word in text.split():
+        joined = f"{lines[-1]} {word}" if lines else word
+        if lines and metrics.horizontalAdvance(joined) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(metrics.elidedText(word, QtCore.Qt.ElideMiddle, width))
+    return "\n".join(lines)
 
 
 def hrow(*widgets, stretch_at=None) -> QtWidgets.QHBoxLayout:
@@ -73,6 +90,73 @@ def hrow(*widgets, stretch_at=None) -> QtWidgets.QHBoxLayout:
     if stretch_at == len(widgets):
         row.addStretch(1)
     return row
+
+
+class FlowGrid(QtWidgets.QWidget):
+    """Widgets side by side in as many columns as the width holds, the rest on further rows.
+
+    Qt has no flow layout: three thumbnails or task buttons in one row are wider than Slicer's
+    side panel at its larger font sizes, and a row too wide for the panel cuts every text beside
+    it. This holder asks for no width, tells its parent layout the height it needs at a width
+    (height for width, as a wrapped label does) and, at each resize, re-places the widgets in
+    the grid of its one child (``fill``: the columns share the width, as buttons do; else they
+    keep to the left). The grid sits on a child because Qt asks a widget with a layout of its
+    own that layout's height for width, not the widget's.
+    """
+
+    SPACING = 6
+
+    def __init__(self, fill: bool = False):
+        super().__init__()
+        policy = QtWidgets.QSizePolicy(QtWidgets.QSizePolicy.Ignored, QtWidgets.QSizePolicy.Preferred)
+        policy.setHeightForWidth(True)
+        self.setSizePolicy(policy)
+        self.content = QtWidgets.QWidget(self)
+        self.grid = QtWidgets.QGridLayout(self.content)
+        self.grid.setContentsMargins(0, 0, 0, 0)
+        self.grid.setSpacing(self.SPACING)
+        self.fill = fill
+        self.widgets = []
+        self.columns = 0
+
+    def add(self, widget):
+        self.widgets.append(widget)
+        self._place(self._columns_fitting(get(self, "width")))
+        self.updateGeometry()  # a new height for every width
+
+    def hasHeightForWidth(self):
+        return True
+
+    def heightForWidth(self, width):
+        columns = self._columns_fitting(width)
+        heights = [get(widget, "sizeHint").height() for widget in self.widgets]
+        rows = [max(heights[n:n + columns]) for n in range(0, len(heights), columns)]
+        return sum(rows) + (len(rows) - 1) * self.SPACING
+
+    def resizeEvent(self, event):  # no super() call: PythonQt has no Python-visible base method
+        columns = self._columns_fitting(get(self, "width"))
+        if columns != self.columns:
+            self._place(columns)
+        self.content.setGeometry(get(self, "rect"))
+
+    def _columns_fitting(self, width: int) -> int:
+        """The most columns whose widest widgets, side by side, fit ``width``."""
+        widths = [get(widget, "sizeHint").width() for widget in self.widgets]
+        for columns in range(len(widths), 1, -1):
+            if sum(max(widths[c::columns]) for c in range(columns)) + (columns - 1) * self.SPACING <= width:
+                return columns
+        return 1
+
+    def _place(self, columns: int):
+        for widget in self.widgets:
+            self.grid.removeWidget(widget)
+        for n in range(self.columns + 1):
+            self.grid.setColumnStretch(n, 0)
+        for n, widget in enumerate(self.widgets):
+            self.grid.addWidget(widget, n // columns, n % columns)
+        for n in range(columns) if self.fill else [columns]:
+            self.grid.setColumnStretch(n, 1)
+        self.columns = columns
 
 
 class EnterSends(QtCore.QObject):
@@ -157,9 +241,9 @@ class AnswerView:
         layout.addLayout(header)
         self.body = text_label(CURSOR, point_delta=0.5)
         layout.addWidget(self.body)
-        self.thumbs = QtWidgets.QHBoxLayout()
-        self.thumbs.setSpacing(6)
-        layout.addLayout(self.thumbs)
+        self.thumb_grid = FlowGrid()
+        self.thumbs = self.thumb_grid.grid
+        layout.addWidget(self.thumb_grid)
         self.copy_button = QtWidgets.QPushButton("Copy answer")
         self.details_button = QtWidgets.QPushButton()
         for button in (self.copy_button, self.details_button):
@@ -200,7 +284,6 @@ class AnswerView:
         self.state.setText(ANSWER_NOTES.get(turn.stop_reason, ""))
         for image in turn.images:
             self._add_thumbnail(image)
-        self.thumbs.addStretch(1)
         self.details.setText(describe_turn(turn))
         self.copy_button.setEnabled(bool(self.text))
         self.details_button.setEnabled(True)
@@ -227,12 +310,17 @@ class AnswerView:
         button = QtWidgets.QToolButton()
         button.setAutoRaise(True)
         button.setToolButtonStyle(QtCore.Qt.ToolButtonTextUnderIcon)
+        resize_font(button, -1)  # a caption: a size smaller, like the other secondary text
         button.setIcon(QtGui.QIcon(pixmap))
-        button.setIconSize(pixmap.size().scaled(THUMB_PX * 2, THUMB_PX, QtCore.Qt.KeepAspectRatio))
-        button.setText(f"{image.role}\n{image.label}" if image.role != image.label else image.label)
-        button.setToolTip(f"{image.source}\nClick to open the full-size picture of what the model saw.")
+        icon = pixmap.size().scaled(THUMB_PX * 2, THUMB_PX, QtCore.Qt.KeepAspectRatio)
+        button.setIconSize(icon)
+        # The label wraps to the picture's width: a full-width "CT chest 2024-03-01" made a row of three too wide.
+        label = wrap_lines(image.label, QtGui.QFontMetrics(get(button, "font")), max(icon.width(), THUMB_PX))
+        button.setText(f"{image.role}\n{label}" if image.role != image.label else label)
+        button.setToolTip(f"{image.label} ({image.role})\n{image.source}\n"
+                          f"Click to open the full-size picture of what the model saw.")
         button.clicked.connect(lambda: QtGui.QDesktopServices.openUrl(QtCore.QUrl.fromLocalFile(image.preview_png)))
-        self.thumbs.addWidget(button)
+        self.thumb_grid.add(button)
 
 
 def describe_turn(turn) -> str:
