@@ -21,9 +21,22 @@ def unreadable_at(panel, width: int, height: int = 940) -> list:
 
 def unreadable_texts(panel) -> list:
     """One line per text drawn cut: ``"QLabel 'Conversation saved as talk.json': needs 262 x 20 px, has 180 x 20"``."""
-    QtWidgets.QApplication.processEvents()  # pending layout requests first
-    return [problem for widget in panel.findChildren(QtWidgets.QWidget) if get(widget, "visible")
-            for problem in cuts_of(widget, panel)]
+    widgets = _settled(panel)
+    return [problem for widget in widgets if get(widget, "visible") for problem in cuts_of(widget, panel)]
+
+
+def _settled(panel) -> list:
+    """The panel's widgets once their layouts have settled: a layout request travels one parent up
+    per pass of the event loop (and a label that re-breaks its words asks again)."""
+    widgets, placed, unchanged = panel.findChildren(QtWidgets.QWidget), None, 0
+    for _ in range(50):
+        QtWidgets.QApplication.processEvents()
+        now = [(r.x(), r.y(), r.width(), r.height()) for r in (get(widget, "geometry") for widget in widgets)]
+        unchanged = unchanged + 1 if now == placed else 0
+        if unchanged == 3:
+            break
+        placed = now
+    return widgets
 
 
 def cuts_of(widget, panel) -> list:
@@ -48,7 +61,9 @@ def _text_room(widget):
     width and the height of its lines (and picture), as it may lose its padding but no text."""
     size = QtCore.QSize(get(widget, "width"), get(widget, "height"))
     if isinstance(widget, QtWidgets.QLabel) and get(widget, "wordWrap"):
-        return QtCore.QSize(0, widget.heightForWidth(size.width())), size
+        room = widget.contentsRect().width()
+        widest = _widest_wrapped_line(get(widget, "text"), get(widget, "font"), room)
+        return QtCore.QSize(widest + size.width() - room, widget.heightForWidth(size.width())), size
     if isinstance(widget, QtWidgets.QLabel):
         return get(widget, "sizeHint"), size
     if isinstance(widget, QtWidgets.QAbstractButton):
@@ -57,6 +72,25 @@ def _text_room(widget):
             height += get(widget, "iconSize").height()
         return QtCore.QSize(get(widget, "sizeHint").width(), height), size
     return QtCore.QSize(0, 0), size
+
+
+def _widest_wrapped_line(text: str, font, width: int) -> int:
+    """The widest line of ``text`` wrapped as a label wraps it: only where Unicode allows a break, so a
+    word that has none (a Windows path, a long file name) stays whole and may run out of ``width``."""
+    option = QtGui.QTextOption()
+    option.setWrapMode(QtGui.QTextOption.WordWrap)
+    widest = 0.0
+    for paragraph in text.split("\n"):
+        layout = QtGui.QTextLayout(paragraph, font)
+        layout.setTextOption(option)
+        layout.beginLayout()
+        line = layout.createLine()
+        while line.isValid():
+            line.setLineWidth(width)
+            widest = max(widest, line.naturalTextWidth())
+            line = layout.createLine()
+        layout.endLayout()
+    return round(widest)  # Qt lays text out in fractions of a pixel
 
 
 def _hint_cut(edit) -> list:

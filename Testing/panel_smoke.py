@@ -33,7 +33,7 @@ from RadFMModuleLib.assistant import Assistant  # noqa: E402
 from RadFMModuleLib.chat_panel import ChatPanel  # noqa: E402
 from RadFMModuleLib.qt_shim import IN_SLICER, QtCore, QtGui, QtWidgets, get  # noqa: E402
 from RadFMModuleLib.settings import ModelSettings  # noqa: E402
-from RadFMModuleLib.turn_views import STOP_NOTES  # noqa: E402
+from RadFMModuleLib.turn_views import STOP_NOTES, ZERO_WIDTH_SPACE  # noqa: E402
 from RadFMSlicer.session import Session  # noqa: E402
 
 QUESTION = ("Is there a pleural effusion?", "Which side?")  # typed with Shift+Enter between the lines
@@ -186,6 +186,10 @@ def main(worker_python, fixture, out):
     check(get(panel.status_label, "text") == "Conversation saved as talk.json", "the status names the saved file")
     step("exported Markdown and JSON")
 
+    long_name = "RadFM_conversation_CT_chest_20240301_follow_up_patient_1234567.json"  # no break for Qt in it
+    panel.export(os.path.join(out, long_name), "json")
+    check(get(panel.status_label, "text").replace(ZERO_WIDTH_SPACE, "") == f"Conversation saved as {long_name}",
+          "the status names a long file name in full")
     sections = (panel.settings_section.toggle, panel.log_section.toggle)
     for toggle in sections:
         toggle.click()  # open: their texts are checked too
@@ -197,7 +201,8 @@ def main(worker_python, fixture, out):
         toggle.click()
     # The open sections' minimum height goes only after a layout pass: resize until it has.
     wait_until(lambda: panel.resize(440, 940) or get(panel, "height") == 940, "the panel back to 440 x 940")
-    step(f"at {', '.join(map(str, WIDTHS))} px wide the status, the question's context and every label read in full")
+    step(f"at {', '.join(map(str, WIDTHS))} px wide the status (a long file name too), the question's context "
+         f"and every label read in full")
 
     reopened = open_panel(scene, store)
     check([get(v.body, "text") for v in reopened.answers] == [t.answer for t in exported.turns],

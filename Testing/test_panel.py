@@ -25,7 +25,7 @@ from RadFMModuleLib.assistant import TASK_TOKENS, Assistant  # noqa: E402
 from RadFMModuleLib.chat_panel import ChatPanel  # noqa: E402
 from RadFMModuleLib.qt_shim import QtCore, QtGui, QtWidgets  # noqa: E402
 from RadFMModuleLib.settings import ModelSettings  # noqa: E402
-from RadFMModuleLib.turn_views import CURSOR, NOTICE, STOP_NOTES, AnswerView  # noqa: E402
+from RadFMModuleLib.turn_views import CURSOR, NOTICE, STOP_NOTES, ZERO_WIDTH_SPACE, AnswerView  # noqa: E402
 from RadFMSlicer.session import Session  # noqa: E402
 from panel_fit import cuts_of, unreadable_at  # noqa: E402
 from panel_scene import IJK_TO_RAS, SHAPE, FakeScene, nodule_mask  # noqa: E402
@@ -602,6 +602,27 @@ def test_a_long_status_wraps_below_the_buttons_instead_of_being_cut(open_panel, 
         assert cuts_of(panel.status_label, panel) == []
         top, bottom = panel.status_label.geometry(), panel.export_button.geometry()
         assert top.width() >= panel.width() - 8 and not top.intersects(bottom)  # its own row, nothing over it
+
+
+def test_a_file_name_or_path_longer_than_the_panel_wraps_instead_of_running_out(open_panel, qtbot, tmp_path,
+                                                                               app_font):
+    """Qt wraps only where Unicode allows a break, and a Windows path or a long file name has none: the
+    status naming the export and the checkpoint in What the model saw ran out of the panel, cut at its edge."""
+    folder = "C:\\Users\\radiologist\\Documents\\RadFM\\checkpoints\\RadFM_fp32"  # as Slicer on Windows shows it
+    name = "RadFM_conversation_CT_chest_20240301_follow_up_patient_1234567.json"
+    panel, scene, clients = open_panel(tokens("No effusion."))
+    panel.folder_edit.setText(folder)
+    panel.input.setPlainText("Any effusion?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    panel.export(str(tmp_path / name), "json")
+    view = panel.answers[-1]
+    view.details_button.click()
+    for width in SIDE_PANEL_WIDTHS:
+        assert show_at(panel, qtbot, width) == []  # a word the label cannot break also widens the panel
+        assert panel.status_label.text().replace(ZERO_WIDTH_SPACE, "") == f"Conversation saved as {name}"
+        assert f"checkpoint {folder}," in view.details.text().replace(ZERO_WIDTH_SPACE, "")
+    assert panel.status_label.toolTip() == str(tmp_path / name)
 
 
 def rows_of(widgets) -> int:

@@ -6,6 +6,8 @@ properties are read through ``qt_shim.get`` and no ``QKeyEvent`` method is calle
 event PythonQt hands over as a plain ``QEvent``.
 """
 
+import re
+
 from .qt_shim import QtCore, QtGui, QtWidgets, get
 
 TASK_LABELS = {"vqa": "Question", "diagnosis": "Diagnosis", "report": "Draft report",
@@ -49,10 +51,61 @@ QPushButton#link:disabled {{ color: {muted}; }}
 """
 
 
-def text_label(text="", name=None, rich=False, point_delta=0) -> QtWidgets.QLabel:
-    label = QtWidgets.QLabel(text)
-    label.setWordWrap(True)
-    label.setTextFormat(QtCore.Qt.RichText if rich else QtCore.Qt.PlainText)
+class WrappedLabel(QtWidgets.QLabel):
+    """A wrapped label that also breaks a word wider than itself (a Windows path, a long file name).
+
+    Qt wraps only where Unicode allows a line break: a longer word ran out of the label and, as
+    the label's minimum width, made the whole panel wider than Slicer's side panel. This label
+    asks for no width and, while shown, puts zero-width spaces into each word wider than itself
+    (after \\ / _ - . , ; : =, and between letters where a piece is still too wide); a word that
+    fits is shown as written. ``setText`` keeps the text given in ``full_text``.
+    """
+
+    def __init__(self, text=""):
+        super().__init__()
+        self.full_text = ""
+        self.setWordWrap(True)
+        policy = QtWidgets.QSizePolicy(QtWidgets.QSizePolicy.Ignored, QtWidgets.QSizePolicy.Preferred)
+        policy.setHeightForWidth(True)
+        self.setSizePolicy(policy)
+        self.setText(text)
+
+    def setText(self, text):
+        self.full_text = text
+        self._fit()
+
+    def resizeEvent(self, event):  # QLabel has no resizeEvent or showEvent of its own to call
+        self._fit()
+
+    def showEvent(self, event):
+        self._fit()
+
+    def _fit(self):
+        shown = self.full_text
+        if get(self, "visible"):
+            shown = break_long_words(shown, QtGui.QFontMetrics(get(self, "font")), self.contentsRect().width())
+        if shown != get(self, "text"):
+            QtWidgets.QLabel.setText(self, shown)
+
+
+ZERO_WIDTH_SPACE = "\u200b"
+BREAK_AFTER = re.compile(r"(?<=[\\/_.,;:=-])")
+
+
+def break_long_words(text: str, metrics, width: int) -> str:
+    """``text`` with zero-width spaces in each word wider than ``width`` px (see ``WrappedLabel``)."""
+    def breakable(word):
+        if metrics.horizontalAdvance(word) <= width:
+            return word
+        pieces = [piece for piece in BREAK_AFTER.split(word) if piece]
+        return ZERO_WIDTH_SPACE.join(piece if metrics.horizontalAdvance(piece) <= width
+                                     else ZERO_WIDTH_SPACE.join(piece) for piece in pieces)
+    return re.sub(r"\S+", lambda match: breakable(match.group()), text)
+
+
+def text_label(text="", name=None, point_delta=0, wrap=True) -> QtWidgets.QLabel:
+    label = WrappedLabel(text) if wrap else QtWidgets.QLabel(text)
+    label.setTextFormat(QtCore.Qt.PlainText)
     label.setTextInteractionFlags(QtCore.Qt.TextSelectableByMouse)
     if name:
         label.setObjectName(name)
@@ -233,10 +286,8 @@ class AnswerView:
         layout = QtWidgets.QVBoxLayout(self.frame)
         layout.setContentsMargins(10, 8, 10, 8)
         layout.setSpacing(6)
-        self.state = text_label("", "muted", point_delta=-1)
-        self.state.setWordWrap(False)  # a wrapped note in the header row was cut to its first line
-        who = text_label(f"RadFM \u00b7 {TASK_LABELS.get(task, task)}", "who")
-        who.setWordWrap(False)
+        self.state = text_label("", "muted", point_delta=-1, wrap=False)  # wrapped, it was cut to its first line
+        who = text_label(f"RadFM \u00b7 {TASK_LABELS.get(task, task)}", "who", wrap=False)
         header = hrow(who, self.state, stretch_at=1)
         layout.addLayout(header)
         self.body = text_label(CURSOR, point_delta=0.5)
