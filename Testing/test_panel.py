@@ -625,6 +625,34 @@ def test_a_file_name_or_path_longer_than_the_panel_wraps_instead_of_running_out(
     assert panel.status_label.toolTip() == str(tmp_path / name)
 
 
+def test_the_busy_bar_and_the_gpu_offer_fit_beside_export(open_panel, qtbot, app_font):
+    """The row under the status also holds, at times, the busy bar and the offer of a precision that fits."""
+    from RadFMSlicer.errors import DeviceMemoryError
+    from RadFMSlicer.worker.client import WorkerError
+
+    panel, scene, clients = open_panel(tokens("A solid") + [PAUSE] + tokens(" nodule."))
+    panel.input.setPlainText("Is the marked lesion a solid nodule?")
+    panel.ask("vqa")
+    qtbot.waitUntil(paused(clients))
+    qtbot.wait(3 * chat_panel.TICK_MS)
+    assert panel.busy.isVisibleTo(panel) and panel.status_label.text().startswith("Writing\u2026")
+    assert {width: show_at(panel, qtbot, width) for width in SIDE_PANEL_WIDTHS} == {w: [] for w in SIDE_PANEL_WIDTHS}
+    panel.stop()
+    wait_idle(qtbot, panel)
+
+    class TooBig(ScriptedWorkerClient):
+        def load(self, folder, **kwargs):
+            raise WorkerError(f"bfloat16 needs ~27 GiB, 16 GiB free; {DeviceMemoryError.FITS}int8 (~14 GiB)")
+
+    panel.assistant.start_client = lambda python: TooBig([])
+    panel.precision_box.setCurrentText("bfloat16")  # the next question loads anew, and the GPU is too small
+    panel.input.setPlainText("Is the marked lesion a solid nodule?")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    assert panel.offer_button.isVisibleTo(panel) and panel.offer_button.text() == "Use int8 weights"
+    assert {width: show_at(panel, qtbot, width) for width in SIDE_PANEL_WIDTHS} == {w: [] for w in SIDE_PANEL_WIDTHS}
+
+
 def rows_of(widgets) -> int:
     """How many rows the widgets are drawn in (one starts below the bottom of the last)."""
     bottoms = []
