@@ -103,6 +103,8 @@ def main(worker_python, fixture, out):
 
     panel = open_panel(scene, store)
     check(get(panel.region_list, "count") == 3, "the panel lists the scene's segment, ROI box and line")
+    check(get(panel.volume_box, "toolTip") == get(panel.volume_box, "currentText") != "",
+          "the scan box names the chosen scan in its tooltip (a long name is cut in the box)")
     step(f"panel built: scan {get(panel.volume_box, 'currentText')!r}, {get(panel.region_list, 'count')} regions")
 
     panel.ask("vqa")

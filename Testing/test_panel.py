@@ -625,6 +625,19 @@ def test_a_file_name_or_path_longer_than_the_panel_wraps_instead_of_running_out(
     assert panel.status_label.toolTip() == str(tmp_path / name)
 
 
+def test_a_long_series_name_keeps_the_panel_to_its_width_and_is_named_in_full(open_panel, qtbot, app_font):
+    """A scan box as wide as its longest name made the panel (and every text in it) wider than Slicer's
+    side panel; now a long name is shown as far as the box goes, and whole in its tooltip."""
+    scene = FakeScene()
+    long_name = "1.2.840.113619.2.55.3.604688119.971: CT CHEST W/O CONTRAST 1.25MM LUNG KERNEL"
+    scene.NAMES = {**scene.NAMES, "ct": long_name}
+    panel, scene, clients = open_panel(scene=scene)
+    panel.prior_box.setCurrentIndex(panel.prior_box.findData("ct"))
+    assert {width: show_at(panel, qtbot, width) for width in SIDE_PANEL_WIDTHS} == {w: [] for w in SIDE_PANEL_WIDTHS}
+    assert panel.volume_box.toolTip() == panel.prior_box.toolTip() == long_name
+    assert panel.region_list.item(0).toolTip() == "Lesion RUL (segment)"
+
+
 def test_the_busy_bar_and_the_gpu_offer_fit_beside_export(open_panel, qtbot, app_font):
     """The row under the status also holds, at times, the busy bar and the offer of a precision that fits."""
     from RadFMSlicer.errors import DeviceMemoryError

@@ -39,6 +39,16 @@ def show_hint(edit, text: str):
     edit.setToolTip(text)
 
 
+def name_box() -> QtWidgets.QComboBox:
+    """A box of the scene's scans: as wide as the panel lets it be, not as its longest name (a long
+    DICOM series name made the panel wider than Slicer's side panel); the chosen name is its tooltip."""
+    box = QtWidgets.QComboBox()
+    box.setSizeAdjustPolicy(QtWidgets.QComboBox.AdjustToMinimumContentsLengthWithIcon)
+    box.setMinimumContentsLength(12)
+    box.currentIndexChanged.connect(lambda *args: box.setToolTip(get(box, "currentText")))
+    return box
+
+
 class ChatPanel(QtWidgets.QWidget):
     """The whole panel. ``before_connect`` (optional) runs on the GUI thread before the worker
     starts and returns False to abort (inside Slicer: the first-use dependency install)."""
@@ -87,8 +97,8 @@ class ChatPanel(QtWidgets.QWidget):
         study = Section("Study", expanded=True)
         form = QtWidgets.QFormLayout(study.body)
         form.setContentsMargins(4, 0, 0, 0)
-        self.volume_box = QtWidgets.QComboBox()
-        self.prior_box = QtWidgets.QComboBox()
+        self.volume_box = name_box()
+        self.prior_box = name_box()
         self.region_list = QtWidgets.QListWidget()
         self.region_list.setMaximumHeight(78)
         self.window_box = QtWidgets.QComboBox()
@@ -303,6 +313,7 @@ class ChatPanel(QtWidgets.QWidget):
         for item in scene.regions():
             detail = f", {item.detail}" if item.detail else ""
             entry = QtWidgets.QListWidgetItem(f"{item.name} ({KIND_LABELS.get(item.kind, item.kind)}{detail})")
+            entry.setToolTip(entry.text())
             entry.setData(QtCore.Qt.UserRole, item.id)
             entry.setFlags(QtCore.Qt.ItemIsEnabled | QtCore.Qt.ItemIsUserCheckable)
             entry.setCheckState(QtCore.Qt.Checked if item.id in checked else QtCore.Qt.Unchecked)
