@@ -93,14 +93,20 @@ BREAK_AFTER = re.compile(r"(?<=[\\/_.,;:=-])")
 
 
 def break_long_words(text: str, metrics, width: int) -> str:
-    """``text`` with zero-width spaces in each word wider than ``width`` px (see ``WrappedLabel``)."""
-    def breakable(word):
+    """``text`` with zero-width spaces in each word wider than ``width`` px (see ``WrappedLabel``).
+
+    Only words with more letters than the widest letter fits into ``width`` are measured: the
+    answer is re-fitted at every streamed token.
+    """
+    def breakable(match):
+        word = match.group()
         if metrics.horizontalAdvance(word) <= width:
             return word
         pieces = [piece for piece in BREAK_AFTER.split(word) if piece]
         return ZERO_WIDTH_SPACE.join(piece if metrics.horizontalAdvance(piece) <= width
                                      else ZERO_WIDTH_SPACE.join(piece) for piece in pieces)
-    return re.sub(r"\S+", lambda match: breakable(match.group()), text)
+    always_fit = max(width, 0) // max(metrics.maxWidth(), 1)
+    return re.sub(r"\S{%d,}" % (always_fit + 1), breakable, text)
 
 
 def text_label(text="", name=None, point_delta=0, wrap=True) -> QtWidgets.QLabel:
