@@ -4,7 +4,9 @@ Shared by ``test_panel.py`` (PySide6) and ``panel_smoke.py`` (PySide6 and real P
 so both bindings are held to the same rule. Properties are read through ``qt_shim.get``
 (PythonQt exposes them as attributes). A text counts as readable when it is drawn whole
 inside what its scroll area or the panel shows; a line edit's hint when it fits the box or
-its tooltip holds it (Qt cuts a long hint short with an ellipsis).
+its tooltip holds it (Qt cuts a long hint short with an ellipsis). Combo boxes are left out:
+PythonQt offers no way to ask the style for their text's room (the panel's name boxes carry
+the chosen name in their tooltip, which test_panel checks).
 """
 
 from RadFMModuleLib.qt_shim import QtCore, QtGui, QtWidgets, get
@@ -68,7 +70,9 @@ def _text_room(widget):
         return get(widget, "sizeHint"), size
     if isinstance(widget, QtWidgets.QAbstractButton):
         height = QtGui.QFontMetrics(get(widget, "font")).height() * (get(widget, "text").count("\n") + 1)
-        if isinstance(widget, QtWidgets.QToolButton) and get(widget, "toolButtonStyle") == QtCore.Qt.ToolButtonTextUnderIcon:
+        under_icon = isinstance(widget, QtWidgets.QToolButton) and (
+            get(widget, "toolButtonStyle") == QtCore.Qt.ToolButtonTextUnderIcon)
+        if under_icon:
             height += get(widget, "iconSize").height()
         return QtCore.QSize(get(widget, "sizeHint").width(), height), size
     return QtCore.QSize(0, 0), size
