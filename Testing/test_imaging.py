@@ -167,6 +167,22 @@ def test_dicom_folder_unknown_series_lists_the_available_ones(dicom_folder):
         load_volume(dicom_folder, series="liver")
 
 
+@pytest.fixture
+def ct_and_mr_folder(tmp_path):
+    """Two single-slice series without descriptions: only modality and size tell them apart."""
+    for source in (CT_SMALL, MR_SMALL):
+        (tmp_path / os.path.basename(source)).write_bytes(open(source, "rb").read())
+    return tmp_path
+
+
+def test_series_without_descriptions_are_named_by_modality_and_size(ct_and_mr_folder):
+    (note,) = load_volume(ct_and_mr_folder).notes
+    assert "CT series 1, 1 slice of 128x128 [" in note and "MR series 1, 1 slice of 64x64 [" in note, note
+    assert "no description" not in note
+    with pytest.raises(ImageError, match=r"available: CT series 1, 1 slice of 128x128 \[.*MR series 1"):
+        load_volume(ct_and_mr_folder, series="liver")
+
+
 # ----------------------------------------------------------------------------- orientation
 # Direction matrices (columns = LPS direction of i, j, k) for several acquisitions.
 DIRECTIONS = {

@@ -12,6 +12,7 @@ import sys
 import tempfile
 import threading
 import zlib
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -94,8 +95,28 @@ def _dicom_numbers(text: str) -> list[float]:
         return []
 
 
-def _dicom_series(folder):
-    """All DICOM series under ``folder``: list of (uid, files, description)."""
+class _Series(NamedTuple):
+    """One DICOM series in a folder, with what tells it apart from the others there."""
+
+    uid: str
+    files: list
+    description: str | None
+    modality: str | None
+    number: str | None
+    size: tuple  # (columns, rows) of its first slice
+
+    @property
+    def label(self) -> str:
+        """E.g. "CT series 2 'axial A', 6 slices of 512x512 [1.2.840...]" (the UID picks it with --series)."""
+        name = f"{self.modality or 'unknown modality'} series" + (f" {self.number}" if self.number else "")
+        if self.description:
+            name += f" '{self.description}'"
+        n = len(self.files)
+        return f"{name}, {n} slice{'s' if n != 1 else ''} of {self.size[0]}x{self.size[1]} [{self.uid}]"
+
+
+def _dicom_series(folder) -> "list[_Series]":
+    """All DICOM series under ``folder``."""
     found = []
     warn = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on every folder without DICOM
@@ -105,7 +126,9 @@ def _dicom_series(folder):
                 continue
             for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(root):
                 names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(root, uid)
-                found.append((uid, list(names), _meta(read_info(names[0]), "0008|103e")))
+                info = read_info(names[0])
+                found.append(_Series(uid, list(names), _meta(info, "0008|103e"), _meta(info, "0008|0060"),
+                                     _meta(info, "0020|0011"), tuple(info.GetSize()[:2])))
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(warn)
     return found
@@ -116,16 +139,18 @@ def _pick_series(folder, series):
     if not found:
         raise ImageError(f"No DICOM series found in folder {folder}; "
                          f"point to a series folder or an image file ({SUPPORTED}).")
-    listing = "; ".join(f"'{d or '(no description)'}' {len(f)} slices [{u}]" for u, f, d in found[:10])
+    listing = "; ".join(s.label for s in found[:10]) + (f"; and {len(found) - 10} more" if len(found) > 10 else "")
     if series is not None:
         key = str(series).strip().lower()
-        matches = [s for s in found if s[0] == str(series).strip() or (s[2] or "").lower() == key]
+        matches = [s for s in found if s.uid == str(series).strip() or (s.description or "").lower() == key]
         if not matches:
-            raise ImageError(f"No DICOM series '{series}' in {folder}; available: {listing}.")
+            raise ImageError(f"No DICOM series '{series}' in {folder} (give its UID or description); "
+                             f"available: {listing}.")
         found = matches
-    uid, files, desc = max(found, key=lambda s: len(s[1]))
-    notes = [f"picked DICOM series '{desc or uid}' ({len(files)} slices) of: {listing}"] if len(found) > 1 else []
-    return files, notes
+    picked = max(found, key=lambda s: len(s.files))
+    notes = [f"picked {picked.label} (most slices; pick another by its UID or description) "
+             f"of {len(found)} DICOM series: {listing}"] if len(found) > 1 else []
+    return picked.files, notes
 
 
 # NIfTI-1 / NIfTI-2 header fields: (dim int[8], bitpix, vox_offset) as (offset, struct code).
