@@ -68,7 +68,7 @@ class GenerationSettings:
 class GenerationResult:
     token_ids: list[int]  # new tokens, including EOS when the model produced it
     text: str
-    stop_reason: str  # "eos", "length" or "cancelled"
+    stop_reason: str  # "eos", "length" (max_new_tokens), "context" (the model's context is full) or "cancelled"
     prompt_tokens: int
     time_to_first_token_s: float | None
     total_s: float
@@ -237,8 +237,8 @@ class Generation(StreamedAnswer):
                 if token == EOS_ID:
                     stop = "eos"
                     break
-                if len(ids) >= self._budget:
-                    stop = "length"
+                if len(ids) >= self._budget:  # "context": cut short of max_new_tokens by the context's end
+                    stop = "length" if self._budget == self.settings.max_new_tokens else "context"
                     break
                 if self._cancel.is_set():
                     break

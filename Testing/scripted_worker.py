@@ -21,6 +21,7 @@ from RadFMSlicer.generation import GenerationResult
 from RadFMSlicer.worker.protocol import Event, ask_request_from_json
 
 PAUSE = "<pause>"
+STOPPED_BY = "<stopped by>"  # followed by a stop reason: the answer ends there with it (as a worker's done)
 CRASH = Event("error", "the RadFM worker killed by SIGKILL (out of memory, or killed by hand).",
               {"kind": "worker_died"})
 
@@ -69,6 +70,8 @@ class ScriptedRequest:
         if item == PAUSE:
             return []
         self.script.pop(0)
+        if item == STOPPED_BY:
+            return [self._done(self.script.pop(0))]
         if isinstance(item, Event):
             self.finished = True
             self.client.crashed = item.data.get("kind") == "worker_died"

@@ -239,4 +239,10 @@ def test_a_prompt_filling_the_context_is_refused_and_a_near_full_one_is_cut_to_f
     with pytest.raises(PromptError, match="2048 tokens; the model's context holds 2048"):
         engine.start(too_long, [], GenerationSettings(max_new_tokens=5))
     near_full = engine.start(too_long[:, :2045], [], GenerationSettings(max_new_tokens=50))
-    assert len(list(near_full.token_ids())) <= 3 and near_full.result.stop_reason in ("length", "eos")
+    said = list(near_full.token_ids())
+    assert len(said) <= 3
+    # Told apart from max_new_tokens: 50 were asked for, the context had room for 3.
+    assert near_full.result.stop_reason == ("eos" if said[-1] == EOS_ID else "context")
+    asked = engine.start(too_long[:, :100], [], GenerationSettings(max_new_tokens=2))
+    said = list(asked.token_ids())
+    assert asked.result.stop_reason == ("eos" if said[-1] == EOS_ID else "length")

@@ -29,7 +29,7 @@ from RadFMModuleLib.turn_views import CURSOR, NOTICE, STOP_NOTES, ZERO_WIDTH_SPA
 from RadFMSlicer.session import Session  # noqa: E402
 from panel_fit import cuts_of, unreadable_at  # noqa: E402
 from panel_scene import IJK_TO_RAS, SHAPE, FakeScene, nodule_mask  # noqa: E402
-from scripted_worker import CRASH, PAUSE, Encoded, ScriptedWorkerClient, tokens  # noqa: E402
+from scripted_worker import CRASH, PAUSE, STOPPED_BY, Encoded, ScriptedWorkerClient, tokens  # noqa: E402
 
 # The README's screenshot is remade only on request (RADFM_UPDATE_SCREENSHOTS=1), so a test run
 # leaves the checkout as it was.
@@ -137,6 +137,20 @@ def draft_report_on_everything(panel, qtbot, history):
     check_all_regions(panel)
     qtbot.mouseClick(panel.task_buttons[0], QtCore.Qt.LeftButton)  # Draft report
     wait_idle(qtbot, panel)
+
+
+def test_an_answer_cut_short_by_the_full_context_says_so_apart_from_the_length_limit(open_panel, qtbot):
+    panel, scene, clients = open_panel(tokens("Findings: a nodule") + [STOPPED_BY, "context"],
+                                       tokens("Findings: a nodule") + [STOPPED_BY, "length"])
+    statuses = []
+    for question in ("Describe", "Describe again"):
+        panel.input.setPlainText(question)
+        qtbot.keyClick(panel.input, QtCore.Qt.Key_Return)
+        wait_idle(qtbot, panel)
+        statuses.append(panel.status_label.full_text)
+    assert [answer.state.text() for answer in panel.answers] == ["context full", "length limit"]
+    assert statuses == [STOP_NOTES["context"], "Stopped at the length limit."]
+    assert "context is full" in statuses[0]
 
 
 def test_draft_report_sends_prior_regions_window_and_history(open_panel, qtbot):

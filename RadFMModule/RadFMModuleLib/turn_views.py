@@ -12,8 +12,10 @@ from .qt_shim import QtCore, QtGui, QtWidgets, get
 
 TASK_LABELS = {"vqa": "Question", "diagnosis": "Diagnosis", "report": "Draft report",
                "rationale": "Diagnosis and rationale", "modality": "Modality"}
-STOP_NOTES = {"length": "Stopped at the length limit.", "cancelled": "Stopped before the end."}  # status line
-ANSWER_NOTES = {"length": "length limit", "cancelled": "stopped"}  # an answer's header: short, beside its title
+STOP_NOTES = {"length": "Stopped at the length limit.", "cancelled": "Stopped before the end.",  # status line
+              "context": "Stopped: the model's context is full (the prompt and the answer fill it)."}
+ANSWER_NOTES = {"length": "length limit", "cancelled": "stopped",  # an answer's header: short, beside its title
+                "context": "context full"}
 NOTICE = "Research use only. Not a medical device: check every statement against the images."
 CURSOR = "\u258d"
 THUMB_PX = 96
