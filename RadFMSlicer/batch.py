@@ -60,12 +60,14 @@ def batch_items(source: Path) -> list[dict]:
     return items
 
 
-def finished_ids(out: Path, settings: dict | None = None, force: bool = False) -> set[str]:
+def finished_ids(out: Path, settings: dict | None = None, force: bool = False, partial: bool = False) -> set[str]:
     """Ids already answered in ``out`` (repaired first, see :func:`repair`); failed ones are retried.
 
     ``settings``: what this run answers with (stored in each record as ``run_settings``).
     Resuming a file made with other settings is refused, naming what differs, unless
     ``force``: a results file otherwise silently mixes answers made in different ways.
+    ``partial``: ``settings`` holds only what is known so far (before a model is loaded, so a
+    refused resume costs no load): the records' other settings are not compared.
     """
     try:
         index = repair(out)
@@ -73,7 +75,10 @@ def finished_ids(out: Path, settings: dict | None = None, force: bool = False) -
         raise RadFMError(f"cannot read or repair the results file {out}: {exc.strerror or exc}") from None
     settings = None if settings is None else json.loads(json.dumps(settings))  # as records store it
     if settings is not None and not force:
-        made_with = next((s for s in (r.settings for r in index.values()) if s is not None and s != settings), None)
+        stored = (r.settings for r in index.values() if r.settings is not None)
+        if partial:
+            stored = ({key: s.get(key) for key in settings} for s in stored)
+        made_with = next((s for s in stored if s != settings), None)
         if made_with is not None:
             changed = "; ".join(f"{key}: {made_with.get(key)!r} -> {settings.get(key)!r}"
                                 for key in sorted(set(made_with) | set(settings)) if made_with.get(key) != settings.get(key))

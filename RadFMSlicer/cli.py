@@ -184,6 +184,15 @@ def print_delta(delta: str) -> None:
         _stdout_line_open = not delta.endswith("\n")
 
 
+def print_image_notes(images) -> None:
+    """Each note on what the model was given (the DICOM series picked, voxels replaced, a box clipped),
+    one line on stderr; ``--json`` has them under ``images[].notes``."""
+    from .session import image_notes
+
+    for line in image_notes(images):
+        print(f"note: {line}", file=sys.stderr)
+
+
 # --- subcommands ----------------------------------------------------------------------------
 def cmd_ask(args) -> int:
     from .ask import ask, prepare
@@ -229,6 +238,7 @@ def cmd_ask(args) -> int:
         print(json.dumps(turn.to_dict(), indent=2))
     else:
         print_delta("\n")
+        print_image_notes(turn.images)
         if turn.stop_reason != "eos":
             print(f"[stopped: {turn.stop_reason}]", file=sys.stderr)
         print(DISCLAIMER, file=sys.stderr)
@@ -318,6 +328,7 @@ def cmd_preview(args) -> int:
     path = render_montage(prepared.model_images, args.out, titles=titles, edges=prepared.edges, overlays=overlays)
     for record in prepared.records:
         print(f"{record.role}: {record.source} -> tensor {record.shape}", file=sys.stderr)
+    print_image_notes(prepared.records)
     print(path)
     return 0
 
@@ -395,7 +406,7 @@ def cmd_eval(args) -> int:
     cases = load_manifest(args.manifest)  # every bad row named before the model loads or the server is asked
     if client is not None:
         print(f"Answering on the RadFM server at {args.server} ...", file=sys.stderr, flush=True)
-    engine = client or load_engine(args)
+    engine = client or (lambda: load_engine(args))  # loaded once the run folder accepts the settings
     summary = run_eval(engine, cases, args.out, GenerationSettings(max_new_tokens=args.max_new_tokens),
                        window=args.window, interpolation=args.interpolation, manifest=str(args.manifest),
                        force=args.force, attention=args.attention)

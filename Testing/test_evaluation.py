@@ -238,6 +238,21 @@ def test_resuming_a_run_under_other_settings_is_refused_naming_the_change(fresh_
     assert summary["last_run"]["skipped_as_done"] == 1
 
 
+def test_cli_eval_refuses_a_resume_with_other_settings_before_loading_the_model(capsys, tmp_path, tiny_checkpoint):
+    from RadFMSlicer.cli import main
+
+    manifest = write_jsonl(tmp_path / "m.jsonl", [{"id": "c1", "images": [CT], "task": "modality", "reference": "CT"}])
+    run = ["eval", "--checkpoint", str(tiny_checkpoint), "--manifest", str(manifest), "--out", str(tmp_path / "run")]
+    assert main(run + ["--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    assert main(run + ["--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings (max_new_tokens: 2 -> 3)" in err and "--force" in err and "Loading" not in err
+    assert main(run + ["--max-new-tokens", "2", "--dtype", "bfloat16"]) == 2  # a model fact: compared once loaded
+    err = capsys.readouterr().err
+    assert "Loading" in err and "other settings (dtype: 'float32' -> 'bfloat16')" in err
+
+
 def run_folder(path: Path, scores: dict) -> Path:
     """A run folder holding ``{id: scores}`` as answered cases (for comparison logic)."""
     path.mkdir()

@@ -178,10 +178,15 @@ def _by_shared_scans(cases: list[Case]) -> list[Case]:
     return sorted(cases, key=lambda c: first[tuple(c.images)])
 
 
+def chosen_settings(settings: GenerationSettings, window, interpolation: str) -> dict:
+    """The part of :func:`run_settings` known before the model is loaded or the server asked."""
+    return {**settings.to_dict(), "window": window, "interpolation": interpolation}
+
+
 def run_settings(model: "LocalModel | ServerModel", settings: GenerationSettings, window, interpolation: str) -> dict:
     """What makes a run's answers comparable: resuming a run under other settings is refused
     (a run made here names its checkpoint, one made on a server the server's address)."""
-    return {**model.made_with(), **settings.to_dict(), "window": window, "interpolation": interpolation}
+    return {**model.made_with(), **chosen_settings(settings, window, interpolation)}
 
 
 def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: GenerationSettings | None = None, *,
@@ -189,8 +194,9 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
              force: bool = False, attention: bool = False) -> dict:
     """Answer the cases not yet answered in ``run_dir``, then write and return the summary.
 
-    ``engine``: a loaded engine, or a :class:`~RadFMSlicer.remote.RemoteClient` of the server
-    that answers every case. A server that cannot answer (gone, the token refused, its queue full)
+    ``engine``: a loaded engine, a function loading one (called once the run folder accepts the
+    settings: a resume refused for its generation settings, window or interpolation costs no load),
+    or a :class:`~RadFMSlicer.remote.RemoteClient` of the server that answers every case. A server that cannot answer (gone, the token refused, its queue full)
     ends the run after recording that case's error (retried on resume) and writing the summary:
     every later case would fail the same way.
     ``force``: resume a run folder made with other settings (each record keeps its own).
@@ -201,11 +207,12 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
     on_server = isinstance(engine, RemoteClient)
     if attention and on_server:
         raise RadFMError("--attention needs the model in this process (--checkpoint), not --server")
-    model = ServerModel(engine) if on_server else LocalModel(engine)
     settings = settings or GenerationSettings()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "cases.jsonl"
+    finished_ids(out, chosen_settings(settings, window, interpolation), force, partial=True)
+    model = ServerModel(engine) if on_server else LocalModel(engine() if callable(engine) else engine)
+    run_dir.mkdir(parents=True, exist_ok=True)
     made_with = run_settings(model, settings, window, interpolation)
     done = finished_ids(out, made_with, force)
     todo = _by_shared_scans([c for c in cases if c.id not in done])
