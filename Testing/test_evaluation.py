@@ -76,6 +76,23 @@ def test_every_bad_row_is_named_in_one_error(tmp_path):
     assert "line 9: a diagnosis reference must say yes or no, got 'maybe'" in message
 
 
+def test_a_repeated_id_is_named_beside_the_other_errors_of_its_row(capsys, tmp_path, tiny_checkpoint):
+    from RadFMSlicer.cli import main
+
+    manifest = write_jsonl(tmp_path / "m.jsonl", [
+        {"id": "c1", "images": [CT], "task": "modality", "reference": "CT"},
+        {"id": "c1", "images": [CT], "task": "segment", "reference": ""},
+        {"id": "c2", "images": [CT], "task": "segment", "reference": "CT"},
+        {"id": "c2", "images": [CT], "task": "modality", "reference": "CT"},
+    ])
+    code = main(["eval", "--checkpoint", str(tiny_checkpoint), "--manifest", str(manifest),
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "3 bad row(s)" in err and "Loading" not in err
+    assert "line 2: id 'c1' repeats line 1, unknown task 'segment'" in err and "empty reference" in err
+    assert "line 4: id 'c2' repeats line 3" in err  # a bad row's id is taken as well
+
+
 def test_csv_without_images_column_and_missing_manifest_are_clear(tmp_path):
     (tmp_path / "m.csv").write_text("image,task,reference\na.nii,report,x\n")
     with pytest.raises(ManifestError, match="needs a header row with an 'images' column"):

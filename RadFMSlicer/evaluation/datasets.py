@@ -158,9 +158,13 @@ def _case(row: dict, line: int, base: Path) -> tuple[Case | None, list[str]]:
             problems.append(str(exc))
     if problems:
         return None, problems
-    case_id = str(row["id"]).strip() if str(row.get("id") or "").strip() else str(line)
     extra = {k: v for k, v in row.items() if k not in KNOWN_KEYS}
-    return Case(case_id, images, task, reference, question, region, box, extra, line), []
+    return Case(_case_id(row, line), images, task, reference, question, region, box, extra, line), []
+
+
+def _case_id(row: dict, line: int) -> str:
+    """The row's ``id``, or its line number when it has none."""
+    return str(row["id"]).strip() if str(row.get("id") or "").strip() else str(line)
 
 
 def load_manifest(path: "str | Path") -> list[Case]:
@@ -175,12 +179,13 @@ def load_manifest(path: "str | Path") -> list[Case]:
             bad.append(f"line {line}: {row}")
             continue
         case, problems = _case(row, line, base)
-        if case is not None and case.id in seen:
-            problems = [f"id {case.id!r} repeats line {seen[case.id]}"]
+        case_id = _case_id(row, line)  # a bad row's id counts too: every error of a row is named at once
+        if case_id in seen:
+            problems = [f"id {case_id!r} repeats line {seen[case_id]}"] + problems
+        seen.setdefault(case_id, line)
         if problems:
             bad.append(f"line {line}: " + ", ".join(problems))
             continue
-        seen[case.id] = line
         cases.append(case)
     if bad:
         more = f"; ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
