@@ -21,7 +21,7 @@ from .imaging import ModelImage, Volume, load_volume, parse_window, preprocess, 
 from .preview import render_montage
 from .prompts import ORDINALS, PromptImage, build_prompt, task_question
 from .regions import check_corner, load_mask, region_from_box, region_from_mask
-from .session import ImageRecord, Session, Turn
+from .session import REGION_NOTE, ImageRecord, Session, Turn
 
 ROLE_LABELS = {"current": "current study", "prior": "prior study"}
 
@@ -278,7 +278,7 @@ def _edges(volume: Volume) -> tuple:
 def _record(image: ModelImage, role: str, label: str, facts: str | None, region: dict | None = None) -> ImageRecord:
     info = image.to_dict()
     if region:
-        info["notes"] = info["notes"] + [f"region: {region}"]
+        info["notes"] = info["notes"] + [f"{REGION_NOTE}{region}"]
     return ImageRecord(role=role, label=label, source=image.source, shape=info["tensor_shape"],
                        window=info["window"], resample=info["resample"], crop_box=info["crop_box"],
                        notes=info["notes"], facts=facts)

@@ -39,6 +39,24 @@ class ImageRecord:
     facts: str | None = None
 
 
+REGION_NOTE = "region: "  # a region's record repeats its facts as one note: for JSON readers, not shown
+
+
+def image_notes(images: list[ImageRecord]) -> list[str]:
+    """What a reader should know about the images, "label: note" each, every note once.
+
+    A region's close-up repeats its scan's notes (a crop keeps them), so each note is
+    named after the first image that has it.
+    """
+    lines, seen = [], set()
+    for image in images:
+        for note in image.notes:
+            if note not in seen and not note.startswith(REGION_NOTE):
+                seen.add(note)
+                lines.append(f"{image.label}: {note}")
+    return lines
+
+
 @dataclass
 class Turn:
     task: str

@@ -166,3 +166,28 @@ def test_the_cli_and_the_worker_build_the_same_request():
         "images": [CT], "regions": [{"name": "box 1", "box_ras": [[-40, 10, -200], [-10, 40, -170]]}],
         "window": [-600, 1500], "question": "Is there fluid", "temperature": 0.5, "seed": 3})
     assert from_cli == from_worker and from_cli.task == "vqa" and from_cli.window == "-600,1500"
+
+
+def test_text_output_tells_each_image_note_once(capsys, tiny_checkpoint, tmp_path):
+    """The series picked from a folder and a clipped box: --json has them in images[].notes, text on stderr."""
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for source in (CT, MR):
+        (mixed / Path(source).name).write_bytes(Path(source).read_bytes())
+    code, out, err = ask(capsys, tiny_checkpoint, "--image", mixed, "--box-ijk", "0,0,0,200,200,0")
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert code == 0 and out.strip()
+    assert len(notes) == 2, err  # the close-up keeps its scan's note: told once, under the scan
+    assert notes[0].startswith("note: mixed: picked ") and "series" in notes[0]
+    assert notes[1] == "note: box 1: box IJK [0, 0, 0]..[200, 200, 0] clipped to the volume"
+    code, out, err = ask(capsys, tiny_checkpoint, "--image", mixed, "--json")
+    assert code == 0 and "note: " not in err and "picked " in json.loads(out)["images"][0]["notes"][0]
+
+
+def test_preview_tells_the_image_notes(capsys, tmp_path):
+    data = np.linspace(0, 1, 4 * 5 * 6, dtype=np.float32).reshape(6, 5, 4)
+    data[1, 2, 3] = np.nan
+    nibabel.save(nibabel.Nifti1Image(data, np.eye(4)), tmp_path / "one_nan.nii.gz")
+    code, out, err = run(capsys, "preview", "--image", tmp_path / "one_nan.nii.gz", "--out", tmp_path / "p.png")
+    assert code == 0 and out.strip() == str(tmp_path / "p.png")
+    assert "note: one_nan.nii.gz: 1 NaN/inf voxels set to the lowest finite value (0)" in err.splitlines()
