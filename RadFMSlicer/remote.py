@@ -44,12 +44,22 @@ class ServerUnavailable(RadFMError):
     failing every one that follows."""
 
 
+def split_http_url(url: str):
+    """``url``'s parts, or a :class:`RadFMError` naming ``url`` as given when it is no http(s) address."""
+    try:
+        parts = urlsplit(url)
+        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:  # a port that is not a number or out of range, a broken [IPv6] host
+        valid = False
+    if not valid:
+        raise RadFMError(f"{url!r} is not an http(s) address (e.g. http://127.0.0.1:8765)")
+    return parts
+
+
 def http_request(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None,
                  timeout: float = 30.0, what: str = "the server") -> http.client.HTTPResponse:
     """One request; the response is returned unread (stream it or ``read()`` it)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise RadFMError(f"{url!r} is not an http(s) address (e.g. http://127.0.0.1:8765)")
+    parts = split_http_url(url)
     if parts.scheme == "https":
         connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
                                                  context=ssl.create_default_context())
@@ -189,6 +199,7 @@ class RemoteClient:
     """Talks to ``radfm serve``; the methods and events of :class:`~RadFMSlicer.worker.WorkerClient`."""
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 600.0):
+        split_http_url(url)  # checked once, as given: before any scan is read or uploaded
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
@@ -222,6 +233,9 @@ class RemoteClient:
                                 "the RadFM server")
         if response.status not in ok:
             message = read_error(response)
+            if response.status == 401 and not self.token:
+                raise ServerUnavailable("this server needs a token: pass --token-file FILE "
+                                        "(in Slicer: fill in the RadFM panel's Token)")
             if response.status == 401:
                 message = "the RadFM server refused the token (check the token for this server)"
             error = ServerUnavailable if response.status in (401, 429) else WorkerError

@@ -562,3 +562,19 @@ def test_radfm_ask_with_server_and_token_file(server, tmp_path, capsys):
     assert radfm(ask_args + ["--question", "q", "--json"]) == 0
     turn = json.loads(capsys.readouterr().out)
     assert turn["images"][0]["label"] == "CT_small.dcm" and turn["provenance"]["server"] == server.url
+
+
+def test_no_token_and_a_bad_address_say_what_to_give(server, tmp_path, capsys):
+    ask_args = ["ask", "--image", CT, "--question", "q", "--max-new-tokens", "4"]
+    assert radfm(ask_args + ["--server", server.url]) == 2
+    err = capsys.readouterr().err
+    assert "this server needs a token: pass --token-file FILE" in err and "refused" not in err
+    with pytest.raises(WorkerError, match="this server needs a token"):
+        RemoteClient(server.url).load()
+    for bad in ("notaurl", "127.0.0.1:8765", "ftp://127.0.0.1", "http://127.0.0.1:99999", "http://127.0.0.1:x"):
+        assert radfm(ask_args + ["--server", bad]) == 2
+        assert capsys.readouterr().err == f"radfm: error: {bad!r} is not an http(s) address (e.g. http://127.0.0.1:8765)\n"
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "c1", "images": [CT], "task": "modality", "reference": "CT"}) + "\n")
+    assert radfm(["eval", "--server", "notaurl", "--manifest", str(manifest), "--out", str(tmp_path / "run")]) == 2
+    assert "'notaurl' is not an http(s) address" in capsys.readouterr().err and not (tmp_path / "run").exists()
