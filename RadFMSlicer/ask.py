@@ -333,10 +333,7 @@ def make_turn(engine: RadFMEngine, request: AskRequest, prepared: PreparedAsk, r
         prompt=_shorten_tags(prepared.prompt),
         images=prepared.records,
         provenance={
-            "model": engine.describe(),
-            "settings": request.settings.to_dict(),
-            "history": request.history,
-            "included_previous_turns": request.include_previous_turns,
+            **_provenance(request, engine.describe()),
             "timing": {
                 "prepare_and_encode_s": round(prepare_s, 3),
                 "time_to_first_token_s": None if result.time_to_first_token_s is None
@@ -348,6 +345,27 @@ def make_turn(engine: RadFMEngine, request: AskRequest, prepared: PreparedAsk, r
             },
         },
     )
+
+
+def cut_turn(request: AskRequest, answer: str, stop_reason: str, error: str | None = None,
+             prepared: PreparedAsk | None = None, model: dict | None = None) -> Turn:
+    """The turn of an answer cut short (Ctrl-C, a server gone mid-answer): the words so far, with
+    what is known of what produced them (without ``prepared``, as over a server, not the images)."""
+    return Turn(
+        task=request.task,
+        question=prepared.question if prepared else task_question(request.task, request.question),
+        answer=answer,
+        stop_reason=stop_reason,
+        error=error,
+        prompt=_shorten_tags(prepared.prompt) if prepared else "",
+        images=prepared.records if prepared else [],
+        provenance=_provenance(request, model or {}),
+    )
+
+
+def _provenance(request: AskRequest, model: dict) -> dict:
+    return {"model": model, "settings": request.settings.to_dict(), "history": request.history,
+            "included_previous_turns": request.include_previous_turns}
 
 
 def ask(engine: RadFMEngine, request: AskRequest, session: Session | None = None, on_text=None,

@@ -216,24 +216,35 @@ def cmd_ask(args) -> int:
     if args.session:
         check_writable(args.session, "session file")  # before the model runs, not after the answer
     session = Session.read(args.session) if args.session else Session()
-    stream = None if args.json else print_delta
-    if args.server:
-        from .remote import ask_server
+    words = []  # the answer so far: kept in --session if it is cut short
 
-        turn = ask_server(client, request, session, on_text=stream)
-    else:
-        prepared = prepare(request, session)  # every scan, region and path checked before the model loads
-        engine = load_engine(args)
-        attention = None
-        if args.attention:  # computed with the encoding, which the answer then reuses
-            from .attention import write_for_ask
+    def stream(delta: str) -> None:
+        words.append(delta)
+        if not args.json:
+            print_delta(delta)
 
-            attention = write_for_ask(engine, prepared, args.attention)
-        turn = ask(engine, request, session, on_text=stream, prepared=prepared)
-        if attention:
-            turn.provenance["attention"] = attention
-            if not args.json:
-                print(f"attention map ({attention['label']}): {attention['file']}", file=sys.stderr)
+    prepared = engine = attention = None
+    try:
+        if args.server:
+            from .remote import ask_server
+
+            turn = ask_server(client, request, session, on_text=stream)
+        else:
+            prepared = prepare(request, session)  # every scan, region and path checked before the model loads
+            engine = load_engine(args)
+            if args.attention:  # computed with the encoding, which the answer then reuses
+                from .attention import write_for_ask
+
+                attention = write_for_ask(engine, prepared, args.attention)
+            turn = ask(engine, request, session, on_text=stream, prepared=prepared)
+    except (KeyboardInterrupt, RadFMError) as exc:
+        if args.session and words:
+            keep_cut_answer(args, request, "".join(words), exc, prepared, engine)
+        raise
+    if attention:
+        turn.provenance["attention"] = attention
+        if not args.json:
+            print(f"attention map ({attention['label']}): {attention['file']}", file=sys.stderr)
     if args.json:
         print(json.dumps(turn.to_dict(), indent=2))
     else:
@@ -248,6 +259,27 @@ def cmd_ask(args) -> int:
         except RadFMError as exc:
             raise RadFMError(f"the answer above was not added to {args.session}: {exc}") from None
     return 0
+
+
+def keep_cut_answer(args, request, answer: str, exc: BaseException, prepared, engine) -> None:
+    """Add an answer cut short by Ctrl-C or an error to ``--session``, as the panel keeps the words
+    so far (stop reason "cancelled" or "error"), and raise ``exc`` again saying so."""
+    from .ask import cut_turn
+    from .session import append_turn
+
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    turn = cut_turn(request, answer, "cancelled" if interrupted else "error", None if interrupted else str(exc),
+                    prepared, engine.describe() if engine else None)
+    if args.server:
+        turn.provenance["server"] = args.server
+    try:
+        append_turn(args.session, turn)  # under the file's lock, atomically: the turns already there are kept
+        told = f"the answer so far was added to {args.session} (stop reason: {turn.stop_reason})"
+    except RadFMError as save_error:
+        told = f"the answer so far could not be added to {args.session}: {save_error}"
+    if interrupted:
+        raise KeyboardInterrupt(told) from None
+    raise RadFMError(f"{exc}; {told}") from None
 
 
 def cmd_batch(args) -> int:
@@ -582,8 +614,8 @@ def main(argv=None) -> int:
     except RadFMError as exc:
         report_error(f"radfm: error: {' '.join(str(exc).split())}")
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        report_error("radfm: interrupted")
+    except KeyboardInterrupt as exc:  # its message, if any, says what was kept
+        report_error(f"radfm: interrupted; {exc}" if str(exc) else "radfm: interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader went away (``radfm ask ... | head -1``): nothing left to tell it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -191,3 +191,75 @@ def test_preview_tells_the_image_notes(capsys, tmp_path):
     code, out, err = run(capsys, "preview", "--image", tmp_path / "one_nan.nii.gz", "--out", tmp_path / "p.png")
     assert code == 0 and out.strip() == str(tmp_path / "p.png")
     assert "note: one_nan.nii.gz: 1 NaN/inf voxels set to the lowest finite value (0)" in err.splitlines()
+
+
+def test_an_interrupted_answer_joins_the_session(capsys, monkeypatch, tiny_checkpoint, tmp_path):
+    """Ctrl-C mid-answer: the words so far stay on stdout and are added to --session, stop reason "cancelled"."""
+    from RadFMSlicer import generation
+
+    session = tmp_path / "s.json"
+    assert ask(capsys, tiny_checkpoint, "--image", CT, "--question", "Is there fluid", "--session", session)[0] == 0
+    push, pushed = generation.StreamDecoder.push, []
+
+    def interrupted_after_seven_tokens(self, token):
+        pushed.append(token)
+        if len(pushed) > 7:
+            raise KeyboardInterrupt
+        return push(self, token)
+
+    monkeypatch.setattr(generation.StreamDecoder, "push", interrupted_after_seven_tokens)
+    code, out, err = ask(capsys, tiny_checkpoint, "--image", CT, "--question", "Is there air", "--session", session)
+    assert code == 130 and out.strip(), err
+    assert err.splitlines()[-1] == f"radfm: interrupted; the answer so far was added to {session} (stop reason: cancelled)"
+    first, cut = json.loads(session.read_text())["turns"]
+    assert first["question"] == "Is there fluid?" and first["answer"]  # the turn already there is kept
+    assert cut["question"] == "Is there air?" and cut["stop_reason"] == "cancelled" and cut["error"] is None
+    assert cut["answer"].strip() == out.strip() and cut["images"][0]["label"] == "CT_small.dcm"
+    assert cut["provenance"]["model"]["checkpoint"] == str(tiny_checkpoint)
+    assert not list(tmp_path.glob(".s.json.*.tmp"))  # written through storage: no temporary file left
+
+
+def test_an_answer_cut_by_a_server_gone_joins_the_session(capsys, tmp_path):
+    """A radfm serve that dies mid-answer: one error line, status 2, and the words so far in --session."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class DiesMidAnswer(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # "the server has this upload"
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b'event: token\ndata: {"text": "The lungs", "data": {}}\n\n')
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+    session = tmp_path / "s.json"
+    session.write_text(json.dumps({"format": 1, "title": "kept", "turns": [{"task": "report", "question": "q0",
+                                                                             "answer": "earlier"}]}))
+    fake = ThreadingHTTPServer(("127.0.0.1", 0), DiesMidAnswer)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    try:
+        code, out, err = run(capsys, "ask", "--server", f"http://127.0.0.1:{fake.server_address[1]}", "--image", CT,
+                             "--question", "Is there fluid", "--session", session)
+    finally:
+        fake.shutdown()
+        fake.server_close()
+    last = err.splitlines()[-1]
+    assert code == 2 and out.strip() == "The lungs"
+    assert last.startswith("radfm: error: ") and "mid-answer" in last
+    assert last.endswith(f"; the answer so far was added to {session} (stop reason: error)")
+    saved = json.loads(session.read_text())
+    assert saved["title"] == "kept" and [t["answer"] for t in saved["turns"]] == ["earlier", "The lungs"]
+    cut = saved["turns"][1]
+    assert cut["stop_reason"] == "error" and "mid-answer" in cut["error"] and cut["question"] == "Is there fluid?"
