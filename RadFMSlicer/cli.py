@@ -245,8 +245,8 @@ def cmd_ask(args) -> int:
         turn.provenance["attention"] = attention
         if not args.json:
             print(f"attention map ({attention['label']}): {attention['file']}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(turn.to_dict(), indent=2))
+    if args.json:  # the notice every answer carries, as text mode prints it
+        print(json.dumps({**turn.to_dict(), "disclaimer": DISCLAIMER}, indent=2))
     else:
         print_delta("\n")
         print_image_notes(turn.images)

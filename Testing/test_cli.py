@@ -263,3 +263,10 @@ def test_an_answer_cut_by_a_server_gone_joins_the_session(capsys, tmp_path):
     assert saved["title"] == "kept" and [t["answer"] for t in saved["turns"]] == ["earlier", "The lungs"]
     cut = saved["turns"][1]
     assert cut["stop_reason"] == "error" and "mid-answer" in cut["error"] and cut["question"] == "Is there fluid?"
+
+
+def test_json_answer_carries_the_research_use_notice(capsys, tiny_checkpoint):
+    from RadFMSlicer.session import DISCLAIMER
+
+    code, out, _ = ask(capsys, tiny_checkpoint, "--image", CT, "--question", "Is there fluid", "--json")
+    assert code == 0 and json.loads(out)["disclaimer"] == DISCLAIMER and DISCLAIMER.startswith("Research use only.")
