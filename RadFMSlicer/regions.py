@@ -151,14 +151,20 @@ def region_from_box(vol: Volume, ras_min=None, ras_max=None, *, ijk_min=None, ij
     if ras_min is not None:
         a, b = check_corner(ras_min, "ras_min", name), check_corner(ras_max, "ras_max", name)
         corners_ras = [np.array(c) for c in itertools.product(*zip(a, b))]
-        what = f"RAS {np.round(np.minimum(a, b), 1).tolist()}..{np.round(np.maximum(a, b), 1).tolist()}"
+        what = "RAS"
     else:
         a, b = check_corner(ijk_min, "ijk_min", name), check_corner(ijk_max, "ijk_max", name)
         to_ras = vol.ijk_to_ras
         corners_ras = [(to_ras @ np.append(c, 1.0))[:3] for c in itertools.product(*zip(a, b))]
-        what = f"IJK {np.minimum(a, b).astype(int).tolist()}..{np.maximum(a, b).astype(int).tolist()}"
+        what = "IJK"
+    what += " {}..{}".format(*("[" + ", ".join(f"{v:g}" for v in c) + "]" for c in (np.minimum(a, b), np.maximum(a, b))))
     inv = np.linalg.inv(vol.display_to_ras)
-    idx = np.array([(inv @ np.append(c, 1.0))[:3] for c in corners_ras])
+    with np.errstate(over="ignore", invalid="ignore"):  # corners near the float limit: refused below
+        idx = np.array([(inv @ np.append(c, 1.0))[:3] for c in corners_ras])
+    if not np.isfinite(idx).all():
+        raise ImageError(f"Box for region '{name}' ({what}) is too far out to place on the volume {vol.source}: "
+                         "give corners near the scan (a box partly outside it is clipped).")
+    idx = np.clip(idx, -1.0, vol.shape)  # a corner beyond the volume is clipped below anyway: cast only what fits
     eps = 1e-6  # voxel n spans [n - 0.5, n + 0.5]: take every voxel the box overlaps
     lo = np.floor(idx.min(axis=0) + 0.5 + eps).astype(int)
     hi = np.ceil(idx.max(axis=0) - 0.5 - eps).astype(int)

@@ -67,7 +67,7 @@ BAD_INPUTS = [
     ("preview dir in /proc", ASK + ["--preview-dir", "/proc/radfm-previews"], "cannot write preview folder"),
     ("window width 0", ASK + ["--window", "40,0"], "width must be a number > 0"),
     ("window unknown", ASK + ["--window", "liver"], "Unknown window 'liver'"),
-    ("window NaN", ASK + ["--window", "nan,400"], "Window width must be a number > 0"),
+    ("window NaN", ASK + ["--window", "nan,400"], 'Window centre must be a finite number .*"40,400"'),
     ("box too short", ASK + ["--box", "1,2,3"], "--box needs 6 comma-separated numbers"),
     ("box NaN", ASK + ["--box", "nan,0,0,1,1,1"], "must be finite"),
     ("box outside", ASK + ["--box-ijk", "900,900,0,950,950,0"], "lies entirely outside the volume"),
@@ -106,6 +106,9 @@ BAD_INPUTS = [
     ("batch window unknown", BATCH + ["--out", "{tmp}/r.jsonl", "--window", "liver"], "Unknown window 'liver'"),
     ("eval device unknown", ["eval", "--checkpoint", "{ckpt}", "--manifest", "{tmp}/m.jsonl", "--out", "{tmp}/run",
                              "--device", "tpu"], "unknown device 'tpu'"),
+    ("window centre inf", ASK + ["--window", "inf,400"], r"Window centre must be a finite number \(got centre inf"),
+    ("window lost in float32", ASK + ["--window", "1e30,1"], "Window 1e\\+30,1 cannot be applied: scans are windowed in"),
+    ("box beyond float range", ASK + ["--box", "-1.7e308,0,0,1.7e308,5,5"], "is too far out to place on the volume"),
 ]
 
 
@@ -184,3 +187,12 @@ def test_the_worker_refuses_a_bad_ask_at_once_not_after_the_queued_load(fields, 
     server.handle({"id": "q", "op": "ask", **fields})
     (final,) = sink.finals("q")
     assert final.kind == "error" and message in final.text
+
+
+@pytest.mark.parametrize("argv", [ASK + ["--box", "-1e308,0,0,1e308,5,5"], ASK + ["--window", "1e30,1"]],
+                         ids=["box near the float limit", "window lost in float32"])
+def test_extreme_numbers_give_the_error_line_without_numpy_warnings(capsys, no_model, tiny_checkpoint, tmp_path,
+                                                                     recwarn, argv):
+    code, out, err = run_cli(capsys, argv, tiny_checkpoint, tmp_path)
+    assert code == 2 and err.startswith("radfm: error: ") and len(err.splitlines()) == 1, err
+    assert not recwarn.list, [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in recwarn.list]

@@ -408,6 +408,27 @@ def test_window_width_must_be_positive():
         Window(40, -10)
 
 
+@pytest.mark.parametrize("window, message", [
+    ("nan,400", r"Window centre must be a finite number \(got centre nan, width 400\)"),
+    ("-inf,400", r"Window centre must be a finite number \(got centre -inf, width 400\)"),
+    ("40,nan", r"Window width must be a number > 0 \(got centre 40, width nan\)"),
+    ("1e30,1", r"Window 1e\+30,1 cannot be applied: .* low, high and width come out as 1e\+30, 1e\+30, 0;"),
+    ("40,1e-300", r"come out as 40, 40, 0;"),
+    ("1e308,1e308", r"come out as inf, inf, nan;"),
+    ("0,6e38", r"come out as -3e\+38, 3e\+38, inf;"),
+])
+def test_a_bad_window_names_the_bad_number_and_the_spelling_front_ends_take(window, message):
+    with pytest.raises(ImageError, match=message) as caught:
+        preprocess(volume_from_array(ct_like()), window)
+    assert str(caught.value).endswith('give "centre,width" such as "40,400" (soft tissue).')
+
+
+def test_a_very_narrow_window_is_applied_without_numpy_warnings(recwarn):
+    x = preprocess(volume_from_array(ct_like()), "0,1e-38").tensor
+    assert not recwarn.list, [str(w.message) for w in recwarn.list]
+    assert set(torch.unique(x).tolist()) <= {0.0, 1.0} and not x.isnan().any()
+
+
 # ----------------------------------------------------------------------------- files that lie
 def _scan_file(tmp_path, ext, data=None, compress=False):
     data = np.linspace(-500, 500, 20 * 30 * 40, dtype=np.float32).reshape(20, 30, 40) if data is None else data

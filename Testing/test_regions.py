@@ -114,6 +114,17 @@ def test_box_partly_outside_is_clipped_and_noted(vol):
     assert any("clipped" in n for n in region.notes) and any("clipped" in n for n in region.volume.notes)
 
 
+def test_a_box_reaching_near_the_float_limit_is_clipped_without_numpy_warnings(vol, recwarn):
+    region = region_from_box(vol, ijk_min=(-1e308, 10, 5), ijk_max=(1e308, 19, 9), margin_mm=0)
+    assert region.crop_box == ((10, 10, 0), (15, 20, 80))
+    assert region.notes == ["box IJK [-1e+308, 10, 5]..[1e+308, 19, 9] clipped to the volume"]
+    assert not recwarn.list, [f"{w.message} ({w.filename}:{w.lineno})" for w in recwarn.list]
+    with pytest.raises(ImageError, match=r"Box for region 'far' \(RAS \[-1.7e\+308, 0, 0\]\.\.\[1.7e\+308, 5, 5\]\) "
+                                         "is too far out to place on the volume mr"):
+        region_from_box(vol, ras_min=(-1.7e308, 0, 0), ras_max=(1.7e308, 5, 5), name="far")
+    assert not recwarn.list
+
+
 def test_box_outside_or_malformed_is_refused(vol):
     with pytest.raises(ImageError, match="entirely outside the volume"):
         region_from_box(vol, ras_min=(500, 500, 500), ras_max=(600, 600, 600), name="far")

@@ -154,11 +154,12 @@ def _window_slices(voxels: np.ndarray, picks: np.ndarray, win: dict) -> torch.Te
     step reads memory that is still in cache: half the time of whole-array passes."""
     out = np.empty((len(picks), *voxels.shape[1:]), dtype=np.float32)
     low, width = np.float32(win["low"]), np.float32(win["high"] - win["low"])
-    for k, source in enumerate(picks):
-        slice_ = out[k]
-        np.subtract(voxels[source], low, out=slice_, dtype=np.float32)
-        np.divide(slice_, width, out=slice_)
-        np.clip(slice_, 0.0, 1.0, out=slice_)
+    with np.errstate(over="ignore"):  # far outside a very narrow window a value overflows to +-inf: clipped to 0 or 1
+        for k, source in enumerate(picks):
+            slice_ = out[k]
+            np.subtract(voxels[source], low, out=slice_, dtype=np.float32)
+            np.divide(slice_, width, out=slice_)
+            np.clip(slice_, 0.0, 1.0, out=slice_)
     return torch.from_numpy(out)
 
 

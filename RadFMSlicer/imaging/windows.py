@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .geometry import Volume
 
 PERCENTILES = (0.5, 99.5)
+_WINDOW_EXAMPLE = 'give "centre,width" such as "40,400" (soft tissue)'
 
 
 @dataclass(frozen=True)
@@ -24,9 +25,18 @@ class Window:
     width: float
 
     def __post_init__(self):
-        if not (math.isfinite(self.center) and math.isfinite(self.width)) or self.width <= 0:
-            raise ImageError(f"Window width must be a number > 0 (got center={self.center}, width={self.width}); "
-                             "e.g. Window(40, 400) for soft tissue.")
+        got = f"got centre {self.center:g}, width {self.width:g}"
+        if not math.isfinite(self.center):
+            raise ImageError(f"Window centre must be a finite number ({got}); {_WINDOW_EXAMPLE}.")
+        if not (math.isfinite(self.width) and self.width > 0):
+            raise ImageError(f"Window width must be a number > 0 ({got}); {_WINDOW_EXAMPLE}.")
+        with np.errstate(over="ignore", invalid="ignore"):  # scans are windowed in float32: these must exist there
+            low, high = np.float32(self.low), np.float32(self.high)
+            width = high - low
+        if not (np.isfinite(low) and np.isfinite(high) and np.isfinite(width) and width > 0):
+            raise ImageError(f"Window {self.center:g},{self.width:g} cannot be applied: scans are windowed in single "
+                             f"precision, where its low, high and width come out as {low:g}, {high:g}, {width:g}; "
+                             f"each must be finite (under 3.4e38) and the width above 0; {_WINDOW_EXAMPLE}.")
 
     @property
     def low(self) -> float:
