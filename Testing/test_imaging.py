@@ -77,6 +77,13 @@ def test_4d_nifti_is_refused_with_how_to_pick_a_volume():
         load_volume(os.path.join(NIB_DATA, "example4d.nii.gz"))
 
 
+def test_4d_nifti_error_gives_the_shape_in_the_files_own_order(tmp_path):
+    path = tmp_path / "4d.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.zeros((32, 32, 8, 3), np.float32), np.eye(4)), path)
+    with pytest.raises(ImageError, match=r"4d.nii.gz is a 4D image of shape \(32, 32, 8, 3\);"):
+        load_volume(path)
+
+
 @pytest.mark.parametrize("ext", [".nrrd", ".mha", ".nii.gz"])
 def test_round_trip_through_simpleitk_formats(tmp_path, ext):
     rng = np.random.default_rng(0)

@@ -316,7 +316,7 @@ def load_volume(path, series=None) -> Volume:
         reader = info = read_info(path)
         size = info.GetSize()
         if len(size) > 3 and any(n != 1 for n in size[3:]):
-            raise ImageError(_not_3d(path, size[::-1]))
+            raise ImageError(_not_3d(path, size))  # in the file's own (i, j, k, t) order, as nibabel shows it
         if len(size) <= 3:  # refuse absurd sizes before reading the pixels
             shape = (size[2] if len(size) == 3 else 1, size[1], size[0])
             check_size(Grid.plan(shape, affine_from_itk(size, info.GetSpacing(), info.GetOrigin(),
@@ -325,7 +325,7 @@ def load_volume(path, series=None) -> Volume:
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() not in (2, 3):
-        raise ImageError(_not_3d(path, image.GetSize()[::-1]))
+        raise ImageError(_not_3d(path, image.GetSize()))
     a = sitk.GetArrayViewFromImage(image)
     if nonfinite is not None and nonfinite.size == a.size:  # put back the NaN/inf SimpleITK read as 0
         a = np.array(a, dtype=np.float32)
