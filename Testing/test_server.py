@@ -578,3 +578,39 @@ def test_no_token_and_a_bad_address_say_what_to_give(server, tmp_path, capsys):
     manifest.write_text(json.dumps({"id": "c1", "images": [CT], "task": "modality", "reference": "CT"}) + "\n")
     assert radfm(["eval", "--server", "notaurl", "--manifest", str(manifest), "--out", str(tmp_path / "run")]) == 2
     assert "'notaurl' is not an http(s) address" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("stop, named_cache", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_a_stopped_server_removes_the_folders_it_made_and_its_worker(fixture_dir, tmp_path, stop, named_cache):
+    """SIGTERM (systemd, docker stop) and Ctrl-C end the worker and remove the upload cache and thumbnail
+    folders the server made; a --cache-dir the user named is theirs and stays, uploads and all."""
+    import subprocess
+    import sys
+
+    temp, cache = tmp_path / "tmp", tmp_path / "my-cache"
+    temp.mkdir()
+    port = free_port()
+    command = [sys.executable, "-m", "RadFMSlicer.cli", "serve", "--checkpoint", str(fixture_dir), "--port", str(port)]
+    serve = subprocess.Popen(command + (["--cache-dir", str(cache)] if named_cache else []),
+                             env=dict(os.environ, TMPDIR=str(temp)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        client, deadline = RemoteClient(f"http://127.0.0.1:{port}"), time.monotonic() + 120
+        while True:
+            try:
+                pid = client.load() and client.status()["pid"]
+                break
+            except WorkerError:
+                assert serve.poll() is None and time.monotonic() < deadline, serve.stderr.read().decode()[-2000:]
+                time.sleep(0.2)
+        made = sorted(p.name.rsplit("-", 1)[0] for p in temp.glob("radfm-*"))
+        assert made == ["radfm-previews"] + ([] if named_cache else ["radfm-uploads"])
+        assert client.encode([CT]).wait(60).kind == "done"
+        serve.send_signal(stop)
+        serve.wait(60)
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+    assert not list(temp.glob("radfm-*"))
+    assert not named_cache or len(list(cache.glob("*.npy"))) == 1
+    with pytest.raises(ProcessLookupError):  # the worker was stopped and reaped by its server
+        os.kill(pid, 0)
