@@ -5,6 +5,7 @@ print one line on stderr and exit with status 2, without a traceback.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import RadFMError
+from .errors import ImageError, PromptError, RadFMError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -88,6 +89,8 @@ def regions_from_args(args):
 
     regions = []
     for n, spec in enumerate(args.region, 1):
+        if not spec.strip():
+            raise ImageError("--region is empty: give a label map file, MASK[:LABEL]")
         path, _, label = spec.rpartition(":") if not os.path.exists(spec) and ":" in spec else (spec, "", "")
         if label and not label.lstrip("-").isdigit():
             raise RadFMError(f"--region {spec}: the label after ':' must be an integer (e.g. {path}:1)")
@@ -104,18 +107,42 @@ def regions_from_args(args):
 def images_from_args(args, paths=None):
     from .ask import ImageInput
 
-    paths = paths if paths is not None else args.image
+    if paths is None:
+        paths = args.image
+        if not all(path.strip() for path in paths):
+            raise ImageError("--image is empty: give a scan file or a DICOM folder")
     return [ImageInput(path=p, role="current" if k == 0 else "prior", series=args.series) for k, p in enumerate(paths)]
 
 
 def request_from_args(args, image_paths=None, question=None, task=None):
     from .ask import AskRequest
 
-    return AskRequest.from_dict({
-        **vars(args), "task": task or args.task, "question": question if question is not None else args.question,
-        "images": images_from_args(args, image_paths), "regions": regions_from_args(args),
-        "window": args.window or args.preset, "preview_dir": getattr(args, "preview_dir", None),
-    })
+    with settings_named_as_flags():
+        return AskRequest.from_dict({
+            **vars(args), "task": task or args.task, "question": question if question is not None else args.question,
+            "images": images_from_args(args, image_paths), "regions": regions_from_args(args),
+            "window": args.window or args.preset, "preview_dir": getattr(args, "preview_dir", None),
+        })
+
+
+@contextlib.contextmanager
+def settings_named_as_flags():
+    """GenerationSettings' errors name its fields (``top_p must be ...``); the user typed flags (--top-p)."""
+    from .generation import GenerationSettings
+
+    try:
+        yield
+    except PromptError as exc:
+        field = str(exc).split()[0]
+        if field not in GenerationSettings.__dataclass_fields__:
+            raise
+        raise PromptError(f"--{field.replace('_', '-')}: {exc}") from None
+
+
+def check_question_flag(args) -> None:
+    """An empty --question is a question left out, not a report asked for (the default task without one)."""
+    if args.question is not None and not args.question.strip() and args.task in (None, "vqa"):
+        raise PromptError("--question is empty: task vqa needs a question; pass one, or choose --task report")
 
 
 def vllm_url(args) -> str | None:
@@ -211,6 +238,7 @@ def cmd_ask(args) -> int:
             raise RadFMError("--attention needs the model in this process (--checkpoint), not --server")
         check_map_name(args.attention)
         check_writable(args.attention, "--attention")
+    check_question_flag(args)
     request = request_from_args(args)
     request.include_previous_turns = args.include_previous_turns
     if args.session:
@@ -432,6 +460,8 @@ def cmd_eval(args) -> int:
     if missing:
         raise RadFMError(f"radfm eval needs {', '.join(missing)} (or --server URL instead of --checkpoint; "
                          f"or: radfm eval compare RUN_A RUN_B)")
+    with settings_named_as_flags():
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     client = remote_client(args) if args.server else None  # its token file read before the manifest
     if client is None:
         check_model_arguments(args)
@@ -439,7 +469,7 @@ def cmd_eval(args) -> int:
     if client is not None:
         print(f"Answering on the RadFM server at {args.server} ...", file=sys.stderr, flush=True)
     engine = client or (lambda: load_engine(args))  # loaded once the run folder accepts the settings
-    summary = run_eval(engine, cases, args.out, GenerationSettings(max_new_tokens=args.max_new_tokens),
+    summary = run_eval(engine, cases, args.out, settings,
                        window=args.window, interpolation=args.interpolation, manifest=str(args.manifest),
                        force=args.force, attention=args.attention)
     print(format_table(summary))

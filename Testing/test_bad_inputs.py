@@ -109,6 +109,21 @@ BAD_INPUTS = [
     ("window centre inf", ASK + ["--window", "inf,400"], r"Window centre must be a finite number \(got centre inf"),
     ("window lost in float32", ASK + ["--window", "1e30,1"], "Window 1e\\+30,1 cannot be applied: scans are windowed in"),
     ("box beyond float range", ASK + ["--box", "-1.7e308,0,0,1.7e308,5,5"], "is too far out to place on the volume"),
+    ("question empty string", ASK + ["--question", ""],
+     "^radfm: error: --question is empty: task vqa needs a question; pass one, or choose --task report$"),
+    ("question empty for vqa", ASK + ["--task", "vqa", "--question", ""], "--question is empty: .* choose --task report"),
+    ("image empty", ["ask", "--checkpoint", "{ckpt}", "--image", ""],
+     "^radfm: error: --image is empty: give a scan file or a DICOM folder$"),
+    ("preview image empty", ["preview", "--image", "", "--out", "{tmp}/p.png"], "--image is empty: give a scan file"),
+    ("region empty", ASK + ["--region", ""], "--region is empty: give a label map file"),
+    ("max tokens 0 names the flag", ASK + ["--max-new-tokens", "0"],
+     "^radfm: error: --max-new-tokens: max_new_tokens must be a positive integer, got 0$"),
+    ("top-p names the flag", ASK + ["--top-p", "1.5"], r"--top-p: top_p must be in \(0, 1\], got 1.5"),
+    ("top-k names the flag", ASK + ["--top-k", "-1"], "--top-k: top_k must be >= 0"),
+    ("temperature names the flag", ASK + ["--temperature", "-1"], "--temperature: temperature must be >= 0"),
+    ("repetition penalty names the flag", ASK + ["--repetition-penalty", "0"], "--repetition-penalty: repetition_penalty"),
+    ("eval max tokens names the flag", ["eval", "--checkpoint", "{ckpt}", "--manifest", "{tmp}/m.jsonl", "--out",
+                                        "{tmp}/run", "--max-new-tokens", "0"], "--max-new-tokens: max_new_tokens must be"),
 ]
 
 
