@@ -587,12 +587,13 @@ def test_a_stopped_server_removes_the_folders_it_made_and_its_worker(fixture_dir
     import subprocess
     import sys
 
-    temp, cache = tmp_path / "tmp", tmp_path / "my-cache"
+    temp, cache, log = tmp_path / "tmp", tmp_path / "my-cache", tmp_path / "serve.log"
     temp.mkdir()
     port = free_port()
     command = [sys.executable, "-m", "RadFMSlicer.cli", "serve", "--checkpoint", str(fixture_dir), "--port", str(port)]
-    serve = subprocess.Popen(command + (["--cache-dir", str(cache)] if named_cache else []),
-                             env=dict(os.environ, TMPDIR=str(temp)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    with open(log, "wb") as output:
+        serve = subprocess.Popen(command + (["--cache-dir", str(cache)] if named_cache else []),
+                                 env=dict(os.environ, TMPDIR=str(temp)), stdout=output, stderr=output)
     try:
         client, deadline = RemoteClient(f"http://127.0.0.1:{port}"), time.monotonic() + 120
         while True:
@@ -600,7 +601,7 @@ def test_a_stopped_server_removes_the_folders_it_made_and_its_worker(fixture_dir
                 pid = client.load() and client.status()["pid"]
                 break
             except WorkerError:
-                assert serve.poll() is None and time.monotonic() < deadline, serve.stderr.read().decode()[-2000:]
+                assert serve.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
                 time.sleep(0.2)
         made = sorted(p.name.rsplit("-", 1)[0] for p in temp.glob("radfm-*"))
         assert made == ["radfm-previews"] + ([] if named_cache else ["radfm-uploads"])
