@@ -20,7 +20,7 @@ from .image_cache import NO_CACHE, ImageCache
 from .imaging import ModelImage, Volume, load_volume, parse_window, preprocess, volume_from_array
 from .preview import render_montage
 from .prompts import ORDINALS, PromptImage, build_prompt, task_question
-from .regions import check_corner, load_mask, region_from_box, region_from_mask
+from .regions import check_corner, region_from_box, region_from_mask
 from .session import REGION_NOTE, ImageRecord, Session, Turn
 
 ROLE_LABELS = {"current": "current study", "prior": "prior study"}
@@ -123,8 +123,7 @@ class RegionInput:
 
     def locate(self, volume: Volume):
         if self.mask is not None:
-            mask = load_mask(self.mask, volume) if isinstance(self.mask, (str, Path)) else np.asarray(self.mask)
-            return region_from_mask(volume, mask, label=self.label, margin_mm=self.margin_mm, name=self.name)
+            return region_from_mask(volume, self.mask, label=self.label, margin_mm=self.margin_mm, name=self.name)
         if self.box_ras is not None:
             return region_from_box(volume, self.box_ras[0], self.box_ras[1], margin_mm=self.margin_mm, name=self.name)
         if self.box_ijk is not None:

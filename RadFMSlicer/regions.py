@@ -107,10 +107,14 @@ def _make_region(vol, lo, hi, center, name, margin_mm, volume_ml, notes) -> Regi
 
 
 def region_from_mask(vol: Volume, mask_kji, label=None, margin_mm=10.0, name="region") -> Region:
-    """Region from a label/binary mask on the volume's original ``[k, j, i]`` grid.
+    """Region from a label/binary mask on the volume's original ``[k, j, i]`` grid, or a label map file.
 
-    ``label=None`` takes every nonzero voxel; the centre is the mask's centroid.
+    ``label=None`` takes every nonzero voxel; the centre is the mask's centroid. A file is read
+    by :func:`load_mask` (a label map on another grid is resampled onto the volume's, and noted).
     """
+    notes = []
+    if isinstance(mask_kji, (str, os.PathLike)):
+        mask_kji = load_mask(mask_kji, vol, notes)
     mask = vol.to_display(mask_kji)
     sel = mask != 0 if label is None else mask == label
     count = int(sel.sum())
@@ -125,7 +129,7 @@ def region_from_mask(vol: Volume, mask_kji, label=None, margin_mm=10.0, name="re
     hi = [int(i.max()) for i in idx]
     center = [float(i.mean()) for i in idx]
     ml = count * float(np.prod(vol.spacing_mm)) / 1000.0
-    return _make_region(vol, lo, hi, center, name, margin_mm, ml, [])
+    return _make_region(vol, lo, hi, center, name, margin_mm, ml, notes)
 
 
 def check_corner(values, what, name):
@@ -157,7 +161,8 @@ def region_from_box(vol: Volume, ras_min=None, ras_max=None, *, ijk_min=None, ij
         to_ras = vol.ijk_to_ras
         corners_ras = [(to_ras @ np.append(c, 1.0))[:3] for c in itertools.product(*zip(a, b))]
         what = "IJK"
-    what += " {}..{}".format(*("[" + ", ".join(f"{v:g}" for v in c) + "]" for c in (np.minimum(a, b), np.maximum(a, b))))
+    what += " {}..{}".format(*("[" + ", ".join(f"{v:g}" for v in corner) + "]"
+                               for corner in (np.minimum(a, b), np.maximum(a, b))))
     inv = np.linalg.inv(vol.display_to_ras)
     with np.errstate(over="ignore", invalid="ignore"):  # corners near the float limit: refused below
         idx = np.array([(inv @ np.append(c, 1.0))[:3] for c in corners_ras])
@@ -179,11 +184,12 @@ def region_from_box(vol: Volume, ras_min=None, ras_max=None, *, ijk_min=None, ij
     return _make_region(vol, c_lo, c_hi, (c_lo + c_hi) / 2.0, name, margin_mm, None, notes)
 
 
-def load_mask(path, vol: Volume) -> np.ndarray:
+def load_mask(path, vol: Volume, notes: list | None = None) -> np.ndarray:
     """Read a label map and return it on the volume's ORIGINAL ``[k, j, i]`` grid.
 
     Same size and geometry: used as is. Otherwise resampled (nearest neighbour) onto the
-    volume's grid, so a label map saved on another grid of the same patient still fits.
+    volume's grid by physical position, so a label map saved on another grid of the same
+    patient still fits; ``notes`` then gets a line naming both grids.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -212,4 +218,13 @@ def load_mask(path, vol: Volume) -> np.ndarray:
     out = sitk.GetArrayFromImage(sitk.Resample(image, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
     if source.any() and not out.any():
         raise ImageError(f"Label map {path} does not overlap the volume {vol.source}: is it from the same scan?")
+    if notes is not None:
+        notes.append(f"label map {os.path.basename(path)} is on another grid ({_grid_text(image)}) than the scan "
+                     f"({_grid_text(ref)}): resampled onto the scan's grid by position (nearest neighbour)")
     return out
+
+
+def _grid_text(image: sitk.Image) -> str:
+    """E.g. "16x32x8 voxels of 1x1x2.5 mm", in the file's own (i, j, k) order."""
+    size, spacing = ("x".join(f"{v:.4g}" for v in values) for values in (image.GetSize(), image.GetSpacing()))
+    return f"{size} voxels of {spacing} mm"

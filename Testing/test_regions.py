@@ -174,6 +174,22 @@ def test_load_mask_resamples_another_grid_of_the_same_space(tmp_path):
     np.testing.assert_array_equal(load_mask(path, vol), mask_of(LESION))
 
 
+def test_a_label_map_on_another_grid_is_resampled_by_position_and_noted(tmp_path):
+    """A 16x32x8 label map with the scan's voxel size and origin covers the scan's first 16 columns."""
+    scan, label_map = np.zeros((8, 32, 32), np.float32), np.zeros((8, 32, 16), np.uint8)
+    scan[2:4, 10:20, 3:7] = label_map[2:4, 10:20, 3:7] = 1
+    scan[0, 0, 0] = 2  # some contrast
+    vol = load_volume(write(tmp_path / "scan.nii.gz", scan, spacing=(1, 1, 1), origin=(0, 0, 0)))
+    region = region_from_mask(vol, write(tmp_path / "mask.nii.gz", label_map, spacing=(1, 1, 1), origin=(0, 0, 0)))
+    expected = region_from_mask(vol, scan == 1)
+    assert region.crop_box == expected.crop_box and region.volume_ml == expected.volume_ml
+    note = ("label map mask.nii.gz is on another grid (16x32x8 voxels of 1x1x1 mm) than the scan "
+            "(32x32x8 voxels of 1x1x1 mm): resampled onto the scan's grid by position (nearest neighbour)")
+    assert region.notes == [note] and note in region.volume.notes
+    assert region_from_mask(vol, write(tmp_path / "same.nii.gz", scan.astype(np.uint8), spacing=(1, 1, 1),
+                                       origin=(0, 0, 0))).notes == []
+
+
 def test_load_mask_refuses_missing_or_non_overlapping_label_maps(tmp_path):
     vol = load_volume(write(tmp_path / "v.nrrd", mr_like()))
     with pytest.raises(ImageError, match="not found"):
