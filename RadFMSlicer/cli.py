@@ -94,7 +94,7 @@ def regions_from_args(args):
         path, _, label = spec.rpartition(":") if not os.path.exists(spec) and ":" in spec else (spec, "", "")
         if label and not label.lstrip("-").isdigit():
             raise RadFMError(f"--region {spec}: the label after ':' must be an integer (e.g. {path}:1)")
-        regions.append(RegionInput(name=f"region {n}", mask=path, label=int(label) if label else None))
+        regions.append(RegionInput(name=f"mask {n}", mask=path, label=int(label) if label else None))
     for n, spec in enumerate(args.box, len(regions) + 1):
         v = _numbers(spec, 6, "--box")
         regions.append(RegionInput(name=f"box {n}", box_ras=[v[:3], v[3:]]))

@@ -60,7 +60,7 @@ def test_two_scans_and_a_region_mask(capsys, tiny_checkpoint, tmp_path):
     assert code == 0, err
     result = json.loads(out)
     assert [i["role"] for i in result["images"]] == ["current", "prior", "region"]
-    assert "mL" in result["images"][2]["facts"]
+    assert "mL" in result["images"][2]["facts"] and 'the marked region "mask 1":' in result["images"][2]["facts"]
     assert "The second image is the prior study." in result["prompt"]
     assert result["prompt"].count("<image ") == 3
 
@@ -270,3 +270,16 @@ def test_json_answer_carries_the_research_use_notice(capsys, tiny_checkpoint):
 
     code, out, _ = ask(capsys, tiny_checkpoint, "--image", CT, "--question", "Is there fluid", "--json")
     assert code == 0 and json.loads(out)["disclaimer"] == DISCLAIMER and DISCLAIMER.startswith("Research use only.")
+
+
+def test_preview_names_a_mask_region_once(capsys, tmp_path):
+    """The crop of --region reads 'mask 1' (as --box reads 'box 2'), not 'region region 1'."""
+    volume = sitk.ReadImage(CT)
+    mask = sitk.GetImageFromArray(np.pad(np.ones((1, 20, 20), np.uint8), ((0, 0), (40, 68), (40, 68))))
+    mask.CopyInformation(volume)
+    sitk.WriteImage(mask, str(tmp_path / "lesion.nii.gz"))
+    code, _, err = run(capsys, "preview", "--image", CT, "--region", tmp_path / "lesion.nii.gz",
+                       "--box-ijk", "0,0,0,9,9,0", "--out", tmp_path / "p.png")
+    assert code == 0 and "region region" not in err
+    assert f"region: {CT} [region mask 1] -> tensor [3, 512, 512, 4]" in err.splitlines()
+    assert f"region: {CT} [region box 2] -> tensor [3, 512, 512, 4]" in err.splitlines()
