@@ -193,21 +193,26 @@ def test_preview_tells_the_image_notes(capsys, tmp_path):
     assert "note: one_nan.nii.gz: 1 NaN/inf voxels set to the lowest finite value (0)" in err.splitlines()
 
 
-def test_an_interrupted_answer_joins_the_session(capsys, monkeypatch, tiny_checkpoint, tmp_path):
-    """Ctrl-C mid-answer: the words so far stay on stdout and are added to --session, stop reason "cancelled"."""
+def interrupt_after_seven_tokens(monkeypatch):
+    """Ctrl-C as the eighth token of the next answer is decoded."""
     from RadFMSlicer import generation
 
-    session = tmp_path / "s.json"
-    assert ask(capsys, tiny_checkpoint, "--image", CT, "--question", "Is there fluid", "--session", session)[0] == 0
     push, pushed = generation.StreamDecoder.push, []
 
-    def interrupted_after_seven_tokens(self, token):
+    def interrupted(self, token):
         pushed.append(token)
         if len(pushed) > 7:
             raise KeyboardInterrupt
         return push(self, token)
 
-    monkeypatch.setattr(generation.StreamDecoder, "push", interrupted_after_seven_tokens)
+    monkeypatch.setattr(generation.StreamDecoder, "push", interrupted)
+
+
+def test_an_interrupted_answer_joins_the_session(capsys, monkeypatch, tiny_checkpoint, tmp_path):
+    """Ctrl-C mid-answer: the words so far stay on stdout and are added to --session, stop reason "cancelled"."""
+    session = tmp_path / "s.json"
+    assert ask(capsys, tiny_checkpoint, "--image", CT, "--question", "Is there fluid", "--session", session)[0] == 0
+    interrupt_after_seven_tokens(monkeypatch)
     code, out, err = ask(capsys, tiny_checkpoint, "--image", CT, "--question", "Is there air", "--session", session)
     assert code == 130 and out.strip(), err
     assert err.splitlines()[-1] == f"radfm: interrupted; the answer so far was added to {session} (stop reason: cancelled)"
@@ -217,6 +222,22 @@ def test_an_interrupted_answer_joins_the_session(capsys, monkeypatch, tiny_check
     assert cut["answer"].strip() == out.strip() and cut["images"][0]["label"] == "CT_small.dcm"
     assert cut["provenance"]["model"]["checkpoint"] == str(tiny_checkpoint)
     assert not list(tmp_path.glob(".s.json.*.tmp"))  # written through storage: no temporary file left
+
+
+def test_an_interrupted_answer_that_cannot_be_saved_says_so(capsys, monkeypatch, tiny_checkpoint, tmp_path):
+    from RadFMSlicer import session as session_module
+    from RadFMSlicer.errors import RadFMError
+
+    def full_disk(path, turn):
+        raise RadFMError(f"could not write {path} (No space left on device)")
+
+    monkeypatch.setattr(session_module, "append_turn", full_disk)
+    interrupt_after_seven_tokens(monkeypatch)
+    code, out, err = ask(capsys, tiny_checkpoint, "--image", CT, "--question", "Is there air", "--session",
+                         tmp_path / "s.json")
+    assert code == 130 and out.strip()
+    assert err.splitlines()[-1] == (f"radfm: interrupted; the answer so far could not be added to {tmp_path / 's.json'}: "
+                                    f"could not write {tmp_path / 's.json'} (No space left on device)")
 
 
 def test_an_answer_cut_by_a_server_gone_joins_the_session(capsys, tmp_path):
