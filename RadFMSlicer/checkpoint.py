@@ -136,6 +136,11 @@ def read_json(path: Path, what: str) -> dict:
 def locate_checkpoint(folder: "str | os.PathLike") -> CheckpointFiles:
     """Check that ``folder`` has a RadFM layout; raise a CheckpointError saying what is missing."""
     root = Path(folder).expanduser()
+    if root.is_file():
+        raise CheckpointError(
+            f"the checkpoint {root} is a file: give the folder that holds it ({root.parent}, with "
+            f"{OFFICIAL_WEIGHTS} and {LANGUAGE_FILES}/)"
+        )
     if not root.is_dir():
         raise CheckpointError(
             f"checkpoint folder not found: {root} (expected a folder with {OFFICIAL_WEIGHTS} "
@@ -247,13 +252,19 @@ def _open_torch_file(path: Path) -> dict[str, torch.Tensor]:
         size = path.stat().st_size
         raise CheckpointError(
             f"{path} ({size / 1e9:.2f} GB) is not a readable PyTorch checkpoint — truncated download "
-            f"or a different file? ({str(exc).splitlines()[0]})"
+            f"or a different file? ({_short_cause(exc)})"
         ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors: not a RadFM checkpoint")
     return state
+
+
+def _short_cause(exc: Exception, limit: int = 100) -> str:
+    """PyTorch's reason in brief: its first sentence (its miniz error adds a paragraph of advice), clipped."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
 
 
 def llama_config(files: CheckpointFiles, dims: RadFMDims) -> LlamaConfig:

@@ -109,6 +109,8 @@ BAD_INPUTS = [
     ("window centre inf", ASK + ["--window", "inf,400"], r"Window centre must be a finite number \(got centre inf"),
     ("window lost in float32", ASK + ["--window", "1e30,1"], "Window 1e\\+30,1 cannot be applied: scans are windowed in"),
     ("box beyond float range", ASK + ["--box", "-1.7e308,0,0,1.7e308,5,5"], "is too far out to place on the volume"),
+    ("checkpoint is the weights file", ["ask", "--checkpoint", "{ckpt}/pytorch_model.bin", "--image", CT],
+     r"the checkpoint .*pytorch_model.bin is a file: give the folder that holds it"),
     ("question empty string", ASK + ["--question", ""],
      "^radfm: error: --question is empty: task vqa needs a question; pass one, or choose --task report$"),
     ("question empty for vqa", ASK + ["--task", "vqa", "--question", ""], "--question is empty: .* choose --task report"),

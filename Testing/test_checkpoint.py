@@ -38,6 +38,12 @@ def test_missing_folder(tmp_path):
     assert "checkpoint folder not found" in load_error(tmp_path / "nope")
 
 
+def test_the_weights_file_given_for_the_folder_names_the_folder(fixture_dir):
+    message = load_error(fixture_dir / "pytorch_model.bin")
+    assert message == (f"the checkpoint {fixture_dir / 'pytorch_model.bin'} is a file: give the folder that holds it "
+                       f"({fixture_dir}, with pytorch_model.bin and Language_files/)")
+
+
 def test_folder_without_weights(tmp_path):
     (tmp_path / "Language_files").mkdir()
     assert "pytorch_model.bin" in load_error(tmp_path)
@@ -69,6 +75,15 @@ def test_truncated_weights(editable_copy, fixture_dir):
     (editable_copy / "pytorch_model.bin").unlink()
     (editable_copy / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
     assert "not a readable PyTorch checkpoint" in load_error(editable_copy)
+
+
+def test_a_corrupt_weights_file_gives_our_sentence_and_pytorchs_cause_in_brief(editable_copy, fixture_dir):
+    (editable_copy / "pytorch_model.bin").unlink()
+    (editable_copy / "pytorch_model.bin").write_bytes((fixture_dir / "pytorch_model.bin").read_bytes()[:300_000])
+    message = load_error(editable_copy)
+    assert message.endswith("is not a readable PyTorch checkpoint — truncated download or a different file? "
+                            "(PytorchStreamReader failed reading zip archive: failed finding central directory)")
+    assert "miniz" not in message and len(message) - len(str(editable_copy)) < 200, message
 
 
 def test_non_torch_file(editable_copy):
