@@ -257,7 +257,7 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
         model_images.append(image)
         edges.append(edges[region_input.image])  # a crop keeps its image's orientation
         labels.append(PromptImage(f'marked region "{region.name}"', facts))
-        records.append(_record(image, "region", region.name, facts, region.to_dict()))
+        records.append(_record(image, "region", region.name, facts, region.describe()))
     previous = session.previous_turns() if (session and request.include_previous_turns) else None
     # The user's own words: build_prompt applies the task template itself (once).
     prompt = build_prompt(request.task, labels, request.question, request.history, previous, tokens_per_image)
@@ -274,7 +274,7 @@ def _edges(volume: Volume) -> tuple:
     return left, right, top, bottom
 
 
-def _record(image: ModelImage, role: str, label: str, facts: str | None, region: dict | None = None) -> ImageRecord:
+def _record(image: ModelImage, role: str, label: str, facts: str | None, region: str | None = None) -> ImageRecord:
     info = image.to_dict()
     if region:
         info["notes"] = info["notes"] + [f"{REGION_NOTE}{region}"]

@@ -62,10 +62,16 @@ class Region:
         return (f'The {ordinal} image is a close-up of the marked region "{self.name}": '
                 f"{', '.join(parts)}, {where}.")
 
-    def to_dict(self) -> dict:
-        return {"name": self.name, "crop_box": [list(self.crop_box[0]), list(self.crop_box[1])],
-                "extent_mm": self.extent_by_axis, "volume_ml": self.volume_ml,
-                "center_ras": list(self.center_ras), "side": self.side, "notes": list(self.notes)}
+    def describe(self) -> str:
+        """The region in one line of text for its image's notes: name, size, centre, side and crop."""
+        e = self.extent_by_axis
+        (s0, r0, c0), (s1, r1, c1) = self.crop_box
+        parts = [f'"{self.name}"', " x ".join(f"{e[k]:.3g}" for k in _AXIS_LABELS) + " mm (RL x AP x SI)"]
+        if self.volume_ml is not None:
+            parts.append(f"{_ml(self.volume_ml)} mL")
+        parts += ["centre RAS ({:.1f}, {:.1f}, {:.1f}) mm".format(*self.center_ras), f"side: {self.side}",
+                  f"close-up of slices {s0}-{s1 - 1}, rows {r0}-{r1 - 1}, columns {c0}-{c1 - 1} of the scan as shown"]
+        return ", ".join(parts)
 
 
 def _ml(v: float) -> str:

@@ -197,3 +197,16 @@ def test_load_mask_refuses_missing_or_non_overlapping_label_maps(tmp_path):
     far = write(tmp_path / "far.nrrd", mask_of(LESION), origin=(900.0, 900.0, 900.0))
     with pytest.raises(ImageError, match="does not overlap"):
         load_mask(far, vol)
+
+
+def test_a_regions_record_note_is_readable_text_not_a_python_dict():
+    """--json's images[].notes for a box: the region in words, as a reader of the JSON sees it."""
+    from pydicom.data import get_testdata_file
+
+    from RadFMSlicer.ask import AskRequest, ImageInput, RegionInput, prepare
+
+    request = AskRequest(task="report", images=[ImageInput(path=get_testdata_file("CT_small.dcm"))],
+                         regions=[RegionInput(name="box 1", box_ijk=[[10, 20, 0], [29, 49, 0]], margin_mm=0)])
+    (note,) = [n for n in prepare(request).records[1].notes if n.startswith("region: ")]
+    assert note == ('region: "box 1", 13.2 x 19.8 x 5 mm (RL x AP x SI), centre RAS (145.2, 156.2, -75.7) mm, '
+                    "side: right, close-up of slices 0-0, rows 20-49, columns 10-29 of the scan as shown")
