@@ -242,40 +242,14 @@ def test_an_interrupted_answer_that_cannot_be_saved_says_so(capsys, monkeypatch,
 
 def test_an_answer_cut_by_a_server_gone_joins_the_session(capsys, tmp_path):
     """A radfm serve that dies mid-answer: one error line, status 2, and the words so far in --session."""
-    import socket
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class DiesMidAnswer(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):  # "the server has this upload"
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            self.wfile.write(b'event: token\ndata: {"text": "The lungs", "data": {}}\n\n')
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)
+    from server_gone import server_gone_mid_answer
 
     session = tmp_path / "s.json"
     session.write_text(json.dumps({"format": 1, "title": "kept", "turns": [{"task": "report", "question": "q0",
                                                                              "answer": "earlier"}]}))
-    fake = ThreadingHTTPServer(("127.0.0.1", 0), DiesMidAnswer)
-    threading.Thread(target=fake.serve_forever, daemon=True).start()
-    try:
-        code, out, err = run(capsys, "ask", "--server", f"http://127.0.0.1:{fake.server_address[1]}", "--image", CT,
-                             "--question", "Is there fluid", "--session", session)
-    finally:
-        fake.shutdown()
-        fake.server_close()
+    with server_gone_mid_answer(b'event: token\ndata: {"text": "The lungs", "data": {}}\n\n') as url:
+        code, out, err = run(capsys, "ask", "--server", url, "--image", CT, "--question", "Is there fluid",
+                             "--session", session)
     last = err.splitlines()[-1]
     assert code == 2 and out.strip() == "The lungs"
     assert last.startswith("radfm: error: ") and "mid-answer" in last

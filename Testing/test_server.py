@@ -478,36 +478,11 @@ def test_a_scan_chosen_with_a_server_is_uploaded_ahead_and_not_again_with_the_qu
 
 
 def test_a_server_gone_mid_answer_is_reported_like_a_crashed_worker():
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from server_gone import server_gone_mid_answer
 
-    class DropsMidAnswer(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):  # "the server has this upload"
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.end_headers()
-            self.wfile.write(b'event: status\ndata: {"text": "starting", "data": {"ask_id": "a"}}\n\n'
-                             b'event: token\ndata: {"text": "The", "data": {}}\n\n')
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)  # the server goes away
-
-    fake = ThreadingHTTPServer(("127.0.0.1", 0), DropsMidAnswer)
-    threading.Thread(target=fake.serve_forever, daemon=True).start()
-    try:
-        request = RemoteClient(f"http://127.0.0.1:{fake.server_address[1]}", TOKEN).ask("q", images=[CT])
-        events = list(request.events(30))
-    finally:
-        fake.shutdown()
-        fake.server_close()
+    with server_gone_mid_answer(b'event: status\ndata: {"text": "starting", "data": {"ask_id": "a"}}\n\n'
+                                b'event: token\ndata: {"text": "The", "data": {}}\n\n') as url:
+        events = list(RemoteClient(url, TOKEN).ask("q", images=[CT]).events(30))
     assert [e.kind for e in events] == ["status", "status", "token", "error"]
     assert events[-1].data["kind"] == "worker_died" and "went away mid-answer" in events[-1].text
 
