@@ -196,9 +196,9 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
 
     ``engine``: a loaded engine, a function loading one (called once the run folder accepts the
     settings: a resume refused for its generation settings, window or interpolation costs no load),
-    or a :class:`~RadFMSlicer.remote.RemoteClient` of the server that answers every case. A server that cannot answer (gone, the token refused, its queue full)
-    ends the run after recording that case's error (retried on resume) and writing the summary:
-    every later case would fail the same way.
+    or a :class:`~RadFMSlicer.remote.RemoteClient` of the server that answers every case. A server
+    that cannot answer (gone, the token refused, its queue full) ends the run after recording that
+    case's error (retried on resume) and writing the summary: every later case would fail the same way.
     ``force``: resume a run folder made with other settings (each record keeps its own).
     ``attention``: write each case's resampler attention map and overlaid thumbnail.
     """
