@@ -154,6 +154,12 @@ class RegionInput:
             raise ImageError(f"Label map not found: {self.mask}")
 
 
+def generation_settings(fields: dict) -> GenerationSettings:
+    """GenerationSettings from a front end's fields (``max_new_tokens``, ``temperature``, ...; None: the default)."""
+    return GenerationSettings(**{k: fields[k] for k in GenerationSettings.__dataclass_fields__
+                                 if fields.get(k) is not None})
+
+
 @dataclass
 class AskRequest:
     task: str = "vqa"
@@ -175,7 +181,6 @@ class AskRequest:
         from their own keys (``max_new_tokens``, ``temperature``, ...); images and regions
         are objects already or their JSON form; a ``[center, width]`` window is allowed.
         """
-        settings = {k: fields[k] for k in GenerationSettings.__dataclass_fields__ if fields.get(k) is not None}
         window = fields.get("window")
         return cls(
             task=fields.get("task") or ("vqa" if fields.get("question") else "report"),
@@ -185,7 +190,7 @@ class AskRequest:
             history=fields.get("history"),
             window=",".join(str(v) for v in window) if isinstance(window, (list, tuple)) else window,
             interpolation=fields.get("interpolation") or "nearest",
-            settings=GenerationSettings(**settings),
+            settings=generation_settings(fields),
             include_previous_turns=bool(fields.get("include_previous_turns")),
             preview_dir=fields.get("preview_dir"),
         )

@@ -313,7 +313,7 @@ def keep_cut_answer(args, request, answer: str, exc: BaseException, prepared, en
 def cmd_batch(args) -> int:
     from tqdm import tqdm
 
-    from .ask import ask, validate
+    from .ask import ask, generation_settings, validate
     from .batch import append_record, batch_items, finished_ids, repair
     from .imaging import parse_window
     from .storage import check_writable
@@ -323,6 +323,8 @@ def cmd_batch(args) -> int:
     check_model_arguments(args)
     parse_window(args.window or args.preset)  # options shared by every scan: one error, before anything runs
     regions_from_args(args)
+    with settings_named_as_flags():
+        generation_settings(vars(args))
     items = batch_items(Path(args.input))
     settings = run_settings(args)
     done = finished_ids(out, settings, args.force)

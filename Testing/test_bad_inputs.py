@@ -104,6 +104,8 @@ BAD_INPUTS = [
     ("batch CSV not UTF-8", ["batch", "--checkpoint", "{ckpt}", "--input", "{tmp}/latin1.csv",
                              "--out", "{tmp}/r.jsonl"], "latin1.csv is not UTF-8 text"),
     ("batch window unknown", BATCH + ["--out", "{tmp}/r.jsonl", "--window", "liver"], "Unknown window 'liver'"),
+    ("batch max tokens 0", BATCH + ["--out", "{tmp}/r.jsonl", "--max-new-tokens", "0"],
+     "--max-new-tokens: max_new_tokens must be a positive integer"),
     ("eval device unknown", ["eval", "--checkpoint", "{ckpt}", "--manifest", "{tmp}/m.jsonl", "--out", "{tmp}/run",
                              "--device", "tpu"], "unknown device 'tpu'"),
     ("window centre inf", ASK + ["--window", "inf,400"], r"Window centre must be a finite number \(got centre inf"),
