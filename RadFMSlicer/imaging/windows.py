@@ -126,7 +126,7 @@ def parse_window(window=None) -> "dict | str | None":
             except ValueError:
                 pass
     raise ImageError(f"Unknown window {window!r}: use one of auto, percentile, {', '.join(WINDOW_PRESETS)}, "
-                     "or 'center,width' such as '40,400'.")
+                     "or 'centre,width' such as '40,400'.")
 
 
 def resolve_window(vol: Volume, window=None) -> dict:
