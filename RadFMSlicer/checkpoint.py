@@ -250,8 +250,9 @@ def _open_torch_file(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError) as exc:
         size = path.stat().st_size
+        shown = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"  # a cut download: often tiny
         raise CheckpointError(
-            f"{path} ({size / 1e9:.2f} GB) is not a readable PyTorch checkpoint — truncated download "
+            f"{path} ({shown}) is not a readable PyTorch checkpoint — truncated download "
             f"or a different file? ({_short_cause(exc)})"
         ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

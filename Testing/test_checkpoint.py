@@ -84,6 +84,7 @@ def test_a_corrupt_weights_file_gives_our_sentence_and_pytorchs_cause_in_brief(e
     assert message.endswith("is not a readable PyTorch checkpoint — truncated download or a different file? "
                             "(PytorchStreamReader failed reading zip archive: failed finding central directory)")
     assert "miniz" not in message and len(message) - len(str(editable_copy)) < 200, message
+    assert "pytorch_model.bin (0.3 MB) is not" in message  # the size a cut download has, not "0.00 GB"
 
 
 def test_non_torch_file(editable_copy):
