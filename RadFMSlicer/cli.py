@@ -638,10 +638,24 @@ def report_error(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+# Flags whose empty value (an unset shell variable, say) would otherwise read as the flag left out.
+NOT_EMPTY = ("checkpoint", "session", "preview_dir", "attention", "out", "series", "window", "server", "token_file",
+             "manifest", "input")
+
+
+def refuse_empty_values(args) -> None:
+    """``--session ""`` kept no conversation and said nothing: an empty value is refused by name."""
+    for name in NOT_EMPTY:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not value.strip():
+            raise RadFMError(f"--{name.replace('_', '-')} is empty: give a value, or leave the flag out")
+
+
 def main(argv=None) -> int:
     quiet_third_party_logs()
     args = build_parser().parse_args(join_dashed_values(sys.argv[1:] if argv is None else list(argv)))
     try:
+        refuse_empty_values(args)
         return args.func(args)
     except RadFMError as exc:
         report_error(f"radfm: error: {' '.join(str(exc).split())}")
