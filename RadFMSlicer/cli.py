@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import ImageError, PromptError, RadFMError
+from .errors import PromptError, RadFMError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -89,8 +89,6 @@ def regions_from_args(args):
 
     regions = []
     for n, spec in enumerate(args.region, 1):
-        if not spec.strip():
-            raise ImageError("--region is empty: give a label map file, MASK[:LABEL]")
         path, _, label = spec.rpartition(":") if not os.path.exists(spec) and ":" in spec else (spec, "", "")
         if label and not label.lstrip("-").isdigit():
             raise RadFMError(f"--region {spec}: the label after ':' must be an integer (e.g. {path}:1)")
@@ -107,10 +105,7 @@ def regions_from_args(args):
 def images_from_args(args, paths=None):
     from .ask import ImageInput
 
-    if paths is None:
-        paths = args.image
-        if not all(path.strip() for path in paths):
-            raise ImageError("--image is empty: give a scan file or a DICOM folder")
+    paths = paths if paths is not None else args.image
     return [ImageInput(path=p, role="current" if k == 0 else "prior", series=args.series) for k, p in enumerate(paths)]
 
 
@@ -638,17 +633,20 @@ def report_error(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# Flags whose empty value (an unset shell variable, say) would otherwise read as the flag left out.
-NOT_EMPTY = ("checkpoint", "session", "preview_dir", "attention", "out", "series", "window", "server", "token_file",
-             "manifest", "input")
+# Flags whose empty value (an unset shell variable, say) would otherwise read as the flag left out or as
+# a missing file -> what to give instead.
+NOT_EMPTY = {"image": "give a scan file or a DICOM folder", "region": "give a label map file, MASK[:LABEL]",
+             **dict.fromkeys(("checkpoint", "session", "preview_dir", "attention", "out", "series", "window", "server",
+                              "token_file", "manifest", "input"), "give a value, or leave the flag out")}
 
 
 def refuse_empty_values(args) -> None:
     """``--session ""`` kept no conversation and said nothing: an empty value is refused by name."""
-    for name in NOT_EMPTY:
+    for name, give in NOT_EMPTY.items():
         value = getattr(args, name, None)
-        if isinstance(value, str) and not value.strip():
-            raise RadFMError(f"--{name.replace('_', '-')} is empty: give a value, or leave the flag out")
+        values = value if isinstance(value, list) else [value]  # --image and --region may be given again
+        if any(isinstance(v, str) and not v.strip() for v in values):
+            raise RadFMError(f"--{name.replace('_', '-')} is empty: {give}")
 
 
 def main(argv=None) -> int:
