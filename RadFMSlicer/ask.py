@@ -17,6 +17,7 @@ from .engine import RadFMEngine
 from .errors import ImageError, PromptError
 from .generation import Generation, GenerationResult, GenerationSettings
 from .image_cache import NO_CACHE, ImageCache
+from .paths import EITHER, FILE, check_kind
 from .imaging import ModelImage, Volume, load_volume, parse_window, preprocess, volume_from_array
 from .preview import render_montage
 from .prompts import ORDINALS, PromptImage, build_prompt, task_question
@@ -86,6 +87,8 @@ class ImageInput:
     def check(self) -> None:
         """What can be checked without reading pixels: the source exists, the window is spelled right."""
         self._check_source()
+        if self.array is None:
+            check_kind(self.path, "scan", EITHER)  # a FIFO or device would block the reader
         if self.array is None and not Path(self.path).exists():
             raise ImageError(f"Scan not found: {self.path}")
         parse_window(self.window)
@@ -150,6 +153,8 @@ class RegionInput:
                 raise ImageError(f"region {self.name!r}: a box is two corners [[x0, y0, z0], [x1, y1, z1]]")
             for corner, what in zip(box, ("first corner", "second corner")):
                 check_corner(corner, what, self.name)
+        if isinstance(self.mask, (str, Path)):
+            check_kind(self.mask, f"region {self.name!r}: label map", FILE)
         if isinstance(self.mask, (str, Path)) and not Path(self.mask).is_file():
             raise ImageError(f"Label map not found: {self.mask}")
 

@@ -181,9 +181,10 @@ def append_record(f, record: dict) -> None:
     A failed write (full disk, file-size limit) is an error saying the records before it
     are kept; the torn line it may leave is cut off when the run resumes.
     """
-    try:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+    data = (json.dumps(record) + "\n").encode("utf-8")
+    try:  # straight to the file, not through ``f``'s buffer: a failed write leaves nothing for close to retry
+        while data:
+            data = data[os.write(f.fileno(), data):]
         os.fsync(f.fileno())
     except OSError as exc:
         raise RadFMError(f"could not add the result of {record.get('id')!r} to {f.name} ({exc.strerror or exc}); "

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import PromptError, RadFMError
+from .paths import EITHER, FILE, FOLDER, check_kind
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -196,13 +197,31 @@ def load_engine(args):
 
 
 _stdout_line_open = False  # streamed answer text not yet ended by a newline
+_stdout_closed = False  # the reader of stdout went away (``radfm ask ... | head -c 5``)
+
+
+def print_out(text: str, end: str = "\n") -> None:
+    """Print to stdout; once its reader has gone, drop the rest quietly (see :func:`stdout_closed`)."""
+    global _stdout_closed
+    if _stdout_closed:
+        return
+    try:
+        print(text, end=end, flush=True)
+    except BrokenPipeError:
+        _stdout_closed = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's flush at exit must not fail too
+
+
+def stdout_closed() -> bool:
+    """Whether stdout's reader went away: a command with a record to keep (--session) finishes it first."""
+    return _stdout_closed
 
 
 def print_delta(delta: str) -> None:
     """Stream answer text to stdout, remembering whether its line is still open (see :func:`main`)."""
     global _stdout_line_open
     if delta:
-        print(delta, end="", flush=True)
+        print_out(delta, end="")
         _stdout_line_open = not delta.endswith("\n")
 
 
@@ -245,6 +264,8 @@ def cmd_ask(args) -> int:
         words.append(delta)
         if not args.json:
             print_delta(delta)
+        if stdout_closed() and not args.session:  # nothing to keep: stop as Unix tools do
+            raise BrokenPipeError
 
     prepared = engine = attention = None
     try:
@@ -269,7 +290,7 @@ def cmd_ask(args) -> int:
         if not args.json:
             print(f"attention map ({attention['label']}): {attention['file']}", file=sys.stderr)
     if args.json:  # the notice every answer carries, as text mode prints it
-        print(json.dumps({**turn.to_dict(), "disclaimer": DISCLAIMER}, indent=2))
+        print_out(json.dumps({**turn.to_dict(), "disclaimer": DISCLAIMER}, indent=2))
     else:
         print_delta("\n")
         print_image_notes(turn.images)
@@ -281,6 +302,10 @@ def cmd_ask(args) -> int:
             append_turn(args.session, turn)  # re-read under the file's lock: a concurrent ask's turn is kept
         except RadFMError as exc:
             raise RadFMError(f"the answer above was not added to {args.session}: {exc}") from None
+    if stdout_closed():  # the session is the record: kept whatever became of stdout
+        print(f"radfm: stdout was closed before the whole answer was printed; the turn was added to {args.session}",
+              file=sys.stderr)
+        return EXIT_BROKEN_PIPE
     return 0
 
 
@@ -306,12 +331,10 @@ def keep_cut_answer(args, request, answer: str, exc: BaseException, prepared, en
 
 
 def cmd_batch(args) -> int:
-    from tqdm import tqdm
-
-    from .ask import ask, generation_settings, validate
-    from .batch import append_record, batch_items, finished_ids, repair
+    from .ask import generation_settings
+    from .batch import batch_items
     from .imaging import parse_window
-    from .storage import check_writable
+    from .storage import check_writable, sole_writer
 
     out = Path(args.out)
     check_writable(out, "results file (--out)")
@@ -321,6 +344,17 @@ def cmd_batch(args) -> int:
     with settings_named_as_flags():
         generation_settings(vars(args))
     items = batch_items(Path(args.input))
+    with sole_writer(out, "radfm batch"):  # a second batch on this --out is refused, naming this one
+        return answer_batch(args, out, items)
+
+
+def answer_batch(args, out: Path, items: list[dict]) -> int:
+    """Answer the scans of ``items`` not yet answered in ``out`` (see :func:`cmd_batch`)."""
+    from tqdm import tqdm
+
+    from .ask import ask, validate
+    from .batch import append_record, finished_ids, repair
+
     settings = run_settings(args)
     done = finished_ids(out, settings, args.force)
     todo = [item for item in items if item["id"] not in done]
@@ -449,6 +483,7 @@ def cmd_eval(args) -> int:
     from .evaluation.datasets import load_manifest
     from .evaluation.run import format_table, run_eval
     from .generation import GenerationSettings
+    from .storage import check_writable, sole_writer
 
     if args.eval_command == "compare":
         return cmd_eval_compare(args)
@@ -463,12 +498,13 @@ def cmd_eval(args) -> int:
     if client is None:
         check_model_arguments(args)
     cases = load_manifest(args.manifest)  # every bad row named before the model loads or the server is asked
+    check_writable(args.out, "run folder (--out)", folder=True)
     if client is not None:
         print(f"Answering on the RadFM server at {args.server} ...", file=sys.stderr, flush=True)
     engine = client or (lambda: load_engine(args))  # loaded once the run folder accepts the settings
-    summary = run_eval(engine, cases, args.out, settings,
-                       window=args.window, interpolation=args.interpolation, manifest=str(args.manifest),
-                       force=args.force, attention=args.attention)
+    with sole_writer(args.out, "radfm eval"):  # a second eval on this --out is refused, naming this one
+        summary = run_eval(engine, cases, args.out, settings, window=args.window, interpolation=args.interpolation,
+                           manifest=str(args.manifest), force=args.force, attention=args.attention)
     print(format_table(summary))
     out = Path(args.out)
     print(f"cases: {out / 'cases.jsonl'}\nsummary: {out / 'summary.json'}\ngallery: {out / 'index.html'}",
@@ -649,11 +685,31 @@ def refuse_empty_values(args) -> None:
             raise RadFMError(f"--{name.replace('_', '-')} is empty: {give}")
 
 
+# Path flags -> what each must be; ``--out`` by command. A device, FIFO or socket is refused by name before
+# anything opens it (paths.check_kind); a --region's path is checked with its region (ask.RegionInput.check).
+PATH_KINDS = {"image": EITHER, "checkpoint": FOLDER, "session": FILE, "preview_dir": FOLDER, "attention": FILE,
+              "token_file": FILE, "manifest": FILE, "input": EITHER, "workdir": FOLDER, "cache_dir": FOLDER,
+              "ssl_certfile": FILE, "ssl_keyfile": FILE, "runs": FOLDER}
+OUT_KINDS = {"batch": FILE, "preview": FILE, "eval": FOLDER, "convert": FOLDER}
+
+
+def check_path_flags(args) -> None:
+    """``radfm batch --out /dev/full`` read the device until memory ran out: odd files are refused first."""
+    kinds = {**PATH_KINDS, "out": OUT_KINDS.get(args.command, FILE)}
+    for name, kind in kinds.items():
+        value = getattr(args, name, None)
+        for path in value if isinstance(value, list) else [value]:
+            if isinstance(path, str):
+                check_kind(os.path.expanduser(path), f"--{name.replace('_', '-')}" if name != "runs" else "run",
+                           kind)
+
+
 def main(argv=None) -> int:
     quiet_third_party_logs()
     args = build_parser().parse_args(join_dashed_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         refuse_empty_values(args)
+        check_path_flags(args)
         return args.func(args)
     except RadFMError as exc:
         report_error(f"radfm: error: {' '.join(str(exc).split())}")

@@ -6,17 +6,25 @@ tables dropped), loads without unpickling, and every file is listed with its sha
 ``radfm_manifest.json`` so a copy can be checked. The layout is HuggingFace's
 (``model.safetensors.index.json`` + ``model-0000k-of-0000n.safetensors``), which
 ``checkpoint.locate_checkpoint`` recognises. Memory: one shard plus one tensor.
+
+The output is written whole or not at all: the free space is checked first (the shards of
+the full model are ~28 GB), the files go to a hidden ``.<out>.partial`` folder beside
+``out`` that is renamed to ``out`` at the end, and a failure (a full disk, Ctrl-C) removes it:
+no half checkpoint is left to be loaded, and the same command run again completes.
 """
 
+import contextlib
 import hashlib
 import json
+import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, storage
 from .checkpoint import (
     LANGUAGE_FILES, SAFETENSORS_INDEX, WeightSource, check_keys, is_inference_key, llama_config,
     locate_checkpoint, resolve_dtype,
@@ -49,6 +57,9 @@ def plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, shard_bytes: 
     return shards
 
 
+SPACE_MARGIN = 1.02  # the index, manifest and tokenizer files, and the file system's own blocks
+
+
 def _new_output_folder(out_folder, shard_size_gb: float) -> Path:
     out = Path(out_folder).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -56,6 +67,51 @@ def _new_output_folder(out_folder, shard_size_gb: float) -> Path:
     if shard_size_gb <= 0:
         raise CheckpointError(f"shard size must be positive, got {shard_size_gb} GB")
     return out
+
+
+def _check_room(out: Path, shapes: dict, itemsize: int, files) -> None:
+    """Refuse now, naming what is needed and what is free, rather than after writing gigabytes."""
+    weights = sum(itemsize * int(torch.Size(shape).numel()) for shape in shapes.values())
+    extra = sum(p.stat().st_size for p in (files.folder / LANGUAGE_FILES).rglob("*") if p.is_file())
+    needed = int((weights + extra) * SPACE_MARGIN)
+    folder = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise CheckpointError(f"converting needs about {needed / 1e9:.2f} GB in {folder}, which has "
+                              f"{free / 1e9:.2f} GB free: free space, or choose --out on another disk")
+
+
+@contextlib.contextmanager
+def _written_whole(out: Path):
+    """Yield a hidden folder to write into, renamed to ``out`` at the end; on failure nothing is left.
+
+    Held by :func:`storage.sole_writer`, so a partial folder left by a killed run is removed
+    safely and two conversions into one folder cannot mix their shards.
+    """
+    from safetensors import SafetensorError
+
+    partial = out.with_name(f".{out.name}.partial")
+    with storage.sole_writer(out, "radfm convert"):
+        shutil.rmtree(partial, ignore_errors=True)  # a killed run's leftovers
+        try:
+            partial.mkdir(parents=True)
+            yield partial
+            if out.exists():
+                out.rmdir()  # empty (checked first): the finished folder takes its place
+            os.replace(partial, out)
+        except BaseException as exc:
+            shutil.rmtree(partial, ignore_errors=True)
+            if isinstance(exc, (OSError, SafetensorError)):
+                raise CheckpointError(f"could not write the converted checkpoint {out} ({_reason(exc)}); nothing "
+                                      f"was left there: free space and run the same command again") from None
+            raise
+
+
+def _reason(exc: BaseException) -> str:
+    """The system's words ("No space left on device"), also from inside safetensors' Rust error text."""
+    text = getattr(exc, "strerror", None) or str(exc)
+    found = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", text)
+    return found.group(1) if found else text
 
 
 def write_shards(source: WeightSource, names: dict[str, str], store_dtype: torch.dtype, shards: list[list[str]],
@@ -114,15 +170,16 @@ def convert_checkpoint(src_folder, out_folder, dtype="bfloat16", shard_size_gb: 
     source, _ = _checked_source(files)
     keep = {k: s for k, s in source.shapes.items() if is_inference_key(k)}
     shards = plan_shards(keep, store_dtype.itemsize, int(shard_size_gb * 1e9))
+    _check_room(out, keep, store_dtype.itemsize, files)
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_shards(source, {k: k for k in keep}, store_dtype, shards, out, progress)
-    for path in sorted((files.folder / LANGUAGE_FILES).rglob("*")):  # contents only: the release may be read-only
-        if path.is_file():
-            copy = out / path.relative_to(files.folder)
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, copy)
-    write_manifest(out, files, store_dtype, "radfm-safetensors", sorted(set(source.shapes) - set(keep)))
+    with _written_whole(out) as folder:
+        write_shards(source, {k: k for k in keep}, store_dtype, shards, folder, progress)
+        for path in sorted((files.folder / LANGUAGE_FILES).rglob("*")):  # contents only: the release may be read-only
+            if path.is_file():
+                copy = folder / path.relative_to(files.folder)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, copy)
+        write_manifest(folder, files, store_dtype, "radfm-safetensors", sorted(set(source.shapes) - set(keep)))
     return out
 
 
@@ -153,23 +210,24 @@ def convert_for_vllm(src_folder, out_folder, dtype="bfloat16", shard_size_gb: fl
     out = _new_output_folder(out_folder, shard_size_gb)
     source, dims = _checked_source(files)
     names = {k[len(LLAMA_PREFIX):]: k for k in source.shapes if k.startswith(LLAMA_PREFIX) and is_inference_key(k)}
-    shards = plan_shards({k: source.shapes[v] for k, v in names.items()}, store_dtype.itemsize,
-                         int(shard_size_gb * 1e9))
+    llama_shapes = {k: source.shapes[v] for k, v in names.items()}
+    shards = plan_shards(llama_shapes, store_dtype.itemsize, int(shard_size_gb * 1e9))
+    _check_room(out, llama_shapes, store_dtype.itemsize, files)
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_shards(source, names, store_dtype, shards, out, progress)
-    config = llama_config(files, dims)
-    config.max_position_embeddings = VLLM_CONTEXT
-    config.architectures = ["LlamaForCausalLM"]
-    config.dtype = store_dtype
-    config.save_pretrained(out)
-    raw = json.loads((out / "config.json").read_text())
-    raw["torch_dtype"] = raw.get("dtype", str(store_dtype).replace("torch.", ""))  # older loaders read this key
-    (out / "config.json").write_text(json.dumps(raw, indent=2))
-    GenerationConfig(bos_token_id=1, eos_token_id=2, max_length=VLLM_CONTEXT).save_pretrained(out)
-    shutil.copyfile(files.tokenizer_model, out / "tokenizer.model")
-    (out / "tokenizer_config.json").write_text(json.dumps(LLAMA_TOKENIZER_CONFIG, indent=2))
-    (out / "special_tokens_map.json").write_text(json.dumps(
-        {k: LLAMA_TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token")}, indent=2))
-    write_manifest(out, files, store_dtype, "radfm-vllm-llama", sorted(set(source.shapes) - set(names.values())))
+    with _written_whole(out) as folder:
+        write_shards(source, names, store_dtype, shards, folder, progress)
+        config = llama_config(files, dims)
+        config.max_position_embeddings = VLLM_CONTEXT
+        config.architectures = ["LlamaForCausalLM"]
+        config.dtype = store_dtype
+        config.save_pretrained(folder)
+        raw = json.loads((folder / "config.json").read_text())
+        raw["torch_dtype"] = raw.get("dtype", str(store_dtype).replace("torch.", ""))  # older loaders read this key
+        (folder / "config.json").write_text(json.dumps(raw, indent=2))
+        GenerationConfig(bos_token_id=1, eos_token_id=2, max_length=VLLM_CONTEXT).save_pretrained(folder)
+        shutil.copyfile(files.tokenizer_model, folder / "tokenizer.model")
+        (folder / "tokenizer_config.json").write_text(json.dumps(LLAMA_TOKENIZER_CONFIG, indent=2))
+        (folder / "special_tokens_map.json").write_text(json.dumps(
+            {k: LLAMA_TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token")}, indent=2))
+        write_manifest(folder, files, store_dtype, "radfm-vllm-llama", sorted(set(source.shapes) - set(names.values())))
     return out

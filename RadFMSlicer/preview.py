@@ -9,12 +9,14 @@ window, tensor shape.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from . import storage
 from .attention import LABEL as ATTENTION_LABEL
 from .errors import RadFMError
 from .imaging import describe_window
@@ -118,8 +120,15 @@ def render_montage(images, out_png, titles=None, tile: int = TILE, edges=None, o
                     draw.text(xy, letter, fill=TEXT, font=small, anchor=anchor)
         x0 += width + BLOCK_GAP
     out_png = os.fspath(out_png)
-    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-    canvas.save(out_png)
+    folder = os.path.dirname(os.path.abspath(out_png))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise storage.StorageError(f"cannot write {out_png}: cannot make the folder {folder} "
+                                   f"({exc.strerror or exc})") from None
+    encoded = io.BytesIO()
+    canvas.save(encoded, format=Image.registered_extensions().get(os.path.splitext(out_png)[1].lower(), "PNG"))
+    storage.write_bytes(out_png, encoded.getvalue())  # whole or not at all: a full disk leaves no cut PNG
     return out_png
 
 

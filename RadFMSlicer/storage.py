@@ -7,19 +7,26 @@ old file or the new one, never a cut one. A failed write (full disk, file-size l
 permission) removes the temporary file, keeps the old file as it was and raises a
 :class:`StorageError` saying so.
 
-Writers of one file are serialised by a lock file beside it (``<name>.lock``, through the
-``filelock`` package: it works across processes on Linux, macOS and Windows and frees the
-lock when its holder dies). :func:`update` holds the lock around read, change and write,
-so two programs adding to the same session both keep their turn.
+Writers of one file are serialised by a lock (the ``filelock`` package: it works across
+processes on Linux, macOS and Windows and frees the lock when its holder dies).
+:func:`update` holds the lock around read, change and write, so two programs adding to the
+same session both keep their turn. The lock files live in the user's own lock folder
+(:func:`lock_folder`), named after the output's real path, so none is left beside the
+user's files and two names of one file (a symlink) share one lock. A whole run writing one
+output (``radfm batch``, ``radfm eval``) holds :func:`sole_writer`: a second run on the same
+output is refused at once, naming the first.
 """
 
 import contextlib
+import hashlib
 import os
 import secrets
+import stat
 import tempfile
 from pathlib import Path
 
 from .errors import RadFMError
+from .paths import FILE, FOLDER, check_kind
 
 LOCK_TIMEOUT_S = 120.0  # another writer of the same file holds the lock at most this long
 
@@ -32,8 +39,64 @@ def lock(path, timeout: float = LOCK_TIMEOUT_S):
     """The inter-process lock of ``path`` (a ``filelock.FileLock``): ``with lock(path): ...``."""
     import filelock  # imported on first write: the Slicer panel imports this module before its packages exist
 
-    path = Path(path)
-    return filelock.FileLock(str(path.with_name(path.name + ".lock")), timeout=timeout)
+    return filelock.FileLock(str(_lock_file(path, "write")), timeout=timeout)
+
+
+def lock_folder() -> Path:
+    """The folder of this user's lock files: ``$XDG_RUNTIME_DIR`` or the temporary folder, private to the user.
+
+    Why not beside the output: a ``.lock`` file left next to every session, page and report is
+    clutter in the user's folders. The price: two user accounts writing one shared file are
+    not serialised (README: Limits).
+    """
+    uid = os.getuid() if hasattr(os, "getuid") else None  # Windows: the temporary folder is the user's own
+    folder = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"radfm-locks-{uid or 'user'}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as exc:
+        raise StorageError(f"cannot make the lock folder {folder}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid):
+        raise StorageError(f"the lock folder {folder} is not a folder of yours: remove it, or set XDG_RUNTIME_DIR "
+                           f"to a private folder")
+    return folder
+
+
+def _lock_file(path, purpose: str) -> Path:
+    """The lock file of ``path`` for ``purpose`` ("write" or "run"), keyed by its real path."""
+    real = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    key = hashlib.sha256(f"{purpose}:{real}".encode("utf-8", "surrogateescape")).hexdigest()[:32]
+    return lock_folder() / f"{key}.{purpose}.lock"
+
+
+@contextlib.contextmanager
+def sole_writer(path, program: str):
+    """Hold ``path`` for a whole run of ``program`` (``"radfm batch"``); a second run is refused at once.
+
+    Why: two runs on one results file each answered every scan (double the work, for the same
+    records). The holder's pid is kept beside its lock file, so the refusal names it.
+    """
+    import filelock
+
+    lock_path = _lock_file(path, "run")
+    holder = lock_path.with_suffix(".holder")
+    run_lock = filelock.FileLock(str(lock_path), timeout=0)
+    try:
+        run_lock.acquire()
+    except TimeoutError:  # filelock.Timeout
+        try:
+            who = holder.read_text().strip()
+        except OSError:
+            who = ""
+        raise StorageError(f"another {who or program} is writing {path}; wait for it to end, or choose another "
+                           f"--out") from None
+    except OSError as exc:
+        raise StorageError(f"cannot lock {lock_path}: {exc.strerror or exc}") from None
+    try:
+        holder.write_text(f"{program} (pid {os.getpid()})")
+        yield
+    finally:
+        run_lock.release()
 
 
 def write_bytes(path, data: bytes, timeout: float = LOCK_TIMEOUT_S) -> None:
@@ -62,6 +125,7 @@ def update(path, change, timeout: float = LOCK_TIMEOUT_S) -> bytes:
 @contextlib.contextmanager
 def _locked(path, timeout: float):
     path = Path(path)
+    check_kind(path, "cannot write: output")  # never replace a device or FIFO by a file, nor read one
     if not path.parent.is_dir():
         raise StorageError(f"cannot write {path}: folder {path.parent} does not exist")
     file_lock = lock(path, timeout)
@@ -125,6 +189,7 @@ def check_writable(path, what: str, folder: bool = False) -> None:
     made and removed in the target folder: only that catches read-only mounts and ``/proc``.
     """
     path = Path(path).expanduser()
+    check_kind(path, what, FOLDER if folder else FILE)
     if path.exists() and path.is_dir() != folder:
         raise StorageError(f"{what} {path} is a {'file' if folder else 'folder'}; give a "
                            f"{'folder' if folder else 'file name (inside it)'}")

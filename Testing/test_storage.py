@@ -85,7 +85,7 @@ def test_a_file_size_limit_keeps_the_old_session_and_says_so(tmp_path):
     assert child.returncode == 1, err
     assert "could not write" in out and str(path) in out and "previous version is kept unchanged" in out
     assert path.read_bytes() == old
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["session.json", "session.json.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["session.json"]
 
 
 def test_a_full_disk_keeps_the_old_file_and_says_so(tmp_path, monkeypatch):
