@@ -529,7 +529,7 @@ def cmd_serve(args) -> int:
     try:
         from .worker.http import ServeConfig, serve
     except ImportError as exc:
-        raise RadFMError(f"radfm serve needs FastAPI and uvicorn: pip install 'RadFMSlicer[server]' ({exc})") from None
+        raise RadFMError(f"radfm serve needs FastAPI and uvicorn: pip install -e '.[server]' in the RadFMSlicer checkout ({exc})") from None
     locate_checkpoint(args.checkpoint)  # a wrong folder is one line, before anything listens
     config = ServeConfig(
         checkpoint=args.checkpoint, host=args.host, port=args.port, token=token_from_args(args),

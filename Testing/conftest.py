@@ -1,9 +1,11 @@
-"""Shared test fixtures: the parity fixture made with the official RadFM code, loaded engines.
+"""Shared test fixtures: the parity fixture made with the official RadFM code, RadFM's training prompts, loaded engines.
 
-The fixture lives at ``../shared/fixtures/radfm-tiny`` beside the project (CI has it there
-too). If it is missing the tests fail loudly: skipping would hide a parity regression.
+Both live beside the project (CI has them there too): the fixture at ``../shared/fixtures/radfm-tiny``,
+the prompts (the ``*_prompt.json`` files of RadFM's training code) at ``../shared/radfm-prompts``. If
+either is missing the tests fail loudly: skipping would hide a parity regression.
 """
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ import torch
 
 PROJECT = Path(__file__).resolve().parents[1]
 FIXTURE = Path(os.environ.get("RADFM_FIXTURE", PROJECT.parent / "shared" / "fixtures" / "radfm-tiny"))
+PROMPTS = Path(os.environ.get("RADFM_PROMPTS", PROJECT.parent / "shared" / "radfm-prompts"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -26,6 +29,19 @@ def fixture_dir() -> Path:
             pytrace=False,
         )
     return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def training_prompts():
+    """``training_prompts("report_prompt.json")``: the prompts RadFM was trained with, from that file."""
+    if not (PROMPTS / "report_prompt.json").is_file():
+        pytest.fail(f"RadFM's training prompts not found at {PROMPTS}: the prompt tests need ../shared/radfm-prompts "
+                    f"beside the project (or RADFM_PROMPTS=<folder>)", pytrace=False)
+
+    def read(source: str) -> list[str]:
+        return [p for prompts in json.loads((PROMPTS / source).read_text()).values() for p in prompts]
+
+    return read
 
 
 @pytest.fixture(scope="session")

@@ -120,11 +120,11 @@ def test_open_text_scores_are_the_libraries_own_values():
     for answer, reference in PAIRS:
         scores = score_case("report", answer, reference)
         assert scores["bleu"] == pytest.approx(bleu.sentence_score(answer, [reference]).score)
-        assert scores["rougeL"] == pytest.approx(rouge.score(reference, answer)["rougeL"].fmeasure)
+        assert scores["rougeL"] == pytest.approx(100 * rouge.score(reference, answer)["rougeL"].fmeasure)
     same = score_case("rationale", "Pneumonia with consolidation.", "pneumonia with consolidation.")
-    assert same["bleu"] == pytest.approx(100.0) and same["rougeL"] == pytest.approx(1.0)
+    assert same["bleu"] == pytest.approx(100.0) and same["rougeL"] == pytest.approx(100.0)  # one scale, 0-100
     # "effusion" and "effusions" share a stem: ROUGE-L counts them as the same word
-    assert score_case("report", "left effusion", "left effusions")["rougeL"] == pytest.approx(1.0)
+    assert score_case("report", "left effusion", "left effusions")["rougeL"] == pytest.approx(100.0)
 
 
 @pytest.mark.parametrize("task, answer, reference, correct", [
@@ -143,7 +143,31 @@ def test_closed_answers_are_scored_after_the_documented_normalisation(task, answ
 
     scores = score_case(task, answer, reference)
     assert set(scores) >= {"accuracy"} and "bleu" not in scores
-    assert scores["accuracy"] == float(correct)
+    assert scores["accuracy"] == (100.0 if correct else 0.0)
+
+
+def test_every_score_reads_on_one_scale_in_the_table_the_summary_and_the_gallery(tmp_path):
+    """Before, the CLI printed ROUGE-L 86.7 while summary.json and the gallery showed 0.867 beside BLEU 79.9."""
+    from RadFMSlicer.evaluation.gallery import write_gallery
+    from RadFMSlicer.evaluation.metrics import score_case
+    from RadFMSlicer.evaluation.run import format_table, write_summary
+
+    records = [{"id": "r1", "task": "report", "answer": "Small left pleural effusion.", "case_s": 1.0,
+                "reference": "Small left pleural effusion, no pneumothorax.", "extra": {}, "seen": []},
+               {"id": "m1", "task": "modality", "answer": "CT.", "reference": "CT", "case_s": 1.0, "extra": {},
+                "seen": []}]
+    for record in records:
+        record["scores"] = score_case(record["task"], record["answer"], record["reference"])
+    summary = write_summary(tmp_path, records, 2, {"model": {}, "manifest": "m.jsonl"})
+    overall = json.loads((tmp_path / "summary.json").read_text())["metrics"]["overall"]
+    assert summary["scoring"]["scale"] == "0-100"
+    rouge, bleu, accuracy = (overall[m]["mean"] for m in ("rougeL", "bleu", "accuracy"))
+    assert 50 < rouge <= 100 and 10 < bleu <= 100 and accuracy == 100.0  # all on sacrebleu's 0-100 scale
+    row = next(line for line in format_table(summary).splitlines() if line.startswith("overall"))
+    assert f"{rouge:.1f} [" in row and f"{bleu:.1f} [" in row and "100.0 [" in row
+    write_gallery(tmp_path, records, summary)
+    shown = gallery_data((tmp_path / "index.html").read_text())["summary"]["metrics"]["overall"]
+    assert shown["rougeL"]["mean"] == rouge  # the page formats what summary.json holds, one decimal
 
 
 def test_bootstrap_interval_brackets_the_mean_narrows_with_cases_and_reproduces():
@@ -406,14 +430,16 @@ def synthetic_run(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def browser():
-    """Headless Chromium from Debian (apt-get install chromium), driven by Playwright."""
+    """Headless Chromium from Debian (apt-get install chromium), driven by Playwright; missing, the tests fail."""
     import shutil
 
-    playwright = pytest.importorskip("playwright.sync_api")
+    from playwright.sync_api import sync_playwright
+
     executable = shutil.which("chromium")
     if executable is None:
-        pytest.skip("no chromium on PATH (apt-get install chromium)")
-    with playwright.sync_playwright() as p:
+        pytest.fail("no chromium on PATH: the gallery's browser tests need Debian's chromium "
+                    "(apt-get install chromium, as .ci/run does)", pytrace=False)
+    with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         yield chromium
         chromium.close()
@@ -468,7 +494,7 @@ def test_comparison_page_shows_both_answers_and_the_deltas_in_a_real_browser(bro
     write_comparison(a, b, tmp_path / "cmp")
     page.goto((tmp_path / "cmp" / "index.html").as_uri())
     row = page.locator("tr[data-id=m2] td").all_text_contents()
-    assert row[:6] == ["m2", "modality", "0.000", "1.000", "1.000", "differ"]
+    assert row[:6] == ["m2", "modality", "0.0", "100.0", "100.0", "differ"]
     assert page.locator("tr[data-id=m1] td").nth(5).text_content() == "same"
     page.click("tr[data-id=m2]")
     answers = page.locator("tr.detail pre").all_text_contents()

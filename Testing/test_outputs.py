@@ -112,7 +112,7 @@ def test_batch_refuses_a_device_as_its_results_file(tmp_path, tiny_checkpoint):
     (tmp_path / "scans" / "ct.dcm").write_bytes(Path(CT).read_bytes())
 
     def capped():
-        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 
     done = subprocess.run([sys.executable, "-m", "RadFMSlicer.cli", "batch", "--checkpoint", str(tiny_checkpoint),
                            "--input", str(tmp_path / "scans"), "--out", "/dev/full"],

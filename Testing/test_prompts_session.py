@@ -1,8 +1,5 @@
 """Prompts follow RadFM's training templates; sessions keep provenance and round-trip."""
 
-import json
-from pathlib import Path
-
 import pytest
 
 from RadFMSlicer.errors import PromptError, RadFMError
@@ -10,14 +7,12 @@ from RadFMSlicer.prompts import TEMPLATES, PromptImage, build_prompt, finish_sen
 from RadFMSlicer.session import DISCLAIMER, Session, Turn
 from RadFMSlicer.tokenizer import image_tag
 
-PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "radfm-prompts"
 
-
-def test_every_template_is_a_training_prompt():
+def test_every_template_is_a_training_prompt(training_prompts):
     for task, (template, source) in TEMPLATES.items():
         if source is None:
             continue
-        training = [p for prompts in json.loads((PROMPTS / source).read_text()).values() for p in prompts]
+        training = training_prompts(source)
         expected = template.replace("{finding}", "disease")
         assert expected in training, (task, template)
 
@@ -96,15 +91,11 @@ def test_not_a_session_file():
 
 
 # The prompt every front end sends: ask.prepare (CLI, batch, worker, panel) on a real scan.
-def _training_prompts(source: str) -> list[str]:
-    return [p for prompts in json.loads((PROMPTS / source).read_text()).values() for p in prompts]
-
-
 @pytest.mark.parametrize("task, question", [
     ("report", None), ("rationale", None), ("modality", None), ("diagnosis", "pneumonia"),
     ("diagnosis", " pleural  effusion? "), ("vqa", "Is there a pleural effusion"),
 ])
-def test_prepared_prompt_is_the_image_tag_then_a_training_prompt(task, question):
+def test_prepared_prompt_is_the_image_tag_then_a_training_prompt(task, question, training_prompts):
     from pydicom.data import get_testdata_file
 
     from RadFMSlicer.ask import AskRequest, ImageInput, prepare
@@ -116,12 +107,12 @@ def test_prepared_prompt_is_the_image_tag_then_a_training_prompt(task, question)
     template, source = TEMPLATES[task]
     if task == "diagnosis":
         finding = " ".join(question.split()).rstrip("?")
-        assert text.replace(finding, "disease", 1) in _training_prompts(source)
+        assert text.replace(finding, "disease", 1) in training_prompts(source)
         assert text.count(finding) == 1 and text.count("signs of") == 1
     elif source is None:
         assert text == "Is there a pleural effusion?"
     else:
-        assert text in _training_prompts(source)
+        assert text in training_prompts(source)
 
 
 def test_diagnosis_asked_as_a_whole_question_is_not_wrapped_again():

@@ -66,7 +66,7 @@ def test_cases_are_listed_worst_first_with_score_task_answer_and_reference(qtbot
     rows = [[view.table.item(r, c).text() for c in range(5)] for r in range(view.table.rowCount())]
     assert [r[2] for r in rows] == ["crashed", "wrong", "half", "good"]
     assert rows[0][0] == "failed" and rows[0][3] == "broken.nii is truncated"
-    assert rows[1] == ["0.000", "diagnosis", "wrong", "Yes.", "no"]
+    assert rows[1] == ["0.0", "diagnosis", "wrong", "Yes.", "no"]
     assert "1 failed" in view.summary_label.text() and "noise" in view.summary_label.text()
 
 

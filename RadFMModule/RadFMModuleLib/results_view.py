@@ -93,7 +93,7 @@ class ResultsView(QtWidgets.QWidget):
         self.table.setRowCount(len(self.records))
         for row, record in enumerate(self.records):
             score = case_score(record.get("scores"))
-            cells = ("failed" if "answer" not in record else f"{score:.3f}", record.get("task", ""), record["id"],
+            cells = ("failed" if "answer" not in record else f"{score:.1f}", record.get("task", ""), record["id"],
                      record.get("answer", record.get("error", "")), record.get("reference", ""))
             for column, text in enumerate(cells):
                 item = QtWidgets.QTableWidgetItem(" ".join(str(text).split())[:200])
@@ -123,7 +123,7 @@ class ResultsView(QtWidgets.QWidget):
                   f"Reference: {record.get('reference', '')}"]
         scores = {k: v for k, v in (record.get("scores") or {}).items() if isinstance(v, (int, float))}
         if scores:
-            lines.append("Scores: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))
+            lines.append("Scores: " + ", ".join(f"{k} {v:.1f}" for k, v in scores.items()))
         self.detail.setText("\n".join(lines))
         self._show_thumbnail(record)
         self.ask_button.setEnabled(self.ask_again is not None)

@@ -85,8 +85,8 @@ def format_comparison(result: dict) -> str:
              f"B: {result['b']['run']} ({result['b']['dtype']}, {result['b']['quantization'] or 'no quantization'})",
              header, "-" * len(header)]
     for metric, m in result["metrics"].items():
-        ci = f"{m['delta']:+.3f} [{m['ci95'][0]:+.3f}, {m['ci95'][1]:+.3f}]"
-        lines.append(f"{metric:<10}{m['n']:>6}  {m['mean_a']:>8.3f}{m['mean_b']:>8.3f}  {ci:<30}{m['changed']:>8}")
+        ci = f"{m['delta']:+.1f} [{m['ci95'][0]:+.1f}, {m['ci95'][1]:+.1f}]"  # points on the 0-100 scale
+        lines.append(f"{metric:<10}{m['n']:>6}  {m['mean_a']:>8.1f}{m['mean_b']:>8.1f}  {ci:<30}{m['changed']:>8}")
     for metric, m in result["metrics"].items():
         for way in ("most_improved", "most_worsened"):
             if m[way]:

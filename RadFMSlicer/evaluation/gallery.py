@@ -166,7 +166,7 @@ const C = D.compare, cases = D.cases, extraKeys = [...new Set(cases.flatMap(c =>
 const el = (tag, attrs = {}, ...kids) => { const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) { if (k === "text") e.textContent = v; else e.setAttribute(k, v); }
   kids.forEach(k => e.append(k)); return e; };
-const fmt = (v, d = 3) => v === null || v === undefined ? "" : (typeof v === "number" ? v.toFixed(d) : String(v));
+const fmt = (v, d = 1) => v === null || v === undefined ? "" : (typeof v === "number" ? v.toFixed(d) : String(v));
 document.getElementById("title").textContent = document.title;
 document.getElementById("disclaimer").textContent = D.disclaimer;
 const model = C ? `A: ${C.a.run} (${C.a.dtype}${C.a.quantization ? ", " + C.a.quantization : ""})  vs  B: ${C.b.run} (${C.b.dtype}${C.b.quantization ? ", " + C.b.quantization : ""})`
@@ -185,14 +185,14 @@ if (D.summary.note) { const n = document.getElementById("note"); n.hidden = fals
     return;
   }
   const groups = [["overall", D.summary.metrics.overall], ...Object.entries(D.summary.metrics.by_task)];
-  t.append(el("tr", {}, ...["group", "cases", "accuracy", "BLEU", "ROUGE-L"].map((h, i) => el("th", {text: h, class: i ? "num" : ""}))));
+  t.append(el("tr", {}, ...["group", "cases", "accuracy %", "BLEU", "ROUGE-L"].map((h, i) => el("th", {text: h, class: i ? "num" : ""}))));
   for (const [name, g] of groups) {
     const cell = m => g[m] ? `${fmt(g[m].mean)} [${fmt(g[m].ci95[0])}, ${fmt(g[m].ci95[1])}]` : "";
     t.append(el("tr", {}, el("td", {text: name}), el("td", {class: "num", text: g.cases}),
       ...["accuracy", "bleu", "rougeL"].map(m => el("td", {class: "num", text: cell(m)}))));
   }
   const f = D.summary.cases; t.append(el("tr", {}, el("td", {colspan: 5, class: "muted",
-    text: `${f.answered} answered, ${f.failed} failed${f.not_run ? ", " + f.not_run + " not run" : ""}`})));
+    text: `${f.answered} answered, ${f.failed} failed${f.not_run ? ", " + f.not_run + " not run" : ""}; every score 0-100`})));
 })();
 // columns: [label, value(case), numeric]
 const cols = [["id", c => c.id, false], ["task", c => c.task, false]];

@@ -3,10 +3,14 @@
 Which score a case gets depends on what its reference is:
 
 * open text (``report``, ``rationale``, ``vqa`` with a free-text reference): sentence BLEU
-  from sacrebleu (0-100, 13a tokenisation, lowercased, exponential smoothing, effective
-  order) and ROUGE-L F1 from rouge-score (0-1, Porter stemming);
+  from sacrebleu (13a tokenisation, lowercased, exponential smoothing, effective order) and
+  ROUGE-L F1 from rouge-score (Porter stemming);
 * closed answers (``diagnosis``, ``modality``, ``vqa`` whose reference is yes/no):
-  accuracy (0 or 1 per case) after the normalisation in :data:`NORMALISATION`.
+  accuracy after the normalisation in :data:`NORMALISATION`.
+
+Every score is on one scale, 0-100 (:data:`SCALE`), as sacrebleu gives BLEU: ROUGE-L F1 is
+multiplied by 100 and a case's accuracy is 100 or 0, so the mean is a percentage. The CLI's
+table, ``summary.json``, the gallery and ``compare`` all show these numbers as they are.
 
 A run's score is the mean over its cases with a 95 % percentile bootstrap interval
 (:func:`bootstrap_ci`, numpy, fixed seed, so a rerun reproduces it). The summary records the
@@ -21,6 +25,7 @@ import numpy as np
 
 CLOSED_TASKS = ("diagnosis", "modality")
 OPEN_METRICS = ("bleu", "rougeL")
+SCALE = "0-100"  # every score: accuracy in %, BLEU as sacrebleu gives it, ROUGE-L F1 x 100
 RESAMPLES = 2000
 SEED = 0
 CONFIDENCE = 0.95
@@ -45,7 +50,8 @@ NORMALISATION = {
                  + "); a reference without a known spelling is compared with the whole answer, both lowercased "
                  "with punctuation removed"),
     "bleu": "sacrebleu sentence BLEU (0-100) against the one reference",
-    "rougeL": "rouge-score ROUGE-L F1 (0-1), Porter stemmer",
+    "rougeL": "rouge-score ROUGE-L F1 x 100 (0-100), Porter stemmer",
+    "accuracy": "100 if the normalised answer equals the normalised reference, else 0 (the mean is a percentage)",
 }
 _WORD = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _MODALITY_PATTERN = re.compile(
@@ -104,10 +110,10 @@ def score_case(task: str, answer: str, reference: str) -> dict:
             expected, got = modality(reference), modality(answer)
         else:
             expected, got = _plain(reference), _plain(answer)
-        return {"accuracy": float(got is not None and got == expected), "normalised_answer": got,
+        return {"accuracy": 100.0 if got is not None and got == expected else 0.0, "normalised_answer": got,
                 "normalised_reference": expected}
     return {"bleu": float(_bleu().sentence_score(answer, [reference]).score),
-            "rougeL": float(_rouge().score(reference, answer)["rougeL"].fmeasure)}
+            "rougeL": 100 * float(_rouge().score(reference, answer)["rougeL"].fmeasure)}
 
 
 def case_score(scores: dict | None) -> float | None:
@@ -158,6 +164,7 @@ def breakdown(cases: list[dict]) -> dict:
 def provenance() -> dict:
     """How the scores were made: normalisation, bootstrap settings, library versions."""
     return {
+        "scale": SCALE,
         "normalisation": dict(NORMALISATION),
         "bleu_signature": bleu_signature(),
         "bootstrap": {"method": "percentile", "resamples": RESAMPLES, "seed": SEED, "confidence": CONFIDENCE},

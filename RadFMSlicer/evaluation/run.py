@@ -180,7 +180,7 @@ def _by_shared_scans(cases: list[Case]) -> list[Case]:
 
 def chosen_settings(settings: GenerationSettings, window, interpolation: str) -> dict:
     """The part of :func:`run_settings` known before the model is loaded or the server asked."""
-    return {**settings.to_dict(), "window": window, "interpolation": interpolation}
+    return {**settings.to_dict(), "window": window, "interpolation": interpolation, "score_scale": metrics.SCALE}
 
 
 def run_settings(model: "LocalModel | ServerModel", settings: GenerationSettings, window, interpolation: str) -> dict:
@@ -273,25 +273,25 @@ def write_summary(run_dir: Path, records: list[dict], total: int, info: dict) ->
     return summary
 
 
-def _cell(entry: dict | None, scale: float = 1.0) -> str:
+def _cell(entry: dict | None) -> str:
     if not entry:
         return "-"
-    low, high = (v * scale for v in entry["ci95"])
-    return f"{entry['mean'] * scale:.1f} [{low:.1f}, {high:.1f}]"
+    low, high = entry["ci95"]
+    return f"{entry['mean']:.1f} [{low:.1f}, {high:.1f}]"
 
 
 def format_table(summary: dict) -> str:
-    """The summary as a text table: accuracy and ROUGE-L in %, BLEU 0-100, each with its 95 % CI."""
+    """The summary as a text table, every score 0-100 as ``summary.json`` holds it, each with its 95 % CI."""
     m = summary["metrics"]
     rows = [("overall", m["overall"])] + sorted(m["by_task"].items())
-    header = f"{'task':<12}{'cases':>6}  {'accuracy %':<22}{'BLEU':<22}{'ROUGE-L %':<22}"
+    header = f"{'task':<12}{'cases':>6}  {'accuracy %':<22}{'BLEU':<22}{'ROUGE-L':<22}"
     lines = [header, "-" * len(header)]
     for name, entry in rows:
-        lines.append(f"{name:<12}{entry['cases']:>6}  {_cell(entry.get('accuracy'), 100):<22}{_cell(entry.get('bleu')):<22}"
-                     f"{_cell(entry.get('rougeL'), 100):<22}")
+        lines.append(f"{name:<12}{entry['cases']:>6}  {_cell(entry.get('accuracy')):<22}{_cell(entry.get('bleu')):<22}"
+                     f"{_cell(entry.get('rougeL')):<22}")
     c = summary["cases"]
     lines.append(f"{c['answered']} answered, {c['failed']} failed" + (f", {c['not_run']} not run" if c["not_run"] else "")
-                 + "; 95% bootstrap intervals in brackets")
+                 + f"; every score {metrics.SCALE}; 95% bootstrap intervals in brackets")
     if summary.get("note"):
         lines.append("NOTE: " + summary["note"])
     return "\n".join(lines)
