@@ -17,7 +17,7 @@ from .engine import RadFMEngine
 from .errors import ImageError, PromptError
 from .generation import Generation, GenerationResult, GenerationSettings
 from .image_cache import NO_CACHE, ImageCache
-from .paths import EITHER, FILE, check_kind
+from .paths import FILE, check_kind
 from .imaging import ModelImage, Volume, load_volume, parse_window, preprocess, volume_from_array
 from .preview import render_montage
 from .prompts import ORDINALS, PromptImage, build_prompt, task_question
@@ -88,7 +88,7 @@ class ImageInput:
         """What can be checked without reading pixels: the source exists, the window is spelled right."""
         self._check_source()
         if self.array is None:
-            check_kind(self.path, "scan", EITHER)  # a FIFO or device would block the reader
+            check_kind(self.path, "scan")  # a FIFO or device would block the reader
         if self.array is None and not Path(self.path).exists():
             raise ImageError(f"Scan not found: {self.path}")
         parse_window(self.window)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import PromptError, RadFMError
-from .paths import EITHER, FILE, FOLDER, check_kind
+from .paths import check_kind
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -685,23 +685,20 @@ def refuse_empty_values(args) -> None:
             raise RadFMError(f"--{name.replace('_', '-')} is empty: {give}")
 
 
-# Path flags -> what each must be; ``--out`` by command. A device, FIFO or socket is refused by name before
-# anything opens it (paths.check_kind); a --region's path is checked with its region (ask.RegionInput.check).
-PATH_KINDS = {"image": EITHER, "checkpoint": FOLDER, "session": FILE, "preview_dir": FOLDER, "attention": FILE,
-              "token_file": FILE, "manifest": FILE, "input": EITHER, "workdir": FOLDER, "cache_dir": FOLDER,
-              "ssl_certfile": FILE, "ssl_keyfile": FILE, "runs": FOLDER}
-OUT_KINDS = {"batch": FILE, "preview": FILE, "eval": FOLDER, "convert": FOLDER}
+# Every flag naming a path read or written. A device, FIFO or socket is refused by name before anything opens
+# it (paths.check_kind); whether a file or a folder is wanted, each command's own checks say, in its words.
+# A --region's path is checked with its region (ask.RegionInput.check): its value may end in ':LABEL'.
+PATH_FLAGS = ("image", "checkpoint", "session", "preview_dir", "attention", "token_file", "manifest", "input", "out",
+              "workdir", "cache_dir", "ssl_certfile", "ssl_keyfile", "runs")
 
 
 def check_path_flags(args) -> None:
     """``radfm batch --out /dev/full`` read the device until memory ran out: odd files are refused first."""
-    kinds = {**PATH_KINDS, "out": OUT_KINDS.get(args.command, FILE)}
-    for name, kind in kinds.items():
+    for name in PATH_FLAGS:
         value = getattr(args, name, None)
         for path in value if isinstance(value, list) else [value]:
             if isinstance(path, str):
-                check_kind(os.path.expanduser(path), f"--{name.replace('_', '-')}" if name != "runs" else "run",
-                           kind)
+                check_kind(os.path.expanduser(path), "run" if name == "runs" else f"--{name.replace('_', '-')}")
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ _ODD_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a characte
               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-def check_kind(path, what: str, kind: str = FILE) -> None:
+def check_kind(path, what: str, kind: str = EITHER) -> None:
     """Raise a RadFMError if ``path`` exists and is not a ``kind`` (FILE, FOLDER or EITHER).
 
     ``what`` names the path as the user gave it (``"--image"``, ``"session file"``). A path that
@@ -25,9 +25,9 @@ def check_kind(path, what: str, kind: str = FILE) -> None:
     """
     try:
         info = os.stat(path)  # follows symlinks: what would be opened
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # not there (yet): its reader or writer says so
         return
-    except OSError as exc:  # a symlink loop (ELOOP), a name too long, a part of the path that is a file
+    except OSError as exc:  # a symlink loop (ELOOP), a name too long, no permission to look
         raise RadFMError(f"{what} {path}: {exc.strerror or exc}") from None
     if stat.S_ISREG(info.st_mode):
         if kind == FOLDER:
@@ -38,4 +38,4 @@ def check_kind(path, what: str, kind: str = FILE) -> None:
             raise RadFMError(f"{what} {path} is a folder: give a file")
         return
     odd = next((name for test, name in _ODD_KINDS if test(info.st_mode)), "neither a regular file nor a folder")
-    raise RadFMError(f"{what} {path} is {odd}, not a {kind}: give a regular {kind}")
+    raise RadFMError(f"{what} {path} is {odd}: give a regular {kind}")

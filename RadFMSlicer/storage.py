@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import RadFMError
-from .paths import FILE, FOLDER, check_kind
+from .paths import FILE, check_kind
 
 LOCK_TIMEOUT_S = 120.0  # another writer of the same file holds the lock at most this long
 
@@ -125,7 +125,7 @@ def update(path, change, timeout: float = LOCK_TIMEOUT_S) -> bytes:
 @contextlib.contextmanager
 def _locked(path, timeout: float):
     path = Path(path)
-    check_kind(path, "cannot write: output")  # never replace a device or FIFO by a file, nor read one
+    check_kind(path, "cannot write: output", FILE)  # never replace a device or FIFO by a file, nor read one
     if not path.parent.is_dir():
         raise StorageError(f"cannot write {path}: folder {path.parent} does not exist")
     file_lock = lock(path, timeout)
@@ -189,7 +189,7 @@ def check_writable(path, what: str, folder: bool = False) -> None:
     made and removed in the target folder: only that catches read-only mounts and ``/proc``.
     """
     path = Path(path).expanduser()
-    check_kind(path, what, FOLDER if folder else FILE)
+    check_kind(path, what)  # a device or FIFO; a file for a folder (or back) is named just below
     if path.exists() and path.is_dir() != folder:
         raise StorageError(f"{what} {path} is a {'file' if folder else 'folder'}; give a "
                            f"{'folder' if folder else 'file name (inside it)'}")

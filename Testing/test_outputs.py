@@ -119,7 +119,8 @@ def test_batch_refuses_a_device_as_its_results_file(tmp_path, tiny_checkpoint):
                           capture_output=True, text=True, timeout=WAIT_S, cwd=PROJECT, preexec_fn=capped,
                           env={**os.environ, "PYTHONPATH": str(PROJECT)})
     assert done.returncode == 2
-    assert last_line(done.stderr) == "radfm: error: --out /dev/full is a character device, not a file: give a regular file"
+    assert last_line(done.stderr) == ("radfm: error: --out /dev/full is a character device: give a regular file or "
+                                      "folder")
 
 
 @pytest.mark.parametrize("flag", ["image", "region", "manifest", "session", "token-file"])
@@ -141,7 +142,7 @@ def test_a_socket_a_symlink_loop_and_a_folder_are_named(tmp_path):
 
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(tmp_path / "sock"))
-    with pytest.raises(RadFMError, match="session file .*sock is a socket, not a file"):
+    with pytest.raises(RadFMError, match="session file .*sock is a socket: give a regular file$"):
         check_kind(tmp_path / "sock", "session file", FILE)
     os.symlink(tmp_path / "loop", tmp_path / "loop")
     with pytest.raises(RadFMError, match="loop: Too many levels of symbolic links"):
@@ -158,10 +159,13 @@ def test_a_symlink_loop_as_the_scan_is_named_not_called_missing(capsys, tmp_path
     assert "Too many levels of symbolic links" in capsys.readouterr().err
 
 
-def test_storage_never_replaces_a_device_by_a_file():
-    with pytest.raises(RadFMError, match="/dev/null is a character device"):
-        storage.write_text("/dev/null", "{}")
-    assert Path("/dev/null").is_char_device()
+def test_storage_never_replaces_a_fifo_or_device_by_a_file(tmp_path):
+    """Before, a write replaced whatever the name held (as root, a device node) by a regular file."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(RadFMError, match="fifo is a FIFO \\(named pipe\\): give a regular file$"):
+        storage.write_text(fifo, "{}")
+    assert fifo.is_fifo() and list(tmp_path.iterdir()) == [fifo]
 
 
 # --- a closed stdout -------------------------------------------------------------------------------
