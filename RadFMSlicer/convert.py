@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -70,15 +71,25 @@ def _new_output_folder(out_folder, shard_size_gb: float) -> Path:
 
 
 def _check_room(out: Path, shapes: dict, itemsize: int, files) -> None:
-    """Refuse now, naming what is needed and what is free, rather than after writing gigabytes."""
+    """Refuse now (no room, or no writing there), naming what is needed and what is free, rather than after
+    writing gigabytes."""
     weights = sum(itemsize * int(torch.Size(shape).numel()) for shape in shapes.values())
     extra = sum(p.stat().st_size for p in (files.folder / LANGUAGE_FILES).rglob("*") if p.is_file())
     needed = int((weights + extra) * SPACE_MARGIN)
     folder = next(p for p in (out, *out.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=folder):  # a read-only disk or a folder not ours: said as such
+            pass
+    except OSError as exc:
+        raise CheckpointError(f"cannot write the converted checkpoint in {folder}: {exc.strerror or exc}") from None
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise CheckpointError(f"converting needs about {needed / 1e9:.2f} GB in {folder}, which has "
-                              f"{free / 1e9:.2f} GB free: free space, or choose --out on another disk")
+        raise CheckpointError(f"converting needs about {_size(needed)} in {folder}, which has {_size(free)} free: "
+                              f"free space, or choose --out on another disk")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
 @contextlib.contextmanager

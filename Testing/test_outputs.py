@@ -88,9 +88,14 @@ def test_convert_checks_the_free_space_first_naming_what_it_needs(tmp_path, fixt
 
     monkeypatch.setattr(convert.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10**12, 10**12 - 5e6,
                                                                                               int(5e6)))
-    with pytest.raises(CheckpointError, match=r"converting needs about 0\.\d\d GB in .*, which has 0\.01 GB free"):
+    with pytest.raises(CheckpointError, match=r"converting needs about \d+\.\d MB in .*, which has 5\.0 MB free"):
         convert_checkpoint(fixture_dir, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_into_a_folder_that_cannot_be_written_says_so_first(fixture_dir):
+    with pytest.raises(CheckpointError, match=r"^cannot write the converted checkpoint in /sys: "):
+        convert_checkpoint(fixture_dir, "/sys/radfm-bf16")
 
 
 def test_convert_on_a_full_disk_leaves_nothing_and_the_rerun_completes(tmp_path, fixture_dir):
