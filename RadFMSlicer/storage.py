@@ -50,7 +50,9 @@ def lock_folder() -> Path:
     not serialised (README: Limits).
     """
     uid = os.getuid() if hasattr(os, "getuid") else None  # Windows: the temporary folder is the user's own
-    folder = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"radfm-locks-{uid or 'user'}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = runtime if runtime and os.path.isdir(runtime) else tempfile.gettempdir()
+    folder = Path(base) / f"radfm-locks-{uid if uid is not None else 'user'}"
     try:
         folder.mkdir(mode=0o700, exist_ok=True)
         info = os.lstat(folder)
