@@ -232,6 +232,12 @@ def build_volume(array_kji, ijk_to_lps, source, modality=None, notes=()) -> Volu
         raise ImageError(f"{source}: the IJK->RAS/LPS matrix must be a finite, invertible 4x4 matrix.")
     grid = Grid.plan(a.shape, m)
     check_size(grid.display_shape, source)
+    if a.dtype.kind == "f" and a.dtype.itemsize > 4:  # voxels are kept in single precision
+        largest = float(np.max(np.abs(a), where=np.isfinite(a), initial=0.0))
+        if largest > float(np.finfo(np.float32).max):
+            raise ImageError(f"{source} has values up to {largest:.3g}, beyond single precision (3.4e+38) where "
+                             "scans are read: its rescale (DICOM RescaleSlope/Intercept, NIfTI scl_slope) is "
+                             "likely wrong; fix the header or export the scan again.")
     if a.dtype.kind in "iu" and _mapped_read_only(a):
         vox = grid.reorient(a)  # the viewer's hand-over, mapped from its file: read in place, no second copy
     else:

@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import ImageError
+from .dicom_checks import check_instance, check_series, read_header, rescale_notes
 from .geometry import LPS_TO_RAS, Grid, Volume, affine_from_itk, build_volume, check_size
 
 SUPPORTED = "NIfTI (.nii/.nii.gz), NRRD, MHA/MHD, a DICOM file or series folder, PNG or JPEG"
@@ -85,14 +86,6 @@ def read_info(path):
         raise ImageError(f"Cannot read {path} ({reason}): not a supported image, or a damaged one; "
                          f"supported: {SUPPORTED}.") from None
     return reader
-
-
-def _dicom_numbers(text: str) -> list[float]:
-    """A DICOM multi-value number such as "1\\0\\0\\0\\1\\0"."""
-    try:
-        return [float(v) for v in text.split("\\")]
-    except ValueError:
-        return []
 
 
 class _Series(NamedTuple):
@@ -300,20 +293,21 @@ def load_volume(path, series=None) -> Volume:
     if not os.path.exists(path):
         raise ImageError(f"Scan not found: {path}")
     notes = []
+    headers = []  # DICOM only: each file's header, checked before its pixels are read
     if os.path.isdir(path):
         files, notes = _pick_series(path, series)
+        files, headers, more = check_series(path, files)
+        notes += more
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
         info = read_info(files[0])
-        first, last = _meta(info, "0020|0037"), _meta(read_info(files[-1]), "0020|0037")
-        if first and last and not np.allclose(_dicom_numbers(first), _dicom_numbers(last), atol=1e-3):
-            raise ImageError(f"The DICOM series in {path} mixes slice orientations ({first} ... {last}): "
-                             "it is not one 3D volume (a radial or localizer series?); pick one slice file "
-                             "or another series (--series).")
     else:
         if series is not None:
             raise ImageError(f"series='{series}' only applies to a DICOM folder, but {path} is a single file.")
         reader = info = read_info(path)
+        if info.HasMetaDataKey("0028|0010"):  # DICOM (Rows): GDCM read the header
+            headers = [read_header(path)]
+            notes += check_instance(path, headers[0], _meta(info, "0008|0060"))
         size = info.GetSize()
         if len(size) > 3 and any(n != 1 for n in size[3:]):
             raise ImageError(_not_3d(path, size))  # in the file's own (i, j, k, t) order, as nibabel shows it
@@ -332,5 +326,7 @@ def load_volume(path, series=None) -> Volume:
         a.reshape(-1)[nonfinite] = np.nan
     if image.GetNumberOfComponentsPerPixel() > 1:
         a = _to_gray(a, notes)
+    if headers:
+        notes += rescale_notes(headers, float(a.min()), float(a.max()))
     m = affine_from_itk(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
     return build_volume(a, m, path, _meta(info, "0008|0060"), notes)

@@ -1,0 +1,210 @@
+"""DICOM files the model must not see as they are: refused before any pixels are read, or noted.
+
+Every bad file is made here from pydicom's real CT_small.dcm / MR_small.dcm (and their
+compressed copies), with one thing in the header or the pixel data changed.
+"""
+
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import generate_uid
+
+from RadFMSlicer.errors import ImageError
+from RadFMSlicer.imaging import load_volume
+
+CT_SMALL = get_testdata_file("CT_small.dcm")
+MR_SMALL = get_testdata_file("MR_small.dcm")
+
+
+def edited(tmp_path, edit, source=CT_SMALL, name="edited.dcm"):
+    ds = pydicom.dcmread(source)
+    edit(ds)
+    path = tmp_path / name
+    ds.save_as(path)
+    return str(path)
+
+
+def set_rows(n):
+    def edit(ds):
+        ds.Rows = n
+    return edit
+
+
+def cut_pixels(ds):
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+
+
+def set_frames(ds):
+    ds.NumberOfFrames = 2
+
+
+# ----------------------------------------------------------------------------- pixel data vs header
+@pytest.mark.parametrize("edit, header, holds", [
+    (set_rows(1000), r"1000x128 pixels of 16 bits \(256,000 bytes\)", "32,768 bytes, i.e. 128 rows of 128"),
+    (set_rows(64), r"64x128 pixels of 16 bits \(16,384 bytes\)", "32,768 bytes, i.e. 128 rows of 128"),
+    (cut_pixels, r"128x128 pixels of 16 bits \(32,768 bytes\)", "16,384 bytes, i.e. 64 rows of 128"),
+    (set_frames, r"128x128 pixels, 2 frames of 16 bits \(65,536 bytes\)", "32,768 bytes"),
+])
+def test_pixel_data_that_does_not_fit_the_header_is_refused_naming_both(tmp_path, edit, header, holds):
+    path = edited(tmp_path, edit)
+    with pytest.raises(ImageError, match=rf"{path}: its pixel data does not fit its header: the header says "
+                                         rf"{header} but the pixel data holds {holds}"):
+        load_volume(path)
+
+
+def test_an_odd_length_padded_with_one_byte_and_trailing_zero_padding_are_accepted(tmp_path):
+    def odd(ds):  # 8-bit pixels, 127 x 127 = an odd byte count, padded to even by one byte
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+        ds.Rows = ds.Columns = 127
+        ds.PixelData = (np.arange(127 * 127) % 200).astype(np.uint8).tobytes() + b"\0"
+
+    assert load_volume(edited(tmp_path, odd)).shape == (1, 127, 127)
+    vol = load_volume(get_testdata_file("MR_small_padded.dcm"))
+    assert vol.shape == (1, 64, 64) and "128 bytes of zero padding after the pixels ignored" in vol.notes
+
+
+@pytest.mark.parametrize("source", ["MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"])
+def test_compressed_pixel_data_must_hold_the_frames_the_header_says(tmp_path, source):
+    assert load_volume(get_testdata_file(source)).shape == (1, 64, 64)
+    path = edited(tmp_path, set_frames, get_testdata_file(source))
+    with pytest.raises(ImageError, match=r"header says 64x64 pixels, 2 frames of 16 bits but its compressed "
+                                         r"pixel data holds 1 frame;"):
+        load_volume(path)
+
+
+@pytest.mark.parametrize("source", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm"])
+@pytest.mark.parametrize("rows", [32, 128])
+def test_a_compressed_frame_of_another_size_than_the_header_is_refused(tmp_path, source, rows):
+    path = edited(tmp_path, set_rows(rows), get_testdata_file(source))
+    with pytest.raises(ImageError, match=rf"header says {rows}x64 pixels of 16 bits but its compressed frame 1 "
+                                         r"is 64x64 pixels"):
+        load_volume(path)
+
+
+# ----------------------------------------------------------------------------- a series
+def series(folder, n=3, edit=None, source=CT_SMALL, z_step=5.0):
+    """n slices of one series (one SeriesInstanceUID) at z = 0, 5, 10 ...; edit(ds, k) changes slice k."""
+    folder.mkdir(exist_ok=True)
+    uid = generate_uid()
+    for k in range(n):
+        ds = pydicom.dcmread(source)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.InstanceNumber = uid, generate_uid(), k + 1
+        ds.ImagePositionPatient = [-50.0, -50.0, k * z_step]
+        if edit:
+            edit(ds, k)
+        ds.save_as(folder / f"slice{k}.dcm")
+    return folder
+
+
+def test_a_good_series_is_read_as_one_volume(tmp_path):
+    vol = load_volume(series(tmp_path / "s", 4))
+    assert vol.shape == (4, 128, 128) and vol.notes == []
+
+
+@pytest.mark.parametrize("key, what", [("PatientID", "patients"), ("StudyInstanceUID", "studies"),
+                                       ("FrameOfReferenceUID", "frames of reference")])
+def test_one_series_holding_two_patients_studies_or_frames_is_never_stacked(tmp_path, key, what):
+    def second_one(ds, k):
+        if k >= 3:
+            setattr(ds, key, "1.2.3.999" if key.endswith("UID") else "OTHER-PATIENT")
+
+    folder = series(tmp_path / "mixed", 5, second_one)
+    first = str(pydicom.dcmread(CT_SMALL).get(key))
+    other = "1.2.3.999" if key.endswith("UID") else "OTHER-PATIENT"
+    with pytest.raises(ImageError, match=rf"mixes {what}: {key} '{first}' \(3 slices\), {key} '{other}' "
+                                         r"\(2 slices\); slices of different .* are never stacked"):
+        load_volume(folder)
+
+
+def test_different_images_at_one_position_are_refused_naming_the_position_and_files(tmp_path):
+    def same_place(ds, k):
+        ds.ImagePositionPatient = [-50.0, -50.0, 0.0 if k < 2 else 5.0 * k]
+
+    with pytest.raises(ImageError, match=r"has 2 different images at the same position \(-50, -50, 0\) mm: "
+                                         r"slice\d.dcm, slice\d.dcm \(two echoes"):
+        load_volume(series(tmp_path / "dup", 4, same_place))
+
+
+def test_byte_identical_copies_of_a_slice_are_used_once_and_said(tmp_path):
+    folder = series(tmp_path / "copies", 3)
+    for copy in ("copy_a.dcm", "copy_b.dcm"):
+        shutil.copy(folder / "slice0.dcm", folder / copy)
+    vol = load_volume(folder)
+    assert vol.shape == (3, 128, 128)
+    assert any(n.startswith("2 files ignored as byte-identical copies of another slice at the same position")
+               for n in vol.notes), vol.notes
+
+
+def test_a_series_of_two_slice_sizes_says_so_and_how_to_pick(tmp_path):
+    def small(ds, k):
+        if k == 2:
+            mr = pydicom.dcmread(MR_SMALL)
+            ds.Rows, ds.Columns, ds.PixelData = mr.Rows, mr.Columns, mr.PixelData
+
+    with pytest.raises(ImageError, match=r"holds slices of 2 sizes: 128x128 \(2 slices\), 64x64 \(1 slice\) "
+                                         r"\(e.g. 128x128: slice\d.dcm, 64x64: slice2.dcm\).*put the slices of one "
+                                         r"size in their own folder"):
+        load_volume(series(tmp_path / "sizes", 3, small))
+
+
+def test_one_bad_slice_in_a_series_is_named(tmp_path):
+    def cut_one(ds, k):
+        if k == 1:
+            cut_pixels(ds)
+
+    with pytest.raises(ImageError, match=r"slice1.dcm: its pixel data does not fit its header"):
+        load_volume(series(tmp_path / "cut", 3, cut_one))
+
+
+def test_a_multi_frame_file_mixed_with_single_slices_is_refused(tmp_path):
+    def two_frames(ds, k):
+        if k == 0:
+            ds.NumberOfFrames = 2
+            ds.PixelData = ds.PixelData * 2
+
+    with pytest.raises(ImageError, match=r"mixes multi-frame files \(slice0.dcm: 2 frames\) with other files"):
+        load_volume(series(tmp_path / "frames", 3, two_frames))
+
+
+# ----------------------------------------------------------------------------- usable but odd, or no size
+def test_an_absurd_rescale_slope_is_noted_and_one_beyond_single_precision_refused(tmp_path):
+    def slope(value):
+        def edit(ds):
+            ds.RescaleSlope = value
+        return edit
+
+    vol = load_volume(edited(tmp_path, slope(1e30)))
+    assert any(n.startswith("values run from 1.28e+32 to 2.19e+33 after the header's RescaleSlope 1e+30 and "
+                            "RescaleIntercept -1024: far beyond any scanner's units") for n in vol.notes), vol.notes
+    with pytest.raises(ImageError, match=r"has values up to 2.19e\+39, beyond single precision"):
+        load_volume(edited(tmp_path, slope(1e36)))
+
+
+@pytest.mark.parametrize("spacing", [[0, 0], ["nan", "nan"], [-0.5, 0.5]])
+def test_a_pixel_spacing_that_is_no_size_is_refused(tmp_path, spacing):
+    def edit(ds):
+        ds.PixelSpacing = spacing
+
+    with pytest.raises(ImageError, match=r"its PixelSpacing .* is not a pixel size \(two positive numbers of mm\)"):
+        load_volume(edited(tmp_path, edit))
+
+
+def test_a_missing_pixel_spacing_is_noted(tmp_path):
+    def edit(ds):
+        del ds.PixelSpacing
+
+    vol = load_volume(edited(tmp_path, edit))
+    assert "edited.dcm gives no pixel size (no PixelSpacing): pixels taken as 1 mm, so sizes in mm are in pixels" \
+        in vol.notes
+
+
+def test_a_monochrome1_ct_is_noted_as_inverted(tmp_path):
+    def edit(ds):
+        ds.PhotometricInterpretation = "MONOCHROME1"
+
+    vol = load_volume(edited(tmp_path, edit))
+    assert any("MONOCHROME1" in n and "no longer Hounsfield units" in n for n in vol.notes), vol.notes
