@@ -205,6 +205,44 @@ def _nifti_nonfinite(path: str) -> "np.ndarray | None":
     return flagged
 
 
+def _nifti_geometry_notes(path: str, image: sitk.Image) -> list:
+    """A NIfTI's voxel size must be one; its two orientations (qform, sform) are compared.
+
+    ITK (so SimpleITK and 3D Slicer) silently takes 1 mm for a pixdim of 0 and picks one of a
+    qform and sform that disagree; which one it picked is read off the image it made.
+    """
+    import nibabel  # on first use: only NIfTI files need it
+
+    with nibabel.openers.ImageOpener(path) as f:
+        raw = f.read(540)
+    kind = nibabel.Nifti2Header if struct.unpack("<i", raw[:4])[0] in (540, 0x1C020000) else nibabel.Nifti1Header
+    header = kind(raw[:kind.sizeof_hdr], check=False)  # unchecked: nibabel would mend a pixdim of 0 into 1
+    n = min(max(int(header["dim"][0]), 1), 3)
+    zooms = [float(v) for v in header["pixdim"][1:1 + n]]
+    if not all(math.isfinite(v) and v != 0 for v in zooms):  # ITK reads a negative size as positive
+        raise ImageError(f"{path}: its header gives no voxel size (pixdim {' x '.join(f'{v:g}' for v in zooms)}): "
+                         "no size in mm can be given; set it (nibabel: img.header.set_zooms) or export the scan "
+                         "again.")
+    (qform, qcode), (sform, scode) = header.get_qform(coded=True), header.get_sform(coded=True)
+    if not (qcode and scode):
+        return []
+    shape = [int(v) for v in header["dim"][1:4]]
+    corners = np.array([[i, j, k, 1.0] for i in (0, max(shape[0] - 1, 0)) for j in (0, max(shape[1] - 1, 0))
+                        for k in (0, max(shape[2] - 1, 0))]).T
+    apart_mm = float(np.max(np.linalg.norm((qform @ corners - sform @ corners)[:3], axis=0)))
+    rotations = [np.linalg.svd(m[:3, :3]) for m in (qform, sform)]  # nearest rotations: sizes left out
+    rq, rs = (u @ vt for u, _, vt in rotations)
+    apart_deg = math.degrees(math.acos(float(np.clip((np.trace(rq.T @ rs) - 1) / 2, -1.0, 1.0))))
+    if apart_mm < 0.01 and apart_deg < 0.01:
+        return []
+    used = LPS_TO_RAS @ affine_from_itk(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+    by_use = sorted((("qform", qform), ("sform", sform)),
+                    key=lambda named: np.abs((named[1] @ corners - used @ corners)[:3]).max())
+    return [f"the NIfTI qform and sform disagree (by up to {apart_mm:.3g} mm at the volume's corners, "
+            f"{apart_deg:.3g} deg apart): the {by_use[0][0]} is used (as ITK and 3D Slicer read the file), the "
+            f"{by_use[1][0]} ignored"]
+
+
 def _gzip_size(path: str) -> int:
     """The uncompressed size (mod 2**32) a gzip file's trailer records (for a cut file: noise)."""
     with open(path, "rb") as f:
@@ -316,6 +354,8 @@ def load_volume(path, series=None) -> Volume:
             check_size(Grid.plan(shape, affine_from_itk(size, info.GetSpacing(), info.GetOrigin(),
                                                  info.GetDirection())).display_shape, path)
     image, nonfinite = read_pixels(reader, path, notes)
+    if path.lower().endswith((".nii", ".nii.gz")):
+        notes += _nifti_geometry_notes(path, image)
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() not in (2, 3):
