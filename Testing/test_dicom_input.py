@@ -208,3 +208,63 @@ def test_a_monochrome1_ct_is_noted_as_inverted(tmp_path):
 
     vol = load_volume(edited(tmp_path, edit))
     assert any("MONOCHROME1" in n and "no longer Hounsfield units" in n for n in vol.notes), vol.notes
+
+
+@pytest.mark.parametrize("key, value, what", [("Modality", "MR", "modalities")])
+def test_one_series_holding_two_modalities_is_never_stacked(tmp_path, key, value, what):
+    def other(ds, k):
+        if k == 1:
+            setattr(ds, key, value)
+
+    with pytest.raises(ImageError, match=rf"mixes {what}: {key} 'CT' \(2 slices\), {key} '{value}' \(1 slice\)"):
+        load_volume(series(tmp_path / "mixed", 3, other))
+
+
+def test_a_series_mixing_pixel_sizes_is_refused(tmp_path):
+    def bigger(ds, k):
+        if k == 1:
+            ds.PixelSpacing = [1.0, 1.0]
+
+    with pytest.raises(ImageError, match=r"mixes pixel sizes: PixelSpacing 0.661468\\0.661468 \(2 slices\), "
+                                         r"PixelSpacing 1.0\\1.0 \(1 slice\)"):
+        load_volume(series(tmp_path / "sizes", 3, bigger))
+
+
+def test_slices_without_a_position_are_noted(tmp_path):
+    def unplaced(ds, k):
+        del ds.ImagePositionPatient
+
+    vol = load_volume(series(tmp_path / "unplaced", 3, unplaced))
+    assert vol.shape == (3, 128, 128)
+    assert any(n.startswith("3 of 3 slices give no position (ImagePositionPatient)") for n in vol.notes), vol.notes
+
+
+def test_a_frame_count_that_is_no_number_is_refused_naming_it():
+    with pytest.raises(ImageError, match=r"badVR.dcm: its NumberOfFrames '1A' is not a positive whole number"):
+        load_volume(get_testdata_file("badVR.dcm"))
+
+
+def test_a_colour_ct_image_is_noted_as_no_hounsfield_units(tmp_path):
+    def rgb(ds):
+        gray = (ds.pixel_array.astype(np.int32) * 255 // max(int(ds.pixel_array.max()), 1)).astype(np.uint8)
+        ds.PixelData = np.repeat(gray[..., None], 3, axis=2).tobytes()
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        del ds.RescaleSlope, ds.RescaleIntercept
+
+    vol = load_volume(edited(tmp_path, rgb))
+    assert any(n.startswith("a colour (RGB) CT image: a screen capture or rendering, not Hounsfield units")
+               for n in vol.notes), vol.notes
+
+
+@pytest.mark.parametrize("spacing", ["1 0 1", "1 nan 1"])
+def test_a_metaimage_whose_voxel_size_is_zero_is_refused_as_no_size_not_as_truncated(tmp_path, spacing):
+    import SimpleITK as sitk
+
+    path = tmp_path / "scan.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(120, dtype=np.int16).reshape(4, 5, 6)), str(path))
+    path.write_bytes(path.read_bytes().replace(b"ElementSpacing = 1 1 1", f"ElementSpacing = {spacing}".encode()))
+    with pytest.raises(ImageError, match=r"scan.mha: its voxel size \(1 x 0 x [01] mm\) is not a size: no size in "
+                                         r"mm can be given"):
+        load_volume(path)

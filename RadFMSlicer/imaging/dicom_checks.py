@@ -15,6 +15,7 @@ import math
 import os
 import struct
 from collections import Counter, defaultdict
+from typing import NamedTuple
 
 import numpy as np
 import pydicom
@@ -27,7 +28,7 @@ from ..errors import ImageError
 
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
 _SAME_ACROSS_SERIES = (("PatientID", "patients"), ("StudyInstanceUID", "studies"),
-                       ("FrameOfReferenceUID", "frames of reference"))
+                       ("FrameOfReferenceUID", "frames of reference"), ("Modality", "modalities"))
 VALUE_NOTE_LIMIT = 1e6  # no scanner's units reach this (CT: -1024..~3000 HU; MR, PET: well below)
 
 
@@ -43,14 +44,39 @@ def _name(path: str) -> str:
     return os.path.basename(path)
 
 
-def _layout(ds) -> str:
-    """E.g. "128x128 pixels, 2 frames, 3 samples of 16 bits" (rows x columns, as DICOM gives them)."""
-    text = f"{ds.Rows}x{ds.Columns} pixels"
-    frames = int(ds.get("NumberOfFrames") or 1)
-    if frames != 1:
-        text += f", {frames} frames"
-    samples = int(ds.get("SamplesPerPixel") or 1)
-    return text + (f", {samples} samples" if samples != 1 else "") + f" of {ds.BitsAllocated} bits"
+class _Layout(NamedTuple):
+    """How the header says the pixels are laid out."""
+
+    rows: int
+    columns: int
+    frames: int
+    samples: int
+    bits: int
+
+    @classmethod
+    def of(cls, path: str, ds) -> "_Layout":
+        """The header's numbers, each a positive whole number, or the file is refused naming the field."""
+        values = []
+        for key, default in (("Rows", None), ("Columns", None), ("NumberOfFrames", 1), ("SamplesPerPixel", 1),
+                             ("BitsAllocated", None)):
+            raw = ds.get(key)
+            if raw in (None, "") and default is None:
+                raise ImageError(f"{path}: its header lacks {key}: its pixels cannot be laid out; "
+                                 "export the file again.")
+            try:
+                value = default if raw in (None, "") else int(str(raw).strip())
+            except ValueError:
+                value = 0
+            if value <= 0:
+                raise ImageError(f"{path}: its {key} {str(raw)!r} is not a positive whole number: its pixels "
+                                 "cannot be laid out; export the file again.")
+            values.append(value)
+        return cls(*values)
+
+    def __str__(self) -> str:
+        """E.g. "128x128 pixels, 2 frames, 3 samples of 16 bits" (rows x columns, as DICOM gives them)."""
+        text = f"{self.rows}x{self.columns} pixels" + (f", {self.frames} frames" if self.frames != 1 else "")
+        return text + (f", {self.samples} samples" if self.samples != 1 else "") + f" of {self.bits} bits"
 
 
 def check_pixel_data(path: str, ds) -> list:
@@ -59,26 +85,21 @@ def check_pixel_data(path: str, ds) -> list:
     if tag is None:
         raise ImageError(f"{path} holds no pixel data (a DICOM {ds.get('Modality') or ''} object without an "
                          "image: a report, a structure set?); give the image files.")
-    missing = [k for k in ("Rows", "Columns", "BitsAllocated") if ds.get(k) in (None, "")]
-    if missing:
-        raise ImageError(f"{path}: its header lacks {', '.join(missing)}: its pixels cannot be laid out; "
-                         "export the file again.")
-    if int(ds.Rows) <= 0 or int(ds.Columns) <= 0 or int(ds.get("NumberOfFrames") or 1) <= 0:
-        raise ImageError(f"{path}: its header says {_layout(ds)}: that is no image; export the file again.")
+    layout = _Layout.of(path, ds)
     syntax = ds.file_meta.get("TransferSyntaxUID")
     if syntax is not None and syntax.is_compressed:
-        _check_compressed(path, ds, syntax)
+        _check_compressed(path, ds, syntax, layout)
         return []
     element = ds.get_item(tag, keep_deferred=True)
     held = element.length
     expected = get_expected_length(ds, "bytes")
     if held == expected or (held == expected + 1 and expected % 2):  # one byte pads an odd length
         return []
-    bytes_per_row = int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1) * int(ds.BitsAllocated) / 8
-    holds = f"{held:,} bytes, i.e. {held / bytes_per_row:.4g} rows of {ds.Columns}"
+    holds = f"{held:,} bytes, i.e. {held * 8 / (layout.columns * layout.samples * layout.bits):.4g} rows of " \
+            f"{layout.columns}"
     if held > expected and not np.frombuffer(_excess(path, element, expected, held), np.uint8).any():
         return [f"{held - expected:,} bytes of zero padding after the pixels ignored"]
-    raise ImageError(f"{path}: its pixel data does not fit its header: the header says {_layout(ds)} "
+    raise ImageError(f"{path}: its pixel data does not fit its header: the header says {layout} "
                      f"({expected:,} bytes) but the pixel data holds {holds}; the file is cut or its "
                      "header was edited: export it again.")
 
@@ -91,28 +112,27 @@ def _excess(path, element, expected, held) -> bytes:
         return f.read(held - expected)
 
 
-def _check_compressed(path, ds, syntax) -> None:
+def _check_compressed(path, ds, syntax, layout: _Layout) -> None:
     """Compressed pixel data: as many frames as the header says, each of the header's size."""
-    frames = int(ds.get("NumberOfFrames") or 1)
     try:
-        held = list(generate_frames(ds.PixelData, number_of_frames=frames))
+        held = list(generate_frames(ds.PixelData, number_of_frames=layout.frames))
     except (ValueError, struct.error, EOFError) as e:
         raise ImageError(f"{path}: its compressed pixel data cannot be split into frames ({e}); "
                          "export the file again.") from None
-    if len(held) != frames:
-        raise ImageError(f"{path}: its header says {_layout(ds)} but its compressed pixel data holds "
+    if len(held) != layout.frames:
+        raise ImageError(f"{path}: its header says {layout} but its compressed pixel data holds "
                          f"{len(held)} frame{'s' if len(held) != 1 else ''}; export the file again.")
     for k, frame in enumerate(held):
         size = _frame_size(frame, syntax)
-        if size is not None and size != (int(ds.Rows), int(ds.Columns)):
-            raise ImageError(f"{path}: its header says {_layout(ds)} but its compressed frame {k + 1} is "
+        if size is not None and size != (layout.rows, layout.columns):
+            raise ImageError(f"{path}: its header says {layout} but its compressed frame {k + 1} is "
                              f"{size[0]}x{size[1]} pixels; the header was edited or the file is damaged: "
                              "export it again.")
         if syntax == RLELossless:
             segments = struct.unpack_from("<I", frame)[0] if len(frame) >= 64 else 0
-            wanted = int(ds.get("SamplesPerPixel") or 1) * int(ds.BitsAllocated) // 8
+            wanted = layout.samples * layout.bits // 8
             if segments != wanted:
-                raise ImageError(f"{path}: its header says {_layout(ds)} ({wanted} RLE segments a frame) but "
+                raise ImageError(f"{path}: its header says {layout} ({wanted} RLE segments a frame) but "
                                  f"frame {k + 1} holds {segments}; export the file again.")
 
 
@@ -123,7 +143,8 @@ def _frame_size(frame: bytes, syntax) -> "tuple | None":
         if at < 0 or len(frame) < at + 24:
             return None
         x, y, x0, y0 = struct.unpack_from(">4I", frame, at + 8)
-        return y - y0, x - x0
+        size = (y - y0, x - x0)
+        return size if all(0 < n <= 65535 for n in size) else None  # not a codestream after all: GDCM says
     at = 2
     while at + 9 <= len(frame):  # JPEG markers up to the start of frame (SOF0-15 but DHT/JPG/DAC, or JPEG-LS SOF55)
         if frame[at] != 0xFF:
@@ -158,7 +179,7 @@ def photometric_notes(ds, modality) -> list:
     if kind == "MONOCHROME1":
         return [f"MONOCHROME1 image (its lowest values are shown white): the reader inverted its values, "
                 f"so white is high as usual; they are no longer {units}"]
-    if int(ds.get("SamplesPerPixel") or 1) > 1 and modality in ("CT", "MR", "PT", "NM"):
+    if str(ds.get("SamplesPerPixel") or 1).strip() != "1" and modality in ("CT", "MR", "PT", "NM"):
         return [f"a colour ({kind}) {modality} image: a screen capture or rendering, not {units}; "
                 "read as gray levels"]
     return []
@@ -206,12 +227,16 @@ def check_series(folder: str, files: list) -> "tuple[list, list, list]":
         raise ImageError(f"{label} holds slices of {len(sizes)} sizes: {_counted(sizes)} (e.g. "
                          f"{', '.join(f'{k}: {v}' for k, v in examples.items())}); they are not one volume: put "
                          "the slices of one size in their own folder and give that folder, or give one file.")
-    multi = [(f, int(ds.get("NumberOfFrames") or 1)) for f, ds in zip(files, headers)
-             if int(ds.get("NumberOfFrames") or 1) > 1]
+    multi = [(f, layout.frames) for f, layout in zip(files, (_Layout.of(f, ds) for f, ds in zip(files, headers)))
+             if layout.frames > 1]
     if multi and len(files) > 1:
         f, n = multi[0]
         raise ImageError(f"{label} mixes multi-frame files ({_name(f)}: {n} frames) with other files: they are "
                          "not one stack of slices; give the multi-frame file itself.")
+    spacings = Counter(f"PixelSpacing {_text(ds.get('PixelSpacing') or '(none)')}" for ds in headers)
+    if len({tuple(np.round(_numbers(ds.get("PixelSpacing") or []), 4)) for ds in headers}) > 1:
+        raise ImageError(f"{label} mixes pixel sizes: {_counted(spacings)}; stacked as one volume, some slices "
+                         "would be shown at the wrong size: put each pixel size's files in their own folder.")
     orientations = [_numbers(ds.get("ImageOrientationPatient") or []) for ds in headers]
     first = orientations[0]
     for f, ds, o in zip(files, headers, orientations):
@@ -221,6 +246,10 @@ def check_series(folder: str, files: list) -> "tuple[list, list, list]":
                              "one 3D volume (a radial or localizer series?); pick one slice file or another "
                              "series (--series).")
     files, headers, notes = _without_copies(label, files, headers)
+    unplaced = sum(len(_numbers(ds.get("ImagePositionPatient") or [])) != 3 for ds in headers)
+    if unplaced and len(files) > 1:
+        notes.append(f"{unplaced} of {len(files)} slices give no position (ImagePositionPatient): stacked in the "
+                     "reader's order, with a guessed distance between slices; distances across slices are not real")
     for f, ds in zip(files, headers):
         notes += check_instance(f, ds, str(ds.get("Modality") or "") or None)
     return files, headers, list(dict.fromkeys(notes))  # a note true of every slice is given once

@@ -349,6 +349,10 @@ def load_volume(path, series=None) -> Volume:
         size = info.GetSize()
         if len(size) > 3 and any(n != 1 for n in size[3:]):
             raise ImageError(_not_3d(path, size))  # in the file's own (i, j, k, t) order, as nibabel shows it
+        spacing = info.GetSpacing()[:3]
+        if not all(math.isfinite(v) and v > 0 for v in spacing):  # MetaIO and NRRD keep a 0 (NIfTI: below)
+            raise ImageError(f"{path}: its voxel size ({' x '.join(f'{v:g}' for v in spacing)} mm) is not a size: "
+                             "no size in mm can be given; fix the header or export the scan again.")
         if len(size) <= 3:  # refuse absurd sizes before reading the pixels
             shape = (size[2] if len(size) == 3 else 1, size[1], size[0])
             check_size(Grid.plan(shape, affine_from_itk(size, info.GetSpacing(), info.GetOrigin(),
