@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import generate_uid
 
 from RadFMSlicer.errors import ImageError
-from RadFMSlicer.imaging import load_volume
+from RadFMSlicer.imaging import load_volume, preprocess
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 MR_SMALL = get_testdata_file("MR_small.dcm")
@@ -202,12 +202,26 @@ def test_a_missing_pixel_spacing_is_noted(tmp_path):
         in vol.notes
 
 
-def test_a_monochrome1_ct_is_noted_as_inverted(tmp_path):
+def test_a_monochrome1_ct_is_noted_as_inverted_and_not_given_a_hounsfield_window(tmp_path):
     def edit(ds):
         ds.PhotometricInterpretation = "MONOCHROME1"
 
     vol = load_volume(edited(tmp_path, edit))
-    assert any("MONOCHROME1" in n and "no longer Hounsfield units" in n for n in vol.notes), vol.notes
+    assert any("MONOCHROME1" in n and "no longer Hounsfield units; windowed by percentile" in n
+               for n in vol.notes), vol.notes
+    image = preprocess(vol)  # the soft-tissue window showed the inverted values (all below -1000) as black
+    assert image.window["mode"] == "percentile" and image.window["auto"] == "not Hounsfield units"
+    assert float(image.tensor.std()) > 0.1
+
+
+def test_a_series_mixing_monochrome1_and_monochrome2_is_refused(tmp_path):
+    def inverted(ds, k):
+        if k == 2:
+            ds.PhotometricInterpretation = "MONOCHROME1"
+
+    with pytest.raises(ImageError, match=r"mixes photometric interpretations: PhotometricInterpretation "
+                                         r"'MONOCHROME2' \(2 slices\), PhotometricInterpretation 'MONOCHROME1'"):
+        load_volume(series(tmp_path / "photometric", 3, inverted))
 
 
 @pytest.mark.parametrize("key, value, what", [("Modality", "MR", "modalities")])

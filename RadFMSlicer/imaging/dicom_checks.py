@@ -28,7 +28,8 @@ from ..errors import ImageError
 
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
 _SAME_ACROSS_SERIES = (("PatientID", "patients"), ("StudyInstanceUID", "studies"),
-                       ("FrameOfReferenceUID", "frames of reference"), ("Modality", "modalities"))
+                       ("FrameOfReferenceUID", "frames of reference"), ("Modality", "modalities"),
+                       ("PhotometricInterpretation", "photometric interpretations"))  # MONOCHROME1 is inverted
 VALUE_NOTE_LIMIT = 1e6  # no scanner's units reach this (CT: -1024..~3000 HU; MR, PET: well below)
 
 
@@ -172,16 +173,23 @@ def check_geometry(path: str, ds) -> list:
     return []
 
 
+def in_scanner_units(ds) -> bool:
+    """False where the reader changes the values (MONOCHROME1 inverted, colour made gray): a CT window is no use."""
+    return (str(ds.get("PhotometricInterpretation") or "").strip() != "MONOCHROME1"
+            and str(ds.get("SamplesPerPixel") or 1).strip() == "1")
+
+
 def photometric_notes(ds, modality) -> list:
     """What the reader did to the values that makes them other than the scanner's units."""
     kind = str(ds.get("PhotometricInterpretation") or "").strip()
     units = "Hounsfield units" if modality == "CT" else "the scanner's units"
+    window = "; windowed by percentile, not as CT" if modality == "CT" else ""
     if kind == "MONOCHROME1":
         return [f"MONOCHROME1 image (its lowest values are shown white): the reader inverted its values, "
-                f"so white is high as usual; they are no longer {units}"]
-    if str(ds.get("SamplesPerPixel") or 1).strip() != "1" and modality in ("CT", "MR", "PT", "NM"):
+                f"so white is high as usual; they are no longer {units}{window}"]
+    if not in_scanner_units(ds) and modality in ("CT", "MR", "PT", "NM"):
         return [f"a colour ({kind}) {modality} image: a screen capture or rendering, not {units}; "
-                "read as gray levels"]
+                f"read as gray levels{window}"]
     return []
 
 

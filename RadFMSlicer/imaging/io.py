@@ -18,8 +18,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import ImageError
-from .dicom_checks import check_instance, check_series, read_header, rescale_notes
+from .dicom_checks import check_instance, check_series, in_scanner_units, read_header, rescale_notes
 from .geometry import LPS_TO_RAS, Grid, Volume, affine_from_itk, build_volume, check_size
+from .windows import resolve_window
 
 SUPPORTED = "NIfTI (.nii/.nii.gz), NRRD, MHA/MHD, a DICOM file or series folder, PNG or JPEG"
 
@@ -373,4 +374,7 @@ def load_volume(path, series=None) -> Volume:
     if headers:
         notes += rescale_notes(headers, float(a.min()), float(a.max()))
     m = affine_from_itk(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    return build_volume(a, m, path, _meta(info, "0008|0060"), notes)
+    vol = build_volume(a, m, path, _meta(info, "0008|0060"), notes)
+    if vol.modality == "CT" and not all(in_scanner_units(ds) for ds in headers):  # a Hounsfield window shows nothing
+        vol.default_window = {**resolve_window(vol, "percentile"), "auto": "not Hounsfield units"}
+    return vol
