@@ -589,3 +589,17 @@ def test_a_nifti_without_a_voxel_size_is_refused(tmp_path, pixdim, shown):
     with pytest.raises(ImageError, match=rf"no_size.nii: its header gives no voxel size \(pixdim {shown}\): no "
                                          r"size in mm can be given"):
         load_volume(path)
+
+
+def test_a_nifti_scl_slope_taking_values_far_beyond_any_scanner_is_noted(tmp_path):
+    path = str(tmp_path / "scaled.nii")
+    image = nibabel.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(6, 5, 4), np.eye(4))
+    image.header.set_slope_inter(1e30, 0)
+    nibabel.save(image, path)
+    vol = load_volume(path)
+    assert "values run from 0 to 1.19e+32 after the header's scl_slope 1e+30 and scl_inter 0: far beyond any " \
+           "scanner's units (CT: about -1024 to 3000 HU); the rescale in the header is likely wrong, and the image " \
+           "may show all white or black" in vol.notes, vol.notes
+    image.header.set_slope_inter(2, -100)  # an ordinary rescale: nothing to say
+    nibabel.save(image, path)
+    assert load_volume(path).notes == []

@@ -30,7 +30,6 @@ _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData,
 _SAME_ACROSS_SERIES = (("PatientID", "patients"), ("StudyInstanceUID", "studies"),
                        ("FrameOfReferenceUID", "frames of reference"), ("Modality", "modalities"),
                        ("PhotometricInterpretation", "photometric interpretations"))  # MONOCHROME1 is inverted
-VALUE_NOTE_LIMIT = 1e6  # no scanner's units reach this (CT: -1024..~3000 HU; MR, PET: well below)
 
 
 def read_header(path: str) -> pydicom.Dataset:
@@ -290,13 +289,10 @@ def _without_copies(label, files, headers):
     return [files[i] for i in kept], [headers[i] for i in kept], [note]
 
 
-def rescale_notes(headers, low: float, high: float) -> list:
-    """A note when the header's rescale takes values far beyond any scanner's units (an all-white image)."""
+def rescale_text(headers) -> "str | None":
+    """The headers' rescale, e.g. "RescaleSlope 1e+30 and RescaleIntercept -1024"; None when values are kept."""
     slopes = Counter(_text(ds.get("RescaleSlope", "1")) for ds in headers)
     intercepts = Counter(_text(ds.get("RescaleIntercept", "0")) for ds in headers)
-    identity = all(_numbers(v) == [1.0] for v in slopes) and all(_numbers(v) == [0.0] for v in intercepts)
-    if identity or max(abs(low), abs(high)) < VALUE_NOTE_LIMIT:
-        return []
-    return [f"values run from {low:.3g} to {high:.3g} after the header's RescaleSlope {', '.join(slopes)} and "
-            f"RescaleIntercept {', '.join(intercepts)}: far beyond any scanner's units (CT: about -1024 to "
-            "3000 HU); the rescale in the header is likely wrong, and the image may show all white or black"]
+    if all(_numbers(v) == [1.0] for v in slopes) and all(_numbers(v) == [0.0] for v in intercepts):
+        return None
+    return f"RescaleSlope {', '.join(slopes)} and RescaleIntercept {', '.join(intercepts)}"

@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import ImageError
-from .dicom_checks import check_instance, check_series, in_scanner_units, read_header, rescale_notes
+from .dicom_checks import check_instance, check_series, in_scanner_units, read_header, rescale_text
 from .geometry import LPS_TO_RAS, Grid, Volume, affine_from_itk, build_volume, check_size
 from .windows import resolve_window
 
@@ -206,18 +206,30 @@ def _nifti_nonfinite(path: str) -> "np.ndarray | None":
     return flagged
 
 
-def _nifti_geometry_notes(path: str, image: sitk.Image) -> list:
-    """A NIfTI's voxel size must be one; its two orientations (qform, sform) are compared.
-
-    ITK (so SimpleITK and 3D Slicer) silently takes 1 mm for a pixdim of 0 and picks one of a
-    qform and sform that disagree; which one it picked is read off the image it made.
-    """
+def _nifti_header(path: str):
+    """A NIfTI header as written: nibabel unchecked, as it would mend a pixdim of 0 into 1."""
     import nibabel  # on first use: only NIfTI files need it
 
     with nibabel.openers.ImageOpener(path) as f:
         raw = f.read(540)
     kind = nibabel.Nifti2Header if struct.unpack("<i", raw[:4])[0] in (540, 0x1C020000) else nibabel.Nifti1Header
-    header = kind(raw[:kind.sizeof_hdr], check=False)  # unchecked: nibabel would mend a pixdim of 0 into 1
+    return kind(raw[:kind.sizeof_hdr], check=False)
+
+
+def _nifti_rescale(header) -> "str | None":
+    """E.g. "scl_slope 1e+30 and scl_inter 0", or None where the reader keeps the values (slope 0 or 1, no inter)."""
+    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
+    if slope in (0.0, 1.0) or not math.isfinite(slope):
+        return None if inter == 0.0 or not math.isfinite(inter) or slope == 0.0 else f"scl_inter {inter:g}"
+    return f"scl_slope {slope:g} and scl_inter {inter if math.isfinite(inter) else 0:g}"
+
+
+def _nifti_geometry_notes(path: str, header, image: sitk.Image) -> list:
+    """A NIfTI's voxel size must be one; its two orientations (qform, sform) are compared.
+
+    ITK (so SimpleITK and 3D Slicer) silently takes 1 mm for a pixdim of 0 and picks one of a
+    qform and sform that disagree; which one it picked is read off the image it made.
+    """
     n = min(max(int(header["dim"][0]), 1), 3)
     zooms = [float(v) for v in header["pixdim"][1:1 + n]]
     if not all(math.isfinite(v) and v != 0 for v in zooms):  # ITK reads a negative size as positive
@@ -326,6 +338,18 @@ def read_pixels(reader, path: str, notes: list | None = None) -> "tuple[sitk.Ima
     return image, nonfinite
 
 
+FAR_VALUES = 1e6  # no scanner's units reach this (CT: -1024..~3000 HU; MR, PET: well below)
+
+
+def _far_values_notes(low: float, high: float, rescale: str) -> list:
+    """A note when the header's rescale takes values far beyond any scanner's units (an all-white image)."""
+    if max(abs(low), abs(high)) < FAR_VALUES:
+        return []
+    return [f"values run from {low:.3g} to {high:.3g} after the header's {rescale}: far beyond any scanner's "
+            "units (CT: about -1024 to 3000 HU); the rescale in the header is likely wrong, and the image may "
+            "show all white or black"]
+
+
 def load_volume(path, series=None) -> Volume:
     """Read a scan file or DICOM folder (``series``: UID or description to pick one)."""
     path = os.fspath(path)
@@ -359,8 +383,11 @@ def load_volume(path, series=None) -> Volume:
             check_size(Grid.plan(shape, affine_from_itk(size, info.GetSpacing(), info.GetOrigin(),
                                                  info.GetDirection())).display_shape, path)
     image, nonfinite = read_pixels(reader, path, notes)
+    rescale = rescale_text(headers) if headers else None
     if path.lower().endswith((".nii", ".nii.gz")):
-        notes += _nifti_geometry_notes(path, image)
+        header = _nifti_header(path)
+        notes += _nifti_geometry_notes(path, header, image)
+        rescale = _nifti_rescale(header)
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() not in (2, 3):
@@ -371,8 +398,8 @@ def load_volume(path, series=None) -> Volume:
         a.reshape(-1)[nonfinite] = np.nan
     if image.GetNumberOfComponentsPerPixel() > 1:
         a = _to_gray(a, notes)
-    if headers:
-        notes += rescale_notes(headers, float(a.min()), float(a.max()))
+    if rescale and a.size:
+        notes += _far_values_notes(float(np.nanmin(a)), float(np.nanmax(a)), rescale)
     m = affine_from_itk(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
     vol = build_volume(a, m, path, _meta(info, "0008|0060"), notes)
     if vol.modality == "CT" and not all(in_scanner_units(ds) for ds in headers):  # a Hounsfield window shows nothing
