@@ -85,6 +85,14 @@ def test_a_compressed_frame_of_another_size_than_the_header_is_refused(tmp_path,
         load_volume(path)
 
 
+@pytest.mark.parametrize("rows", [32, 128])
+def test_an_rle_frame_that_decodes_to_another_size_than_the_header_is_refused(tmp_path, rows):
+    path = edited(tmp_path, set_rows(rows), get_testdata_file("MR_small_RLE.dcm"))
+    with pytest.raises(ImageError, match=rf"header says {rows}x64 pixels of 16 bits \({rows * 64:,} pixels a frame\) "
+                                         r"but its compressed frame 1 holds 4,097 pixels, i.e. 64.02 rows of 64"):
+        load_volume(path)
+
+
 # ----------------------------------------------------------------------------- a series
 def series(folder, n=3, edit=None, source=CT_SMALL, z_step=5.0):
     """n slices of one series (one SeriesInstanceUID) at z = 0, 5, 10 ...; edit(ds, k) changes slice k."""

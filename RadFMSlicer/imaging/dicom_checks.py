@@ -134,6 +134,30 @@ def _check_compressed(path, ds, syntax, layout: _Layout) -> None:
             if segments != wanted:
                 raise ImageError(f"{path}: its header says {layout} ({wanted} RLE segments a frame) but "
                                  f"frame {k + 1} holds {segments}; export the file again.")
+            pixels = _rle_segment_length(frame)
+            if pixels not in (layout.rows * layout.columns, layout.rows * layout.columns + 1):  # + an even pad
+                raise ImageError(f"{path}: its header says {layout} ({layout.rows * layout.columns:,} pixels a "
+                                 f"frame) but its compressed frame {k + 1} holds {pixels:,} pixels, i.e. "
+                                 f"{pixels / layout.columns:.4g} rows of {layout.columns}; export the file again.")
+
+
+def _rle_segment_length(frame: bytes) -> int:
+    """How many bytes (one per pixel) a frame's first RLE segment decodes to, without decoding it.
+
+    The first segment is the most significant byte of each pixel: long runs, so a short walk.
+    """
+    start, end = struct.unpack_from("<2I", frame, 4)
+    end = end or len(frame)
+    at, length = start, 0
+    while at < end:
+        n = frame[at]
+        if n < 128:  # n + 1 literal bytes follow
+            length, at = length + n + 1, at + n + 2
+        elif n > 128:  # the next byte, 257 - n times
+            length, at = length + 257 - n, at + 2
+        else:  # 128: no operation
+            at += 1
+    return length
 
 
 def _frame_size(frame: bytes, syntax) -> "tuple | None":
