@@ -290,3 +290,37 @@ def test_a_metaimage_whose_voxel_size_is_zero_is_refused_as_no_size_not_as_trunc
     with pytest.raises(ImageError, match=r"scan.mha: its voxel size \(1 x 0 x [01] mm\) is not a size: no size in "
                                          r"mm can be given"):
         load_volume(path)
+
+
+@pytest.mark.parametrize("orientation", [[1, 0, 0, 1, 0, 0], [0] * 6, [1, 0, 0, 0.5, 0.5, 0], [1, 0, 0, 0, 1]])
+def test_an_orientation_that_is_no_orientation_is_refused_not_taken_as_axial(tmp_path, orientation):
+    def edit(ds):
+        ds.ImageOrientationPatient = orientation
+
+    with pytest.raises(ImageError, match=r"edited.dcm: its ImageOrientationPatient .* is not two perpendicular unit "
+                                         r"vectors: the plane and the patient's sides cannot be known"):
+        load_volume(edited(tmp_path, edit))
+
+
+def test_a_missing_orientation_on_a_ct_is_noted(tmp_path):
+    def edit(ds):
+        del ds.ImageOrientationPatient
+
+    vol = load_volume(edited(tmp_path, edit))
+    assert "edited.dcm gives no orientation (no ImageOrientationPatient): taken as axial, so the plane and the " \
+           "patient's sides may be wrong" in vol.notes
+
+
+@pytest.mark.parametrize("ext, written, parallel", [
+    (".mha", b"TransformMatrix = 1 0 0 0 1 0 0 0 1", b"TransformMatrix = 1 0 0 1 0 0 0 0 1"),
+    (".nrrd", b"space directions: (1,0,0) (0,1,0) (0,0,1)", b"space directions: (1,0,0) (1,0,0) (0,0,1)"),
+])
+def test_a_direction_matrix_with_parallel_axes_is_refused_naming_it(tmp_path, ext, written, parallel):
+    import SimpleITK as sitk
+
+    path = tmp_path / f"scan{ext}"
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(120, dtype=np.int16).reshape(4, 5, 6)), str(path))
+    path.write_bytes(path.read_bytes().replace(written, parallel))
+    with pytest.raises(ImageError, match=rf"scan{ext}: its direction matrix \(1.0, 1.0, 0.0, .*\) has parallel or "
+                                         r"zero axes: its orientation cannot be known"):
+        load_volume(path)

@@ -26,6 +26,7 @@ from pydicom.uid import JPEG2000TransferSyntaxes, RLELossless
 
 from ..errors import ImageError
 
+_CROSS_SECTIONAL = ("CT", "MR", "PT", "NM")
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
 _SAME_ACROSS_SERIES = (("PatientID", "patients"), ("StudyInstanceUID", "studies"),
                        ("FrameOfReferenceUID", "frames of reference"), ("Modality", "modalities"),
@@ -181,8 +182,26 @@ def _frame_size(frame: bytes, syntax) -> "tuple | None":
     return None
 
 
-def check_geometry(path: str, ds) -> list:
-    """A pixel size that is not one is refused (sizes in mm reach the prompt); a missing one is noted."""
+def check_geometry(path: str, ds, modality=None) -> list:
+    """A pixel size or orientation that is not one is refused (GDCM would put 1 mm, axial); a missing one noted."""
+    notes = []
+    orientation = ds.get("ImageOrientationPatient")
+    if orientation in (None, ""):
+        if modality in _CROSS_SECTIONAL:
+            notes.append(f"{_name(path)} gives no orientation (no ImageOrientationPatient): taken as axial, so the "
+                         "plane and the patient's sides may be wrong")
+    else:
+        values = _numbers(orientation)
+        row, col = np.array(values[:3]), np.array(values[3:])
+        if len(values) != 6 or not np.isfinite(values).all() or abs(np.linalg.norm(row) - 1) > 0.01 \
+                or abs(np.linalg.norm(col) - 1) > 0.01 or abs(row @ col) > 0.01:
+            raise ImageError(f"{path}: its ImageOrientationPatient {_text(orientation)} is not two perpendicular "
+                             "unit vectors: the plane and the patient's sides cannot be known (the reader would "
+                             "take it as axial); fix the header or export the file again.")
+    return notes + _pixel_size_notes(path, ds)
+
+
+def _pixel_size_notes(path: str, ds) -> list:
     spacing = ds.get("PixelSpacing")
     if spacing is None or spacing == "":
         if ds.get("ImagerPixelSpacing") in (None, ""):
@@ -210,7 +229,7 @@ def photometric_notes(ds, modality) -> list:
     if kind == "MONOCHROME1":
         return [f"MONOCHROME1 image (its lowest values are shown white): the reader inverted its values, "
                 f"so white is high as usual; they are no longer {units}{window}"]
-    if not in_scanner_units(ds) and modality in ("CT", "MR", "PT", "NM"):
+    if not in_scanner_units(ds) and modality in _CROSS_SECTIONAL:
         return [f"a colour ({kind}) {modality} image: a screen capture or rendering, not {units}; "
                 f"read as gray levels{window}"]
     return []
@@ -235,7 +254,7 @@ def _counted(counts: Counter, what="slice") -> str:
 
 def check_instance(path: str, ds, modality=None) -> list:
     """Every check on one file: its pixel data, pixel size and photometric interpretation."""
-    return check_pixel_data(path, ds) + check_geometry(path, ds) + photometric_notes(ds, modality)
+    return check_pixel_data(path, ds) + check_geometry(path, ds, modality) + photometric_notes(ds, modality)
 
 
 def check_series(folder: str, files: list) -> "tuple[list, list, list]":

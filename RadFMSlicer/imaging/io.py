@@ -374,6 +374,11 @@ def load_volume(path, series=None) -> Volume:
         size = info.GetSize()
         if len(size) > 3 and any(n != 1 for n in size[3:]):
             raise ImageError(_not_3d(path, size))  # in the file's own (i, j, k, t) order, as nibabel shows it
+        n = min(len(size), 3)
+        if abs(np.linalg.det(np.reshape(info.GetDirection(), (len(size), len(size)))[:n, :n])) < 1e-6:
+            raise ImageError(f"{path}: its direction matrix {tuple(round(v, 4) for v in info.GetDirection())} has "
+                             "parallel or zero axes: its orientation cannot be known; fix the header or export the "
+                             "scan again.")
         spacing = info.GetSpacing()[:3]
         if not all(math.isfinite(v) and v > 0 for v in spacing):  # MetaIO and NRRD keep a 0 (NIfTI: below)
             raise ImageError(f"{path}: its voxel size ({' x '.join(f'{v:g}' for v in spacing)} mm) is not a size: "
