@@ -14,6 +14,7 @@ from pydicom.uid import generate_uid
 
 from RadFMSlicer.errors import ImageError
 from RadFMSlicer.imaging import load_volume, preprocess
+from RadFMSlicer.regions import region_from_box
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 MR_SMALL = get_testdata_file("MR_small.dcm")
@@ -206,8 +207,10 @@ def test_a_missing_pixel_spacing_is_noted(tmp_path):
         del ds.PixelSpacing
 
     vol = load_volume(edited(tmp_path, edit))
-    assert "edited.dcm gives no pixel size (no PixelSpacing): pixels taken as 1 mm, so sizes in mm are in pixels" \
-        in vol.notes
+    assert "edited.dcm gives no pixel size (no PixelSpacing): sizes are told in pixels, not mm" in vol.notes
+    assert not vol.size_known
+    region = region_from_box(vol, ijk_min=(10, 20, 0), ijk_max=(29, 49, 0), name="box 1", margin_mm=0)
+    assert 'marked region "box 1": about 20 x 30 x 1 pixels (RL x AP x SI)' in region.facts(), region.facts()
 
 
 def test_a_monochrome1_ct_is_noted_as_inverted_and_not_given_a_hounsfield_window(tmp_path):

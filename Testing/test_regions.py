@@ -227,3 +227,19 @@ def test_a_box_over_the_whole_slice_is_told_as_the_whole_scan_not_a_close_up():
     small = region_from_box(vol, ijk_min=(60, 60, 0), ijk_max=(65, 65, 0), name="box 2")
     assert small.facts().endswith("about 4 x 4 x 5 mm (RL x AP x SI), near the midline of the scan; the image "
                                   "shows 25 x 25 x 5 mm of the scan around it.")
+
+
+def test_a_picture_without_a_size_in_mm_has_its_region_told_in_pixels(tmp_path):
+    """A PNG gives no pixel size: the 1 mm standing in for a pixel must not reach the model as mm."""
+    from PIL import Image
+
+    Image.fromarray(np.tile(np.arange(40, dtype=np.uint8), (30, 1)) * 5).save(tmp_path / "x.png")
+    vol = load_volume(tmp_path / "x.png")
+    whole = region_from_box(vol, ijk_min=(0, 0, 0), ijk_max=(39, 29, 0), name="box 1")
+    assert whole.facts() == ('The second image is the whole scan again, not a close-up: the marked region "box 1" '
+                             "is about 40 x 30 x 1 pixels (RL x AP x SI), near the midline of the scan.")
+    part = region_from_box(vol, ijk_min=(2, 5, 0), ijk_max=(11, 14, 0), name="box 2", margin_mm=2)
+    assert part.facts() == ('The second image is a close-up of the marked region "box 2": about 10 x 10 x 1 pixels '
+                            "(RL x AP x SI), in the right side of the scan; the image shows 14 x 14 x 1 pixels of "
+                            "the scan around it.")
+    assert "10 x 10 x 1 pixels (RL x AP x SI)" in part.describe() and "(14 x 14 x 1 pixels)" in part.describe()

@@ -201,13 +201,16 @@ def check_geometry(path: str, ds, modality=None) -> list:
     return notes + _pixel_size_notes(path, ds)
 
 
+def has_pixel_size(ds) -> bool:
+    """Whether the header gives a pixel size in the patient, in mm (PixelSpacing; an X-ray's
+    ImagerPixelSpacing is at the detector, magnified, and GDCM does not always use it)."""
+    return ds.get("PixelSpacing") not in (None, "")
+
+
 def _pixel_size_notes(path: str, ds) -> list:
+    if not has_pixel_size(ds):
+        return [f"{_name(path)} gives no pixel size (no PixelSpacing): sizes are told in pixels, not mm"]
     spacing = ds.get("PixelSpacing")
-    if spacing is None or spacing == "":
-        if ds.get("ImagerPixelSpacing") in (None, ""):
-            return [f"{_name(path)} gives no pixel size (no PixelSpacing): pixels taken as 1 mm, so sizes in mm "
-                    "are in pixels"]
-        return []
     values = _numbers(spacing)
     if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values):
         raise ImageError(f"{path}: its PixelSpacing {_text(spacing)} is not a pixel size (two positive numbers "

@@ -18,7 +18,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import ImageError
-from .dicom_checks import check_instance, check_series, in_scanner_units, read_header, rescale_text
+from .dicom_checks import (check_instance, check_series, has_pixel_size, in_scanner_units, read_header,
+                           rescale_text)
 from .geometry import LPS_TO_RAS, Grid, Volume, affine_from_itk, build_volume, check_size
 from .windows import resolve_window
 
@@ -58,7 +59,7 @@ def volume_from_array(array_kji, ijk_to_ras=None, *, ijk_to_lps=None, name="arra
         a = _to_gray(a, notes)
     if a.ndim not in (2, 3):
         raise ImageError(_not_3d(name, a.shape))
-    return build_volume(a, m, name, modality, notes)
+    return build_volume(a, m, name, modality, notes, size_known=given is not None)
 
 
 def _not_3d(source, shape) -> str:
@@ -338,6 +339,7 @@ def read_pixels(reader, path: str, notes: list | None = None) -> "tuple[sitk.Ima
     return image, nonfinite
 
 
+_NO_SIZE_READERS = ("PNGImageIO", "JPEGImageIO", "BMPImageIO", "TIFFImageIO")  # pictures: no size in mm
 FAR_VALUES = 1e6  # no scanner's units reach this (CT: -1024..~3000 HU; MR, PET: well below)
 
 
@@ -406,7 +408,9 @@ def load_volume(path, series=None) -> Volume:
     if rescale and a.size:
         notes += _far_values_notes(float(np.nanmin(a)), float(np.nanmax(a)), rescale)
     m = affine_from_itk(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    vol = build_volume(a, m, path, _meta(info, "0008|0060"), notes)
+    size_known = (all(has_pixel_size(ds) for ds in headers) if headers
+                  else sitk.ImageFileReader.GetImageIOFromFileName(path) not in _NO_SIZE_READERS)
+    vol = build_volume(a, m, path, _meta(info, "0008|0060"), notes, size_known)
     if vol.modality == "CT" and not all(in_scanner_units(ds) for ds in headers):  # a Hounsfield window shows nothing
         vol.default_window = {**resolve_window(vol, "percentile"), "auto": "not Hounsfield units"}
     return vol
