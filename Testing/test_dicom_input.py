@@ -327,3 +327,15 @@ def test_a_direction_matrix_with_parallel_axes_is_refused_naming_it(tmp_path, ex
     with pytest.raises(ImageError, match=rf"scan{ext}: its direction matrix \(1.0, 1.0, 0.0, .*\) has parallel or "
                                          r"zero axes: its orientation cannot be known"):
         load_volume(path)
+
+
+@pytest.mark.parametrize("key, value", [("RescaleSlope", 0), ("RescaleSlope", "nan"), ("RescaleSlope", "inf"),
+                                        ("RescaleIntercept", "nan")])
+def test_a_rescale_that_is_no_number_is_refused_not_dropped(tmp_path, key, value):
+    """GDCM dropped these: a NaN intercept gave CT_small's raw values (128..2191) as if they were HU."""
+    def edit(ds):
+        setattr(ds, key, value)
+
+    with pytest.raises(ImageError, match=rf"edited.dcm: its {key} '(0.0|nan|inf)' is not a usable number: the reader "
+                                         r"would drop it, and the values \(Hounsfield units on a CT\) would be wrong"):
+        load_volume(edited(tmp_path, edit))

@@ -255,9 +255,24 @@ def _counted(counts: Counter, what="slice") -> str:
     return ", ".join(f"{value} ({n} {what}{'s' if n != 1 else ''})" for value, n in counts.most_common())
 
 
+def check_rescale(path: str, ds) -> None:
+    """A rescale that is not a number is refused: GDCM silently drops it (a NaN intercept: raw values, not HU)."""
+    for key in ("RescaleSlope", "RescaleIntercept"):
+        raw = ds.get(key)
+        if raw in (None, ""):
+            continue
+        values = _numbers(raw)
+        if len(values) != 1 or not math.isfinite(values[0]) or (key == "RescaleSlope" and values[0] == 0):
+            raise ImageError(f"{path}: its {key} {_text(raw)!r} is not a usable number: the reader would drop it, "
+                             "and the values (Hounsfield units on a CT) would be wrong; fix the header or export "
+                             "the file again.")
+
+
 def check_instance(path: str, ds, modality=None) -> list:
-    """Every check on one file: its pixel data, pixel size and photometric interpretation."""
-    return check_pixel_data(path, ds) + check_geometry(path, ds, modality) + photometric_notes(ds, modality)
+    """Every check on one file: its pixel data, rescale, pixel size and photometric interpretation."""
+    notes = check_pixel_data(path, ds)
+    check_rescale(path, ds)
+    return notes + check_geometry(path, ds, modality) + photometric_notes(ds, modality)
 
 
 def check_series(folder: str, files: list) -> "tuple[list, list, list]":
