@@ -88,11 +88,11 @@ def check_pixel_data(path: str, ds) -> list:
                          "image: a report, a structure set?); give the image files.")
     layout = _Layout.of(path, ds)
     syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is not None and syntax.is_compressed:
-        _check_compressed(path, ds, syntax, layout)
-        return []
     element = ds.get_item(tag, keep_deferred=True)
     held = element.length
+    if (syntax is not None and syntax.is_compressed) or held == 0xFFFFFFFF:  # undefined length: encapsulated
+        _check_compressed(path, ds, syntax, layout)
+        return []
     expected = get_expected_length(ds, "bytes")
     if held == expected or (held == expected + 1 and expected % 2):  # one byte pads an odd length
         return []
