@@ -21,6 +21,7 @@ from ..errors import ImageError
 from .dicom_checks import (check_instance, check_series, has_pixel_size, in_scanner_units, read_header,
                            rescale_text)
 from .geometry import LPS_TO_RAS, Grid, Volume, affine_from_itk, build_volume, check_size
+from .nifti_checks import nifti_geometry_notes, nifti_header, nifti_rescale
 from .windows import resolve_window
 
 SUPPORTED = "NIfTI (.nii/.nii.gz), NRRD, MHA/MHD, a DICOM file or series folder, PNG or JPEG"
@@ -207,56 +208,6 @@ def _nifti_nonfinite(path: str) -> "np.ndarray | None":
     return flagged
 
 
-def _nifti_header(path: str):
-    """A NIfTI header as written: nibabel unchecked, as it would mend a pixdim of 0 into 1."""
-    import nibabel  # on first use: only NIfTI files need it
-
-    with nibabel.openers.ImageOpener(path) as f:
-        raw = f.read(540)
-    kind = nibabel.Nifti2Header if struct.unpack("<i", raw[:4])[0] in (540, 0x1C020000) else nibabel.Nifti1Header
-    return kind(raw[:kind.sizeof_hdr], check=False)
-
-
-def _nifti_rescale(header) -> "str | None":
-    """E.g. "scl_slope 1e+30 and scl_inter 0", or None where the reader keeps the values (slope 0 or 1, no inter)."""
-    slope, inter = float(header["scl_slope"]), float(header["scl_inter"])
-    if slope in (0.0, 1.0) or not math.isfinite(slope):
-        return None if inter == 0.0 or not math.isfinite(inter) or slope == 0.0 else f"scl_inter {inter:g}"
-    return f"scl_slope {slope:g} and scl_inter {inter if math.isfinite(inter) else 0:g}"
-
-
-def _nifti_geometry_notes(path: str, header, image: sitk.Image) -> list:
-    """A NIfTI's voxel size must be one; its two orientations (qform, sform) are compared.
-
-    ITK (so SimpleITK and 3D Slicer) silently takes 1 mm for a pixdim of 0 and picks one of a
-    qform and sform that disagree; which one it picked is read off the image it made.
-    """
-    n = min(max(int(header["dim"][0]), 1), 3)
-    zooms = [float(v) for v in header["pixdim"][1:1 + n]]
-    if not all(math.isfinite(v) and v != 0 for v in zooms):  # ITK reads a negative size as positive
-        raise ImageError(f"{path}: its header gives no voxel size (pixdim {' x '.join(f'{v:g}' for v in zooms)}): "
-                         "no size in mm can be given; set it (nibabel: img.header.set_zooms) or export the scan "
-                         "again.")
-    (qform, qcode), (sform, scode) = header.get_qform(coded=True), header.get_sform(coded=True)
-    if not (qcode and scode):
-        return []
-    shape = [int(v) for v in header["dim"][1:4]]
-    corners = np.array([[i, j, k, 1.0] for i in (0, max(shape[0] - 1, 0)) for j in (0, max(shape[1] - 1, 0))
-                        for k in (0, max(shape[2] - 1, 0))]).T
-    apart_mm = float(np.max(np.linalg.norm((qform @ corners - sform @ corners)[:3], axis=0)))
-    rotations = [np.linalg.svd(m[:3, :3]) for m in (qform, sform)]  # nearest rotations: sizes left out
-    rq, rs = (u @ vt for u, _, vt in rotations)
-    apart_deg = math.degrees(math.acos(float(np.clip((np.trace(rq.T @ rs) - 1) / 2, -1.0, 1.0))))
-    if apart_mm < 0.01 and apart_deg < 0.01:
-        return []
-    used = LPS_TO_RAS @ affine_from_itk(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    by_use = sorted((("qform", qform), ("sform", sform)),
-                    key=lambda named: np.abs((named[1] @ corners - used @ corners)[:3]).max())
-    return [f"the NIfTI qform and sform disagree (by up to {apart_mm:.3g} mm at the volume's corners, "
-            f"{apart_deg:.3g} deg apart): the {by_use[0][0]} is used (as ITK and 3D Slicer read the file), the "
-            f"{by_use[1][0]} ignored"]
-
-
 def _gzip_size(path: str) -> int:
     """The uncompressed size (mod 2**32) a gzip file's trailer records (for a cut file: noise)."""
     with open(path, "rb") as f:
@@ -392,9 +343,9 @@ def load_volume(path, series=None) -> Volume:
     image, nonfinite = read_pixels(reader, path, notes)
     rescale = rescale_text(headers) if headers else None
     if path.lower().endswith((".nii", ".nii.gz")):
-        header = _nifti_header(path)
-        notes += _nifti_geometry_notes(path, header, image)
-        rescale = _nifti_rescale(header)
+        header = nifti_header(path)
+        notes += nifti_geometry_notes(path, header, image)
+        rescale = nifti_rescale(header)
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() not in (2, 3):
