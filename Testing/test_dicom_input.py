@@ -339,3 +339,17 @@ def test_a_rescale_that_is_no_number_is_refused_not_dropped(tmp_path, key, value
     with pytest.raises(ImageError, match=rf"edited.dcm: its {key} '(0.0|nan|inf)' is not a usable number: the reader "
                                          r"would drop it, and the values \(Hounsfield units on a CT\) would be wrong"):
         load_volume(edited(tmp_path, edit))
+
+
+def test_a_series_mixing_8_and_16_bit_slices_is_refused(tmp_path):
+    """The 8-bit slice came back without its RescaleIntercept (128..1016 instead of -896..1167 HU)."""
+    def eight_bits(ds, k):
+        if k == 1:
+            hu = ds.pixel_array.astype(np.int32) - 1024
+            ds.PixelRepresentation, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 0, 8, 8, 7
+            ds.PixelData = (np.clip(hu + 1024, 0, 2047) // 8).astype(np.uint8).tobytes()
+            ds.RescaleSlope, ds.RescaleIntercept = 8, -1024
+
+    with pytest.raises(ImageError, match=r"mixes pixel depths: BitsAllocated '16' \(2 slices\), BitsAllocated '8' "
+                                         r"\(1 slice\)"):
+        load_volume(series(tmp_path / "depths", 3, eight_bits))

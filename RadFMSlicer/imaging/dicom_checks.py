@@ -30,7 +30,8 @@ _CROSS_SECTIONAL = ("CT", "MR", "PT", "NM")
 _PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)  # PixelData, FloatPixelData, DoubleFloatPixelData
 _SAME_ACROSS_SERIES = (("PatientID", "patients"), ("StudyInstanceUID", "studies"),
                        ("FrameOfReferenceUID", "frames of reference"), ("Modality", "modalities"),
-                       ("PhotometricInterpretation", "photometric interpretations"))  # MONOCHROME1 is inverted
+                       ("PhotometricInterpretation", "photometric interpretations"),  # MONOCHROME1 is inverted
+                       ("BitsAllocated", "pixel depths"))  # GDCM rescales the odd ones wrongly
 
 
 def read_header(path: str) -> pydicom.Dataset:
