@@ -11,7 +11,8 @@ are in display order (slice, row, col) -- see :mod:`RadFMSlicer.imaging`.
 Side: the region centre's RAS x (+x = patient right) is compared with the volume's
 mid-sagittal plane (the middle of its right-left field of view); within
 ``MIDLINE_MM`` it is "midline". A scan under 50 mm wide right-left (a sagittal slice or
-slab) has no usable middle, so x = 0 (scanner isocentre) is used instead.
+slab) has no usable middle, so x = 0 (scanner isocentre) is used instead; a picture with no
+size in mm (PNG/JPEG) always uses its middle, and its sizes are told in pixels.
 """
 
 from __future__ import annotations
@@ -52,26 +53,54 @@ class Region:
     def extent_by_axis(self) -> dict:
         return dict(zip(self.axis_labels, self.extent_mm))
 
+    @property
+    def crop_extent_by_axis(self) -> dict:
+        """What the close-up image really shows (region plus margin, clipped to the scan), in mm per axis."""
+        (lo, hi), spacing = self.crop_box, self.volume.spacing_mm
+        return dict(zip(self.axis_labels, ((b - a) * d for a, b, d in zip(lo, hi, spacing))))
+
+    @property
+    def is_whole_scan(self) -> bool:
+        """Whether the crop is the whole scan (a box over the whole slice): then it is no close-up."""
+        lo, hi = self.crop_box
+        return tuple(lo) == (0, 0, 0) and tuple(hi) == tuple(self.volume.grid.display_shape)
+
+    def _size(self, by_axis: dict, whole: bool = False) -> str:
+        """E.g. "13 x 20 x 5 mm", or "20 x 30 x 1 pixels" where the scan gives no size in mm; RL x AP x SI."""
+        if self.volume.size_known:
+            return f"{_in_order(by_axis, whole)} mm"
+        voxel = dict(zip(self.axis_labels, self.volume.spacing_mm))  # the 1 mm standing in for a voxel
+        return f"{_in_order({k: v / voxel[k] for k, v in by_axis.items()}, True)} pixels"
+
     def facts(self, ordinal: str = "second") -> str:
-        e = self.extent_by_axis
-        size = " x ".join(str(math.floor(e[k] + 0.5)) for k in _AXIS_LABELS)  # half up: 12.5 -> 13
-        parts = [f"about {size} mm (RL x AP x SI)"]
-        if self.volume_ml is not None:
+        """The prompt's sentence: what the image shows, the region's size, volume and side."""
+        parts = [f"about {self._size(self.extent_by_axis, whole=True)} (RL x AP x SI)"]
+        if self.volume_ml is not None and self.volume.size_known:
             parts.append(f"volume {_ml(self.volume_ml)} mL")
         where = "near the midline of the scan" if self.side == "midline" else f"in the {self.side} side of the scan"
+        if self.is_whole_scan:
+            return (f'The {ordinal} image is the whole scan again, not a close-up: the marked region "{self.name}" '
+                    f"is {', '.join(parts)}, {where}.")
         return (f'The {ordinal} image is a close-up of the marked region "{self.name}": '
-                f"{', '.join(parts)}, {where}.")
+                f"{', '.join(parts)}, {where}; the image shows {self._size(self.crop_extent_by_axis, whole=True)} "
+                "of the scan around it.")
 
     def describe(self) -> str:
         """The region in one line of text for its image's notes: name, size, centre, side and crop."""
-        e = self.extent_by_axis
         (s0, r0, c0), (s1, r1, c1) = self.crop_box
-        parts = [f'"{self.name}"', " x ".join(f"{e[k]:.3g}" for k in _AXIS_LABELS) + " mm (RL x AP x SI)"]
-        if self.volume_ml is not None:
+        parts = [f'"{self.name}"', f"{self._size(self.extent_by_axis)} (RL x AP x SI)"]
+        if self.volume_ml is not None and self.volume.size_known:
             parts.append(f"{_ml(self.volume_ml)} mL")
-        parts += ["centre RAS ({:.1f}, {:.1f}, {:.1f}) mm".format(*self.center_ras), f"side: {self.side}",
-                  f"close-up of slices {s0}-{s1 - 1}, rows {r0}-{r1 - 1}, columns {c0}-{c1 - 1} of the scan as shown"]
+        crop = f"slices {s0}-{s1 - 1}, rows {r0}-{r1 - 1}, columns {c0}-{c1 - 1} of the scan as shown"
+        shown = (f"the whole scan, not a close-up ({crop})" if self.is_whole_scan
+                 else f"close-up of {crop} ({self._size(self.crop_extent_by_axis)})")
+        parts += ["centre RAS ({:.1f}, {:.1f}, {:.1f}) mm".format(*self.center_ras), f"side: {self.side}", shown]
         return ", ".join(parts)
+
+
+def _in_order(by_axis: dict, whole: bool = False) -> str:
+    """E.g. "13.2 x 19.8 x 5" in RL x AP x SI order; ``whole``: rounded half up to whole numbers (12.5 -> 13)."""
+    return " x ".join(str(math.floor(by_axis[k] + 0.5)) if whole else f"{by_axis[k]:.3g}" for k in _AXIS_LABELS)
 
 
 def _ml(v: float) -> str:
@@ -89,7 +118,8 @@ def _to_ras(vol: Volume, index) -> np.ndarray:
 def _side(vol: Volume, x: float) -> str:
     corners = [_to_ras(vol, c) for c in itertools.product(*[(-0.5, n - 0.5) for n in vol.shape])]
     xs = [c[0] for c in corners]
-    mid = (max(xs) + min(xs)) / 2 if max(xs) - min(xs) >= NARROW_FOV_MM else 0.0
+    wide = max(xs) - min(xs) >= NARROW_FOV_MM or not vol.size_known  # a picture: its middle, whatever its size
+    mid = (max(xs) + min(xs)) / 2 if wide else 0.0
     dx = x - mid
     return "midline" if abs(dx) <= MIDLINE_MM else "right" if dx > 0 else "left"
 

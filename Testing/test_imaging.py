@@ -3,6 +3,7 @@
 import json
 import locale
 import os
+import re
 
 import nibabel
 import numpy as np
@@ -536,3 +537,69 @@ def test_a_truncated_integer_nifti_gz_is_refused_though_its_values_need_no_nan_c
     path = _cut(_scan_file(tmp_path, ".nii.gz", data=(np.arange(24000, dtype=np.int16) % 300).reshape(20, 30, 40)))
     with pytest.raises(ImageError, match="is truncated"):
         load_volume(path)
+
+
+# ----------------------------------------------------------------------------- NIfTI geometry
+def _anatomical(tmp_path, qform, sform, qcode, scode):
+    img = nibabel.load(os.path.join(NIB_DATA, "anatomical.nii"))
+    out = nibabel.Nifti1Image(np.asanyarray(img.dataobj), None, img.header.copy())
+    out.set_qform(qform, code=qcode)
+    out.set_sform(sform, code=scode)
+    path = str(tmp_path / "qs.nii")
+    nibabel.save(out, path)
+    return path
+
+
+def _turned(affine, degrees, shift_mm):
+    a = np.radians(degrees)
+    turned = affine.copy()
+    turned[:3, :3] = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]]) @ affine[:3, :3]
+    turned[:3, 3] += shift_mm
+    return turned
+
+
+@pytest.mark.parametrize("scode, turn, used, apart", [
+    (1, 0, "sform", r"by up to 5 mm at the volume's corners, 0 deg apart"),  # scanner sform: ITK takes it
+    (2, 10, "qform", r"by up to \d+\.?\d* mm at the volume's corners, 10 deg apart"),
+])
+def test_a_nifti_whose_qform_and_sform_disagree_says_which_is_used_and_by_how_much(tmp_path, scode, turn, used,
+                                                                                    apart):
+    affine = nibabel.load(os.path.join(NIB_DATA, "anatomical.nii")).affine
+    path = _anatomical(tmp_path, affine, _turned(affine, turn, [5.0, 0, 0]), 1, scode)
+    vol = load_volume(path)
+    other = {"sform": "qform", "qform": "sform"}[used]
+    assert any(re.fullmatch(rf"the NIfTI qform and sform disagree \({apart}\): the {used} is used \(as ITK and "
+                            rf"3D Slicer read the file\), the {other} ignored", n) for n in vol.notes), vol.notes
+    origin = vol.ijk_to_ras[:3, 3]
+    expected = _turned(affine, turn, [5.0, 0, 0]) if used == "sform" else affine
+    assert origin == pytest.approx(expected[:3, 3], abs=1e-3)
+
+
+def test_a_nifti_whose_qform_and_sform_agree_has_no_note():
+    assert load_volume(os.path.join(NIB_DATA, "anatomical.nii")).notes == []
+
+
+@pytest.mark.parametrize("pixdim, shown", [((2, 0, 2), "2 x 0 x 2"), ((2, 2, np.nan), "2 x 2 x nan")])
+def test_a_nifti_without_a_voxel_size_is_refused(tmp_path, pixdim, shown):
+    path = str(tmp_path / "no_size.nii")
+    nibabel.save(nibabel.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(6, 5, 4), np.eye(4)), path)
+    raw = bytearray(open(path, "rb").read())
+    raw[80:92] = np.asarray(pixdim, "<f4").tobytes()  # pixdim[1..3]: what nibabel would mend on load
+    open(path, "wb").write(raw)
+    with pytest.raises(ImageError, match=rf"no_size.nii: its header gives no voxel size \(pixdim {shown}\): no "
+                                         r"size in mm can be given"):
+        load_volume(path)
+
+
+def test_a_nifti_scl_slope_taking_values_far_beyond_any_scanner_is_noted(tmp_path):
+    path = str(tmp_path / "scaled.nii")
+    image = nibabel.Nifti1Image(np.arange(4 * 5 * 6, dtype=np.int16).reshape(6, 5, 4), np.eye(4))
+    image.header.set_slope_inter(1e30, 0)
+    nibabel.save(image, path)
+    vol = load_volume(path)
+    assert "values run from 0 to 1.19e+32 after the header's scl_slope 1e+30 and scl_inter 0: far beyond any " \
+           "scanner's units (CT: about -1024 to 3000 HU); the rescale in the header is likely wrong, and the image " \
+           "may show all white or black" in vol.notes, vol.notes
+    image.header.set_slope_inter(2, -100)  # an ordinary rescale: nothing to say
+    nibabel.save(image, path)
+    assert load_volume(path).notes == []

@@ -49,7 +49,8 @@ def test_mask_region_crop_size_volume_and_side(vol):
     assert region.side == "right"
     assert region.center_ras[0] == pytest.approx(24.0)  # RAS +x = patient right
     assert region.facts() == ('The second image is a close-up of the marked region "lesion": '
-                              "about 8 x 8 x 13 mm (RL x AP x SI), volume 0.8 mL, in the right side of the scan.")
+                              "about 8 x 8 x 13 mm (RL x AP x SI), volume 0.8 mL, in the right side of the scan; "
+                              "the image shows 22 x 26 x 33 mm of the scan around it.")  # 28 x 33 x 13 voxels
     assert region.facts(ordinal="third").startswith("The third image")
 
 
@@ -209,4 +210,36 @@ def test_a_regions_record_note_is_readable_text_not_a_python_dict():
                          regions=[RegionInput(name="box 1", box_ijk=[[10, 20, 0], [29, 49, 0]], margin_mm=0)])
     (note,) = [n for n in prepare(request).records[1].notes if n.startswith("region: ")]
     assert note == ('region: "box 1", 13.2 x 19.8 x 5 mm (RL x AP x SI), centre RAS (145.2, 156.2, -75.7) mm, '
-                    "side: right, close-up of slices 0-0, rows 20-49, columns 10-29 of the scan as shown")
+                    "side: right, close-up of slices 0-0, rows 20-49, columns 10-29 of the scan as shown "
+                    "(13.2 x 19.8 x 5 mm)")
+
+
+def test_a_box_over_the_whole_slice_is_told_as_the_whole_scan_not_a_close_up():
+    """A --box-ijk over all of CT_small (128 x 128 pixels of 0.66 mm): the model is told what it sees."""
+    from pydicom.data import get_testdata_file
+
+    vol = load_volume(get_testdata_file("CT_small.dcm"))
+    region = region_from_box(vol, ijk_min=(0, 0, 0), ijk_max=(127, 127, 0), name="box 1")
+    assert region.facts() == ('The second image is the whole scan again, not a close-up: the marked region "box 1" '
+                              "is about 85 x 85 x 5 mm (RL x AP x SI), near the midline of the scan.")
+    assert region.describe().endswith("side: midline, the whole scan, not a close-up (slices 0-0, rows 0-127, "
+                                      "columns 0-127 of the scan as shown)")
+    small = region_from_box(vol, ijk_min=(60, 60, 0), ijk_max=(65, 65, 0), name="box 2")
+    assert small.facts().endswith("about 4 x 4 x 5 mm (RL x AP x SI), near the midline of the scan; the image "
+                                  "shows 25 x 25 x 5 mm of the scan around it.")
+
+
+def test_a_picture_without_a_size_in_mm_has_its_region_told_in_pixels(tmp_path):
+    """A PNG gives no pixel size: the 1 mm standing in for a pixel must not reach the model as mm."""
+    from PIL import Image
+
+    Image.fromarray(np.tile(np.arange(40, dtype=np.uint8), (30, 1)) * 5).save(tmp_path / "x.png")
+    vol = load_volume(tmp_path / "x.png")
+    whole = region_from_box(vol, ijk_min=(0, 0, 0), ijk_max=(39, 29, 0), name="box 1")
+    assert whole.facts() == ('The second image is the whole scan again, not a close-up: the marked region "box 1" '
+                             "is about 40 x 30 x 1 pixels (RL x AP x SI), near the midline of the scan.")
+    part = region_from_box(vol, ijk_min=(2, 5, 0), ijk_max=(11, 14, 0), name="box 2", margin_mm=2)
+    assert part.facts() == ('The second image is a close-up of the marked region "box 2": about 10 x 10 x 1 pixels '
+                            "(RL x AP x SI), in the right side of the scan; the image shows 14 x 14 x 1 pixels of "
+                            "the scan around it.")
+    assert "10 x 10 x 1 pixels (RL x AP x SI)" in part.describe() and "(14 x 14 x 1 pixels)" in part.describe()

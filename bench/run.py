@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from . import followup, llm, loading, viewer, vision
+from . import dicom_read, followup, llm, loading, viewer, vision
 from .common import RESULTS, Recorder
 
 TOPICS = {
@@ -22,6 +22,7 @@ TOPICS = {
     "overhead": followup.overhead,
     "preprocess": viewer.preprocessing,
     "viewer": viewer.run,
+    "dicom": dicom_read.run,
 }
 
 

@@ -3,7 +3,9 @@
 The steps, one module each, in the order data flows:
 
 * :mod:`.io` -- arrays (Slicer's ``arrayFromVolume``) and files (NIfTI, NRRD, MHA, DICOM,
-  PNG/JPEG) are checked and read into a :class:`Volume`;
+  PNG/JPEG) are checked and read into a :class:`Volume`; :mod:`.dicom_checks` and
+  :mod:`.nifti_checks` hold what those headers must say first (a DICOM file's pixels
+  fitting its header, one series one patient, a NIfTI voxel size ...);
 * :mod:`.geometry` -- every volume is brought to one display orientation (axial, anterior
   up, patient right on the left, superior slice first) with its exact geometry kept;
 * :mod:`.windows` -- the display window (preset, automatic, or given) maps values to [0, 1];

@@ -137,6 +137,9 @@ class Volume:
     modality: str | None = None
     is_2d: bool = False
     notes: list = field(default_factory=list)
+    # False where the source gives no size in mm (PNG/JPEG, a DICOM without PixelSpacing, an
+    # array without geometry): 1 mm a voxel then stands in, and sizes are told in voxels.
+    size_known: bool = True
     crop_box: tuple | None = None  # ((s, r, c) min incl., (s, r, c) max excl.) in the full display grid
     default_window: dict | None = None  # crops inherit the parent's automatic window
     grid: Grid | None = field(default=None, repr=False)
@@ -190,6 +193,7 @@ class Volume:
             modality=self.modality,
             is_2d=self.is_2d,
             notes=list(self.notes),
+            size_known=self.size_known,
             crop_box=(tuple(int(v) for v in base + lo), tuple(int(v) for v in base + hi)),
             default_window=resolve_window(self, None),
             grid=self.grid,
@@ -218,7 +222,7 @@ def fingerprint(array_kji: np.ndarray, ijk_to_lps: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def build_volume(array_kji, ijk_to_lps, source, modality=None, notes=()) -> Volume:
+def build_volume(array_kji, ijk_to_lps, source, modality=None, notes=(), size_known=True) -> Volume:
     """Validate, reorient and clean voxels: the single path every input goes through."""
     a = np.asarray(array_kji)
     if a.ndim == 2:
@@ -232,6 +236,12 @@ def build_volume(array_kji, ijk_to_lps, source, modality=None, notes=()) -> Volu
         raise ImageError(f"{source}: the IJK->RAS/LPS matrix must be a finite, invertible 4x4 matrix.")
     grid = Grid.plan(a.shape, m)
     check_size(grid.display_shape, source)
+    if a.dtype.kind == "f" and a.dtype.itemsize > 4:  # voxels are kept in single precision
+        largest = float(np.max(np.abs(a), where=np.isfinite(a), initial=0.0))
+        if largest > float(np.finfo(np.float32).max):
+            raise ImageError(f"{source} has values up to {largest:.3g}, beyond single precision (3.4e+38) where "
+                             "scans are read: its rescale (DICOM RescaleSlope/Intercept, NIfTI scl_slope) is "
+                             "likely wrong; fix the header or export the scan again.")
     if a.dtype.kind in "iu" and _mapped_read_only(a):
         vox = grid.reorient(a)  # the viewer's hand-over, mapped from its file: read in place, no second copy
     else:
@@ -252,7 +262,7 @@ def build_volume(array_kji, ijk_to_lps, source, modality=None, notes=()) -> Volu
                      "nearest standard orientation without resampling")
     d2r = LPS_TO_RAS @ m @ grid.display_to_ijk
     spacing = tuple(float(np.linalg.norm(d2r[:3, d])) for d in range(3))
-    return Volume(vox, spacing, d2r, str(source), modality, vox.shape[0] == 1, notes, grid=grid,
+    return Volume(vox, spacing, d2r, str(source), modality, vox.shape[0] == 1, notes, size_known, grid=grid,
                   fingerprint=fingerprint(a, m))
 
 

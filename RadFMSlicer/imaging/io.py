@@ -18,7 +18,11 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import ImageError
+from .dicom_checks import (check_instance, check_series, has_pixel_size, in_scanner_units, read_header,
+                           rescale_text)
 from .geometry import LPS_TO_RAS, Grid, Volume, affine_from_itk, build_volume, check_size
+from .nifti_checks import nifti_geometry_notes, nifti_header, nifti_rescale
+from .windows import resolve_window
 
 SUPPORTED = "NIfTI (.nii/.nii.gz), NRRD, MHA/MHD, a DICOM file or series folder, PNG or JPEG"
 
@@ -56,7 +60,7 @@ def volume_from_array(array_kji, ijk_to_ras=None, *, ijk_to_lps=None, name="arra
         a = _to_gray(a, notes)
     if a.ndim not in (2, 3):
         raise ImageError(_not_3d(name, a.shape))
-    return build_volume(a, m, name, modality, notes)
+    return build_volume(a, m, name, modality, notes, size_known=given is not None)
 
 
 def _not_3d(source, shape) -> str:
@@ -85,14 +89,6 @@ def read_info(path):
         raise ImageError(f"Cannot read {path} ({reason}): not a supported image, or a damaged one; "
                          f"supported: {SUPPORTED}.") from None
     return reader
-
-
-def _dicom_numbers(text: str) -> list[float]:
-    """A DICOM multi-value number such as "1\\0\\0\\0\\1\\0"."""
-    try:
-        return [float(v) for v in text.split("\\")]
-    except ValueError:
-        return []
 
 
 class _Series(NamedTuple):
@@ -294,34 +290,62 @@ def read_pixels(reader, path: str, notes: list | None = None) -> "tuple[sitk.Ima
     return image, nonfinite
 
 
+_NO_SIZE_READERS = ("PNGImageIO", "JPEGImageIO", "BMPImageIO", "TIFFImageIO")  # pictures: no size in mm
+FAR_VALUES = 1e6  # no scanner's units reach this (CT: -1024..~3000 HU; MR, PET: well below)
+
+
+def _far_values_notes(low: float, high: float, rescale: str) -> list:
+    """A note when the header's rescale takes values far beyond any scanner's units (an all-white image)."""
+    if max(abs(low), abs(high)) < FAR_VALUES:
+        return []
+    return [f"values run from {low:.3g} to {high:.3g} after the header's {rescale}: far beyond any scanner's "
+            "units (CT: about -1024 to 3000 HU); the rescale in the header is likely wrong, and the image may "
+            "show all white or black"]
+
+
 def load_volume(path, series=None) -> Volume:
     """Read a scan file or DICOM folder (``series``: UID or description to pick one)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ImageError(f"Scan not found: {path}")
     notes = []
+    headers = []  # DICOM only: each file's header, checked before its pixels are read
     if os.path.isdir(path):
         files, notes = _pick_series(path, series)
+        files, headers, more = check_series(path, files)
+        notes += more
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
         info = read_info(files[0])
-        first, last = _meta(info, "0020|0037"), _meta(read_info(files[-1]), "0020|0037")
-        if first and last and not np.allclose(_dicom_numbers(first), _dicom_numbers(last), atol=1e-3):
-            raise ImageError(f"The DICOM series in {path} mixes slice orientations ({first} ... {last}): "
-                             "it is not one 3D volume (a radial or localizer series?); pick one slice file "
-                             "or another series (--series).")
     else:
         if series is not None:
             raise ImageError(f"series='{series}' only applies to a DICOM folder, but {path} is a single file.")
         reader = info = read_info(path)
+        if info.HasMetaDataKey("0028|0010"):  # DICOM (Rows): GDCM read the header
+            headers = [read_header(path)]
+            notes += check_instance(path, headers[0], _meta(info, "0008|0060"))
         size = info.GetSize()
         if len(size) > 3 and any(n != 1 for n in size[3:]):
             raise ImageError(_not_3d(path, size))  # in the file's own (i, j, k, t) order, as nibabel shows it
+        n = min(len(size), 3)
+        if abs(np.linalg.det(np.reshape(info.GetDirection(), (len(size), len(size)))[:n, :n])) < 1e-6:
+            raise ImageError(f"{path}: its direction matrix {tuple(round(v, 4) for v in info.GetDirection())} has "
+                             "parallel or zero axes: its orientation cannot be known; fix the header or export the "
+                             "scan again.")
+        spacing = info.GetSpacing()[:3]
+        if not all(math.isfinite(v) and v > 0 for v in spacing):  # MetaIO and NRRD keep a 0 (NIfTI: below)
+            raise ImageError(f"{path}: its voxel size ({' x '.join(f'{v:g}' for v in spacing)} mm) is not a size: "
+                             "no size in mm can be given; fix the header or export the scan again.")
         if len(size) <= 3:  # refuse absurd sizes before reading the pixels
             shape = (size[2] if len(size) == 3 else 1, size[1], size[0])
             check_size(Grid.plan(shape, affine_from_itk(size, info.GetSpacing(), info.GetOrigin(),
                                                  info.GetDirection())).display_shape, path)
     image, nonfinite = read_pixels(reader, path, notes)
+    rescale = rescale_text(headers) if headers else None
+    if path.lower().endswith((".nii", ".nii.gz")):
+        header = nifti_header(path)
+        notes += nifti_geometry_notes(path, header, image)
+        rescale = nifti_rescale(header)
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = image[:, :, :, 0]
     if image.GetDimension() not in (2, 3):
@@ -332,5 +356,12 @@ def load_volume(path, series=None) -> Volume:
         a.reshape(-1)[nonfinite] = np.nan
     if image.GetNumberOfComponentsPerPixel() > 1:
         a = _to_gray(a, notes)
+    if rescale and a.size:
+        notes += _far_values_notes(float(np.nanmin(a)), float(np.nanmax(a)), rescale)
     m = affine_from_itk(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    return build_volume(a, m, path, _meta(info, "0008|0060"), notes)
+    size_known = (all(has_pixel_size(ds) for ds in headers) if headers
+                  else sitk.ImageFileReader.GetImageIOFromFileName(path) not in _NO_SIZE_READERS)
+    vol = build_volume(a, m, path, _meta(info, "0008|0060"), notes, size_known)
+    if vol.modality == "CT" and not all(in_scanner_units(ds) for ds in headers):  # a Hounsfield window shows nothing
+        vol.default_window = {**resolve_window(vol, "percentile"), "auto": "not Hounsfield units"}
+    return vol
