@@ -19,7 +19,7 @@ from .generation import Generation, GenerationResult, GenerationSettings
 from .image_cache import NO_CACHE, ImageCache
 from .imaging import ModelImage, Volume, load_volume, parse_window, preprocess, volume_from_array
 from .preview import render_montage
-from .prompts import ORDINALS, PromptImage, build_prompt, task_question
+from .prompts import ORDINALS, PromptImage, build_prompt, check_user_text, task_question
 from .regions import check_corner, region_from_box, region_from_mask
 from .session import REGION_NOTE, ImageRecord, Session, Turn
 
@@ -227,6 +227,8 @@ def validate(request: AskRequest) -> str:
     if len(request.images) + len(request.regions) > len(ORDINALS):
         raise PromptError(f"at most {len(ORDINALS)} images and regions per question")
     question = task_question(request.task, request.question)
+    if request.history is not None:
+        check_user_text(request.history, "the clinical history")
     parse_window(request.window)
     for item in request.images:
         item.check()

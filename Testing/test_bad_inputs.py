@@ -130,6 +130,19 @@ BAD_INPUTS = [
     ("top-k names the flag", ASK + ["--top-k", "-1"], "--top-k: top_k must be >= 0"),
     ("temperature names the flag", ASK + ["--temperature", "-1"], "--temperature: temperature must be >= 0"),
     ("repetition penalty names the flag", ASK + ["--repetition-penalty", "0"], "--repetition-penalty: repetition_penalty"),
+    ("question not UTF-8", ASK + ["--question", "Is there fluid" + b"\xff".decode("utf-8", "surrogateescape") + "?"],
+     r"^radfm: error: the question is not UTF-8 text \(byte 0xff at character 15\): type it again"),
+    ("question lone surrogate", ASK + ["--question", "Is there \ud800 fluid?"], "holds a lone surrogate U\\+D800"),
+    ("question with NUL", ASK + ["--question", "Is there\x00 fluid?"], "control character U\\+0000 at character 9"),
+    ("question image tag", ASK + ["--question", "Compare <image> with the prior"],
+     "the question contains '<image>', one of the model's own image tags"),
+    ("question closing image tag", ASK + ["--question", "What is in </image>?"], "contains '</image>'"),
+    ("question image slot tag", ASK + ["--question", "Describe <image40> please"], "contains '<image40>'"),
+    ("diagnosis finding image tag", ASK + ["--task", "diagnosis", "--question", "<image0>"], "contains '<image0>'"),
+    ("history image tag", ASK + ["--history", "58 y <image> male", "--question", "Any fluid?"],
+     "the clinical history contains '<image>'"),
+    ("history escape", ASK + ["--history", "58 y \x1b[2J male", "--question", "Any fluid?"],
+     "the clinical history holds the control character U\\+001B"),
     ("eval max tokens names the flag", ["eval", "--checkpoint", "{ckpt}", "--manifest", "{tmp}/m.jsonl", "--out",
                                         "{tmp}/run", "--max-new-tokens", "0"], "--max-new-tokens: max_new_tokens must be"),
 ]
@@ -198,6 +211,8 @@ def test_a_cut_npy_array_from_the_panel_is_an_image_error(tmp_path, keep):
     ({"images": [CT], "window": "liver"}, "Unknown window 'liver'"),
     ({"images": [CT], "task": "diagnosis"}, "needs the finding"),
     ({"images": [CT], "regions": [{"box_ras": [[0, 0], [1, 1, 1]]}]}, "must be 3 numbers"),
+    ({"images": [CT], "question": "Is <image5> clear?"}, "the question contains '<image5>'"),
+    ({"images": [CT], "question": "Any fluid?", "history": "cough \udcff"}, "the clinical history is not UTF-8"),
 ])
 def test_the_worker_refuses_a_bad_ask_at_once_not_after_the_queued_load(fields, message):
     from test_worker import Recorder

@@ -137,6 +137,15 @@ def test_bad_uploads_and_asks_get_one_line_refusals(server):
         (json.dumps({"question": "q", "images": []}).encode(), 400, "no image given"),
         (json.dumps({"images": [{"id": json.loads(call(server, "POST", "/images", good)[1])["id"]}],
                      "settings": {"max_new_tokens": 0}}).encode(), 400, "max_new_tokens must be a positive integer"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+        (json.dumps({"question": "Is there \ud800 fluid?"}).encode(), 400, "'question' holds a lone surrogate U+D800"),
+        (json.dumps({"question": "Compare <image> to </image>"}).encode(), 400,
+         "'question' contains '<image>', one of the model's own image tags"),
+        (json.dumps({"question": "Any fluid?", "history": "cough\u0000"}).encode(), 400,
+         "'history' holds the control character U+0000"),
+        (json.dumps({"question": "Any fluid?", "previous_turns": [["What is <image3>?", "x"]]}).encode(), 400,
+         "'previous_turns' question 1 contains '<image3>'"),
+        (json.dumps({"question": 5}).encode(), 400, "'question' must be text, got int"),
     ]
     for body, status, message in asks:
         got_status, got = call(server, "POST", "/ask", body, headers={"Content-Type": "application/json"})

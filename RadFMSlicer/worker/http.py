@@ -370,7 +370,8 @@ def worker_params(body: dict, store: ImageStore) -> tuple[dict, list[str]]:
     unknown(body, ASK_FIELDS, "ask")
     task = body.get("task")
     if task is not None and task not in TASKS:
-        raise HTTPError(400, f"unknown task {task!r}; known: {', '.join(TASKS)}")
+        raise HTTPError(400, f"unknown task {str(task)[:40]!r}; known: {', '.join(TASKS)}")
+    check_texts(body)
     images, pins = [], []
     for k, item in enumerate(body.get("images") or []):
         if not isinstance(item, dict):
@@ -407,13 +408,31 @@ def worker_params(body: dict, store: ImageStore) -> tuple[dict, list[str]]:
     except (RadFMError, TypeError) as exc:
         raise HTTPError(400, str(exc)) from None
     previous = body.get("previous_turns")
-    if previous is not None and not (isinstance(previous, list)
-                                     and all(isinstance(t, list) and len(t) == 2 for t in previous)):
-        raise HTTPError(400, "'previous_turns' is a list of [question, answer] pairs")
     params = {"task": task, "question": body.get("question"), "images": images, "regions": regions,
               "history": body.get("history"), "window": body.get("window"), "interpolation": body.get("interpolation"),
               "include_previous_turns": bool(previous), "previous_turns": previous, **settings}
     return params, pins
+
+
+def check_texts(body: dict) -> None:
+    """The typed text of an ask (question, history, earlier turns) as the prompt takes it: a 400 naming
+    the field, not an error after the stream has started."""
+    from ..errors import PromptError
+    from ..prompts import check_user_text
+
+    previous = body.get("previous_turns")
+    if previous is not None and not (isinstance(previous, list)
+                                     and all(isinstance(t, list) and len(t) == 2 for t in previous)):
+        raise HTTPError(400, "'previous_turns' is a list of [question, answer] pairs")
+    texts = [(body.get("question"), "'question'"), (body.get("history"), "'history'")]
+    for n, (question, answer) in enumerate(previous or [], 1):
+        texts += [(question, f"'previous_turns' question {n}"), (answer, f"'previous_turns' answer {n}")]
+    try:
+        for text, what in texts:
+            if text is not None:
+                check_user_text(text, what)
+    except PromptError as exc:
+        raise HTTPError(400, str(exc)) from None
 
 
 def unknown(item: dict, known: set, what: str) -> None:
@@ -519,6 +538,8 @@ def create_app(config: ServeConfig, worker_factory=None):
             body = json.loads(await request.body())
         except ValueError:
             raise HTTPError(400, "malformed JSON in the ask body") from None
+        except RecursionError:  # the parser recurses once per level: [[[[...]]]] 100,000 deep
+            raise HTTPError(400, "the ask body is nested too deeply to be an ask (a JSON object of fields)") from None
         params, pins = worker_params(body, app.state.store)
         scheduler = app.state.scheduler
         job, ahead = scheduler.submit(client_key(request), params, pins)
