@@ -101,9 +101,15 @@ class ImageInput:
 
 @dataclass
 class RegionInput:
-    """A marked region of image ``image``: a label mask (file or array) or a box (RAS or IJK)."""
+    """A marked region of image ``image``: a label mask (file or array) or a box (RAS or IJK).
 
-    name: str = "region"
+    The prompt calls a region by its kind and place among the request's regions ("mask 1",
+    "box 2"; :meth:`prompt_name`), so a case asked here or through a server gives the model the
+    same words; ``name``, the reader's own (a Slicer segment's), labels its record and errors
+    only, and never leaves the workstation.
+    """
+
+    name: str | None = None
     image: int = 0
     mask: "str | np.ndarray | None" = None
     label: int | None = None
@@ -121,35 +127,46 @@ class RegionInput:
             region.mask = _load_npy(region.mask, "region mask file")
         return region
 
-    def locate(self, volume: Volume):
-        if self.mask is not None:
-            return region_from_mask(volume, self.mask, label=self.label, margin_mm=self.margin_mm, name=self.name)
-        if self.box_ras is not None:
-            return region_from_box(volume, self.box_ras[0], self.box_ras[1], margin_mm=self.margin_mm, name=self.name)
-        if self.box_ijk is not None:
-            return region_from_box(volume, ijk_min=self.box_ijk[0], ijk_max=self.box_ijk[1],
-                                   margin_mm=self.margin_mm, name=self.name)
-        raise ImageError(f"region {self.name!r} needs a mask, box_ras or box_ijk")
+    def prompt_name(self, number: int) -> str:
+        """What the prompt calls the ``number``-th region (1-based) of a request."""
+        return f"{'mask' if self.mask is not None else 'box'} {number}"
 
-    def check(self, n_images: int) -> None:
+    def locate(self, volume: Volume, number: int):
+        """The region on ``volume``, named as the prompt calls it."""
+        name = self.prompt_name(number)
+        if self.mask is not None:
+            return region_from_mask(volume, self.mask, label=self.label, margin_mm=self.margin_mm, name=name)
+        if self.box_ras is not None:
+            return region_from_box(volume, self.box_ras[0], self.box_ras[1], margin_mm=self.margin_mm, name=name)
+        if self.box_ijk is not None:
+            return region_from_box(volume, ijk_min=self.box_ijk[0], ijk_max=self.box_ijk[1], margin_mm=self.margin_mm,
+                                   name=name)
+        raise ImageError(f"region {self._called(number)} needs a mask, box_ras or box_ijk")
+
+    def _called(self, number: int) -> str:
+        """The region in an error: the reader's name for it, else its number."""
+        return repr(self.name) if self.name else str(number)
+
+    def check(self, n_images: int, number: int) -> None:
         """What can be checked without the image: one kind of region, its numbers, its image."""
+        called = self._called(number)
         given = [k for k in ("mask", "box_ras", "box_ijk") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ImageError(f"region {self.name!r} needs exactly one of mask, box_ras or box_ijk (got {given or 'none'})")
+            raise ImageError(f"region {called} needs exactly one of mask, box_ras or box_ijk (got {given or 'none'})")
         if isinstance(self.image, bool) or not isinstance(self.image, int):
-            raise ImageError(f"region {self.name!r}: 'image' is the index of its image (0 = the first), "
+            raise ImageError(f"region {called}: 'image' is the index of its image (0 = the first), "
                              f"got {self.image!r}")
         if not 0 <= self.image < n_images:
-            raise ImageError(f"region {self.name!r} refers to image {self.image + 1}, "
+            raise ImageError(f"region {called} refers to image {self.image + 1}, "
                              f"but {n_images} image(s) were given")
         if self.label is not None and (isinstance(self.label, bool) or not isinstance(self.label, int)):
-            raise ImageError(f"region {self.name!r}: the label must be an integer, got {self.label!r}")
+            raise ImageError(f"region {called}: the label must be an integer, got {self.label!r}")
         box = self.box_ras if self.box_ras is not None else self.box_ijk
         if box is not None:
             if not isinstance(box, (list, tuple)) or len(box) != 2:
-                raise ImageError(f"region {self.name!r}: a box is two corners [[x0, y0, z0], [x1, y1, z1]]")
+                raise ImageError(f"region {called}: a box is two corners [[x0, y0, z0], [x1, y1, z1]]")
             for corner, what in zip(box, ("first corner", "second corner")):
-                check_corner(corner, what, self.name)
+                check_corner(corner, what, self.name or self.prompt_name(number))
         if isinstance(self.mask, (str, Path)) and not Path(self.mask).is_file():
             raise ImageError(f"Label map not found: {self.mask}")
 
@@ -232,8 +249,8 @@ def validate(request: AskRequest) -> str:
     parse_window(request.window)
     for item in request.images:
         item.check()
-    for region in request.regions:
-        region.check(len(request.images))
+    for number, region in enumerate(request.regions, 1):
+        region.check(len(request.images), number)
     if request.preview_dir:
         storage.check_writable(request.preview_dir, "preview folder", folder=True)
     return question
@@ -256,15 +273,15 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
         edges.append(_edges(volume))
         labels.append(PromptImage(label))
         records.append(_record(image, item.role, item.name or Path(image.source).name, None))
-    for region_input in request.regions:
-        region = region_input.locate(volumes[region_input.image])
+    for number, region_input in enumerate(request.regions, 1):
+        region = region_input.locate(volumes[region_input.image], number)
         parent = model_images[region_input.image]
         image = preprocess(region.volume, parent.window, interpolation=request.interpolation, device=device)
         facts = region.facts(ORDINALS[len(labels)])
         model_images.append(image)
         edges.append(edges[region_input.image])  # a crop keeps its image's orientation
         labels.append(PromptImage(f'marked region "{region.name}"', facts))
-        records.append(_record(image, "region", region.name, facts, region.describe()))
+        records.append(_record(image, "region", region_input.name or region.name, facts, region.describe()))
     previous = session.previous_turns() if (session and request.include_previous_turns) else None
     # The user's own words: build_prompt applies the task template itself (once).
     prompt = build_prompt(request.task, labels, request.question, request.history, previous, tokens_per_image)

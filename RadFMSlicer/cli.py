@@ -88,17 +88,17 @@ def regions_from_args(args):
     from .ask import RegionInput
 
     regions = []
-    for n, spec in enumerate(args.region, 1):
+    for spec in args.region:
         path, _, label = spec.rpartition(":") if not os.path.exists(spec) and ":" in spec else (spec, "", "")
         if label and not label.lstrip("-").isdigit():
             raise RadFMError(f"--region {spec}: the label after ':' must be an integer (e.g. {path}:1)")
-        regions.append(RegionInput(name=f"mask {n}", mask=path, label=int(label) if label else None))
-    for n, spec in enumerate(args.box, len(regions) + 1):
+        regions.append(RegionInput(mask=path, label=int(label) if label else None))
+    for spec in args.box:
         v = _numbers(spec, 6, "--box")
-        regions.append(RegionInput(name=f"box {n}", box_ras=[v[:3], v[3:]]))
-    for n, spec in enumerate(args.box_ijk, len(regions) + 1):
+        regions.append(RegionInput(box_ras=[v[:3], v[3:]]))
+    for spec in args.box_ijk:
         v = _numbers(spec, 6, "--box-ijk")
-        regions.append(RegionInput(name=f"box {n}", box_ijk=[v[:3], v[3:]]))
+        regions.append(RegionInput(box_ijk=[v[:3], v[3:]]))
     return regions
 
 

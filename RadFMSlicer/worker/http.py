@@ -54,7 +54,7 @@ ID_PATTERN = re.compile(r"[0-9a-f]{64}")
 ASK_FIELDS = {"task", "question", "images", "regions", "history", "window", "interpolation", "settings",
               "previous_turns"}
 IMAGE_FIELDS = {"id", "role", "window", "modality"}
-REGION_FIELDS = {"name", "image", "mask_id", "label", "box_ras", "box_ijk", "margin_mm"}
+REGION_FIELDS = {"image", "mask_id", "label", "box_ras", "box_ijk", "margin_mm"}  # named by kind and number
 SETTINGS_FIELDS = {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed"}
 MIN_TOKEN_CHARS = 16
 
@@ -387,12 +387,11 @@ def worker_params(body: dict, store: ImageStore) -> tuple[dict, list[str]]:
     if not images:
         raise HTTPError(400, "no image given: upload the scan (POST /v1/images) and list its id in 'images'")
     regions = []
-    for n, item in enumerate(body.get("regions") or [], 1):
+    for item in body.get("regions") or []:
         if not isinstance(item, dict):
             raise HTTPError(400, "each region is an object with box_ras, box_ijk or mask_id")
         unknown(item, REGION_FIELDS, "region")
         region = {k: v for k, v in item.items() if k != "mask_id"}
-        region["name"] = f"region {n}"
         if item.get("mask_id") is not None:
             if store.geometry(str(item["mask_id"])) is None:
                 raise HTTPError(404, f"unknown mask id {str(item['mask_id'])[:80]!r}: upload it first")
