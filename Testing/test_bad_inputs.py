@@ -46,6 +46,7 @@ def files(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "not_a_session.json").write_text('{"hello": 1}')
     (tmp_path / "no_image_column.csv").write_text("id,path\nx,y.nii\n")
+    (tmp_path / "image_twice.csv").write_text("id,image,image\na,x.nii,y.nii\n")
     (tmp_path / "latin1.csv").write_bytes("id,image\npatient_\xe9,x.nii\n".encode("latin-1"))
     return tmp_path
 
@@ -102,7 +103,9 @@ BAD_INPUTS = [
     ("batch CSV without image column", ["batch", "--checkpoint", "{ckpt}", "--input", "{tmp}/no_image_column.csv",
                                         "--out", "{tmp}/r.jsonl"], "needs an 'image' column"),
     ("batch CSV not UTF-8", ["batch", "--checkpoint", "{ckpt}", "--input", "{tmp}/latin1.csv",
-                             "--out", "{tmp}/r.jsonl"], "latin1.csv is not UTF-8 text"),
+                             "--out", "{tmp}/r.jsonl"], r"latin1.csv line 2 is not UTF-8 text \(byte 0xe9 at column 9"),
+    ("batch CSV column twice", ["batch", "--checkpoint", "{ckpt}", "--input", "{tmp}/image_twice.csv",
+                                "--out", "{tmp}/r.jsonl"], "image_twice.csv line 1: the column 'image' appears twice"),
     ("batch window unknown", BATCH + ["--out", "{tmp}/r.jsonl", "--window", "liver"], "Unknown window 'liver'"),
     ("session empty", ASK + ["--session", ""], "--session is empty: give a value, or leave the flag out"),
     ("preview dir empty", ASK + ["--preview-dir", " "], "--preview-dir is empty"),
