@@ -4,6 +4,7 @@ The CLI, the batch runner, the worker and the Slicer module all ask through here
 answer produced anywhere records the same provenance.
 """
 
+import os
 import re
 import time
 import uuid
@@ -14,7 +15,7 @@ import numpy as np
 
 from . import storage
 from .engine import RadFMEngine
-from .errors import ImageError, PromptError
+from .errors import ImageError, PromptError, RequestError
 from .generation import Generation, GenerationResult, GenerationSettings
 from .image_cache import NO_CACHE, ImageCache
 from .imaging import ModelImage, Volume, load_volume, parse_window, preprocess, volume_from_array
@@ -24,6 +25,17 @@ from .regions import check_corner, region_from_box, region_from_mask
 from .session import REGION_NOTE, ImageRecord, Session, Turn
 
 ROLE_LABELS = {"current": "current study", "prior": "prior study"}
+
+
+def _require(value, types: tuple, field: str, takes: str) -> None:
+    """The door of the Python API: ``value`` is one of ``types`` (None means "may be left out"), or a
+    RequestError naming ``field`` and what it takes, before anything deep inside trips over it."""
+    allowed = tuple(type(None) if t is None else t for t in types)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        raise RequestError(f"{field} takes {takes}, got {type(value).__name__} {value!r:.60}")
+
+
+_PATH = (str, os.PathLike)
 
 
 def _check_fields(cls, item: dict, what: str) -> None:
@@ -57,6 +69,13 @@ class ImageInput:
     modality: str | None = None  # for an array ("CT", "MR"): picks the automatic window as a file's tag would
     array_file: str | None = None  # the .npy the array came in (set by from_json): names the scan cheaply
 
+    def __post_init__(self):
+        _require(self.path, (*_PATH, None), "an image's path", "a file or folder path")
+        for field in ("name", "series", "modality"):
+            _require(getattr(self, field), (str, None), f"an image's {field}", "text")
+        if self.role not in ROLE_LABELS:
+            raise RequestError(f"an image's role takes {' or '.join(map(repr, ROLE_LABELS))}, got {self.role!r:.60}")
+
     @classmethod
     def from_json(cls, item: "str | dict") -> "ImageInput":
         """A path string, or ``{"path"| "array": file, "ijk_to_ras", "name", "role", "window"}``.
@@ -69,6 +88,7 @@ class ImageInput:
             raise ImageError(f"an image must be a path or an object, got {item!r}")
         item = dict(item)
         array_file = item.pop("array", None)
+        _require(array_file, (str, None), "an image's array", "the path of a .npy file (arrays never travel in JSON)")
         if array_file is not None:
             item["array"] = _load_npy(array_file, "array file", mmap_mode="r")
             item["array_file"] = array_file
@@ -116,6 +136,14 @@ class RegionInput:
     box_ras: list | None = None  # [[x0, y0, z0], [x1, y1, z1]]
     box_ijk: list | None = None  # [[i0, j0, k0], [i1, j1, k1]] of the original grid
     margin_mm: float = 10.0
+
+    def __post_init__(self):
+        _require(self.name, (str, None), "a region's name", "text")
+        _require(self.mask, (*_PATH, np.ndarray, None), "a region's mask", "a label map path or a numpy array")
+        for field in ("box_ras", "box_ijk"):
+            _require(getattr(self, field), (list, tuple, np.ndarray, None), f"a region's {field}",
+                     "two corners [[x0, y0, z0], [x1, y1, z1]]")
+        _require(self.margin_mm, (int, float), "a region's margin_mm", "a number of mm")
 
     @classmethod
     def from_json(cls, item: dict) -> "RegionInput":
@@ -190,6 +218,27 @@ class AskRequest:
     include_previous_turns: bool = False
     preview_dir: str | None = None  # write a montage PNG per image here (thumbnails, audits)
 
+    def __post_init__(self):
+        for field in ("task", "interpolation"):
+            _require(getattr(self, field), (str,), field, "text")
+        for field in ("question", "history"):
+            _require(getattr(self, field), (str, None), field, "text")
+        for field, kind in (("images", ImageInput), ("regions", RegionInput)):
+            items = getattr(self, field)
+            _require(items, (list, tuple), field, f"a list of {kind.__name__} (AskRequest.from_dict also takes "
+                                                  f"their JSON form)")
+            for k, item in enumerate(items):
+                _require(item, (kind,), f"{field}[{k}]", f"an {kind.__name__}")
+        _require(self.settings, (GenerationSettings,), "settings",
+                 "a GenerationSettings (AskRequest.from_dict takes its fields as keys: max_new_tokens, ...)")
+        _require(self.include_previous_turns, (bool,), "include_previous_turns", "true or false")
+        _require(self.preview_dir, (*_PATH, None), "preview_dir", "a folder path")
+
+    @classmethod
+    def keys(cls) -> set:
+        """The keys :meth:`from_dict` reads: the request's fields, with the generation settings as keys of their own."""
+        return set(cls.__dataclass_fields__) - {"settings"} | set(GenerationSettings.__dataclass_fields__)
+
     @classmethod
     def from_dict(cls, fields: dict) -> "AskRequest":
         """The one way front ends' fields become a request: CLI flags, a worker or HTTP line.
@@ -197,7 +246,15 @@ class AskRequest:
         The task defaults to vqa with a question, else report; generation settings come
         from their own keys (``max_new_tokens``, ``temperature``, ...); images and regions
         are objects already or their JSON form; a ``[center, width]`` window is allowed.
+        A key it does not read (a typo) is refused, as is a field of the wrong type.
         """
+        _require(fields, (dict,), "AskRequest.from_dict", "a dict of fields")
+        unknown = set(fields) - cls.keys()
+        if unknown:
+            raise RequestError(f"unknown request field(s) {sorted(unknown)}; known: {sorted(cls.keys())}")
+        for field in ("images", "regions"):
+            _require(fields.get(field), (list, tuple, None), field, "a list of images (paths or objects)"
+                     if field == "images" else "a list of regions (objects)")
         window = fields.get("window")
         return cls(
             task=fields.get("task") or ("vqa" if fields.get("question") else "report"),
@@ -208,7 +265,7 @@ class AskRequest:
             window=",".join(str(v) for v in window) if isinstance(window, (list, tuple)) else window,
             interpolation=fields.get("interpolation") or "nearest",
             settings=generation_settings(fields),
-            include_previous_turns=bool(fields.get("include_previous_turns")),
+            include_previous_turns=fields.get("include_previous_turns") or False,
             preview_dir=fields.get("preview_dir"),
         )
 
@@ -239,6 +296,7 @@ def validate(request: AskRequest) -> str:
     batch, eval, worker) call it before loading the model, so a typo costs no load;
     :func:`prepare` calls it too, and uses the question it returns (the task's wording).
     """
+    _require(request, (AskRequest,), "the request", "an AskRequest (AskRequest.from_dict(fields) builds one)")
     if not request.images:
         raise ImageError("no image given: RadFM answers about an image (--image PATH)")
     if len(request.images) + len(request.regions) > len(ORDINALS):

@@ -114,9 +114,10 @@ def request_from_args(args, image_paths=None, question=None, task=None):
 
     with settings_named_as_flags():
         return AskRequest.from_dict({
-            **vars(args), "task": task or args.task, "question": question if question is not None else args.question,
+            **{k: getattr(args, k) for k in AskRequest.keys() if hasattr(args, k)},
+            "task": task or args.task, "question": question if question is not None else args.question,
             "images": images_from_args(args, image_paths), "regions": regions_from_args(args),
-            "window": args.window or args.preset, "preview_dir": getattr(args, "preview_dir", None),
+            "window": args.window or args.preset,
         })
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .errors import CheckpointError
+from .errors import CheckpointError, PromptError
 
 BOS_ID = 1
 EOS_ID = 2
@@ -74,6 +74,13 @@ class RadFMTokenizer:
         return pieces
 
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise PromptError(f"a prompt is text, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")  # sentencepiece cannot take a lone surrogate: it fails with a C++ cast error
+        except UnicodeEncodeError as exc:
+            raise PromptError(f"the prompt is not UTF-8 text (U+{ord(text[exc.start]):04X} at character "
+                              f"{exc.start + 1})") from None
         ids = [BOS_ID]
         for i, piece in enumerate(self._split(text)):
             if i % 2:
