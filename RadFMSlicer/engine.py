@@ -94,6 +94,8 @@ class RadFMEngine:
     ) -> "tuple[CheckpointFiles, torch.device, torch.dtype, str | None]":
         """``(files, device, dtype, quantization tier)`` that :meth:`load` loads with; raises the first bad one
         (folder, device, tier, dtype, in that order) without reading a weight. The CLI calls it before reading a scan."""
+        if not isinstance(folder, (str, os.PathLike)):
+            raise RequestError(f"folder takes the checkpoint folder's path, got {type(folder).__name__} {folder!r:.60}")
         files = locate_checkpoint(folder)
         target_device = resolve_device(device)
         tier = check_tier(quantization)

@@ -289,6 +289,13 @@ def test_the_engine_and_a_session_file_refuse_what_is_not_theirs(tiny_engine, tm
     from RadFMSlicer.errors import ImageError, PromptError, RadFMError, RequestError
     from RadFMSlicer.session import Session
 
+    from RadFMSlicer.ask import AskRequest, ImageInput, ask
+    from RadFMSlicer.engine import RadFMEngine
+
+    with pytest.raises(RequestError, match="^folder takes the checkpoint folder's path, got int 5"):
+        RadFMEngine.load(5)
+    with pytest.raises(PromptError, match="^the question contains '</image>'"):  # the library asks as the CLI does
+        ask(tiny_engine, AskRequest(question="Where is </image>?", images=[ImageInput(CT)]))
     with pytest.raises(RequestError, match="^images takes a list of ModelImage or tensors"):
         tiny_engine.stream("Any fluid?", CT)
     with pytest.raises(ImageError, match="^an image for the model is a ModelImage .*got str"):

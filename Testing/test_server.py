@@ -130,6 +130,7 @@ def test_bad_uploads_and_asks_get_one_line_refusals(server):
         got_status, got = call(server, "POST", "/images", body)
         assert (got_status, message in json.loads(got)["detail"]) == (status, True), (status, got)
     unknown_id = "0" * 64
+    uploaded = json.loads(call(server, "POST", "/images", good)[1])["id"]
     asks = [
         (b"{not json", 400, "malformed JSON"),
         (json.dumps({"question": "q", "images": [{"id": unknown_id}]}).encode(), 404, "unknown image id"),
@@ -146,6 +147,11 @@ def test_bad_uploads_and_asks_get_one_line_refusals(server):
         (json.dumps({"question": "Any fluid?", "previous_turns": [["What is <image3>?", "x"]]}).encode(), 400,
          "'previous_turns' question 1 contains '<image3>'"),
         (json.dumps({"question": 5}).encode(), 400, "'question' must be text, got int"),
+        (json.dumps({"images": [{"id": uploaded, "role": "future"}]}).encode(), 400,
+         "an image's role takes 'current' or 'prior', got 'future'"),
+        (json.dumps({"images": [{"id": uploaded}], "window": "liver"}).encode(), 400, "Unknown window 'liver'"),
+        (json.dumps({"images": [{"id": uploaded}], "regions": [{"box_ras": [[0, 0], [1, 1, 1]]}]}).encode(), 400,
+         "must be 3 numbers"),
     ]
     for body, status, message in asks:
         got_status, got = call(server, "POST", "/ask", body, headers={"Content-Type": "application/json"})

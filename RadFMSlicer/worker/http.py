@@ -362,8 +362,10 @@ def sse(event: Event) -> bytes:
 
 def worker_params(body: dict, store: ImageStore) -> tuple[dict, list[str]]:
     """The worker's ``ask`` fields for a client's JSON, with every image mapped to our own cache file."""
+    from ..ask import validate
     from ..generation import GenerationSettings
     from ..prompts import TASKS
+    from .protocol import ask_request_from_json
 
     if not isinstance(body, dict):
         raise HTTPError(400, "the ask body must be a JSON object")
@@ -410,6 +412,10 @@ def worker_params(body: dict, store: ImageStore) -> tuple[dict, list[str]]:
     params = {"task": task, "question": body.get("question"), "images": images, "regions": regions,
               "history": body.get("history"), "window": body.get("window"), "interpolation": body.get("interpolation"),
               "include_previous_turns": bool(previous), "previous_turns": previous, **settings}
+    try:  # what the worker would refuse (a role, a window, a region's numbers) is a 400 too, not an error mid-stream
+        validate(ask_request_from_json(params))
+    except RadFMError as exc:
+        raise HTTPError(400, str(exc)) from None
     return params, pins
 
 
