@@ -373,7 +373,6 @@ def worker_params(body: dict, store: ImageStore) -> tuple[dict, list[str]]:
     task = body.get("task")
     if task is not None and task not in TASKS:
         raise HTTPError(400, f"unknown task {str(task)[:40]!r}; known: {', '.join(TASKS)}")
-    check_texts(body)
     images, pins = [], []
     for k, item in enumerate(body.get("images") or []):
         if not isinstance(item, dict):
@@ -409,6 +408,7 @@ def worker_params(body: dict, store: ImageStore) -> tuple[dict, list[str]]:
     except (RadFMError, TypeError) as exc:
         raise HTTPError(400, str(exc)) from None
     previous = body.get("previous_turns")
+    check_previous_turns(previous)
     params = {"task": task, "question": body.get("question"), "images": images, "regions": regions,
               "history": body.get("history"), "window": body.get("window"), "interpolation": body.get("interpolation"),
               "include_previous_turns": bool(previous), "previous_turns": previous, **settings}
@@ -419,23 +419,20 @@ def worker_params(body: dict, store: ImageStore) -> tuple[dict, list[str]]:
     return params, pins
 
 
-def check_texts(body: dict) -> None:
-    """The typed text of an ask (question, history, earlier turns) as the prompt takes it: a 400 naming
-    the field, not an error after the stream has started."""
+def check_previous_turns(previous) -> None:
+    """Earlier turns as the prompt takes them (the question and history are checked with the rest of the
+    ask): a 400 naming the turn, not an error after the stream has started."""
     from ..errors import PromptError
     from ..prompts import check_user_text
 
-    previous = body.get("previous_turns")
-    if previous is not None and not (isinstance(previous, list)
-                                     and all(isinstance(t, list) and len(t) == 2 for t in previous)):
+    if previous is None:
+        return
+    if not (isinstance(previous, list) and all(isinstance(t, list) and len(t) == 2 for t in previous)):
         raise HTTPError(400, "'previous_turns' is a list of [question, answer] pairs")
-    texts = [(body.get("question"), "'question'"), (body.get("history"), "'history'")]
-    for n, (question, answer) in enumerate(previous or [], 1):
-        texts += [(question, f"'previous_turns' question {n}"), (answer, f"'previous_turns' answer {n}")]
     try:
-        for text, what in texts:
-            if text is not None:
-                check_user_text(text, what)
+        for n, (question, answer) in enumerate(previous, 1):
+            check_user_text(question, f"'previous_turns' question {n}")
+            check_user_text(answer, f"'previous_turns' answer {n}")
     except PromptError as exc:
         raise HTTPError(400, str(exc)) from None
 
