@@ -4,6 +4,7 @@ The CLI, the batch runner, the worker and the Slicer module all ask through here
 answer produced anywhere records the same provenance.
 """
 
+import os
 import re
 import time
 import uuid
@@ -14,17 +15,28 @@ import numpy as np
 
 from . import storage
 from .engine import RadFMEngine
-from .errors import ImageError, PromptError
+from .errors import ImageError, PromptError, RequestError
 from .generation import Generation, GenerationResult, GenerationSettings
 from .image_cache import NO_CACHE, ImageCache
 from .paths import FILE, check_kind
 from .imaging import ModelImage, Volume, load_volume, parse_window, preprocess, volume_from_array
 from .preview import render_montage
-from .prompts import ORDINALS, PromptImage, build_prompt, task_question
+from .prompts import ORDINALS, PromptImage, build_prompt, check_user_text, task_question
 from .regions import check_corner, region_from_box, region_from_mask
 from .session import REGION_NOTE, ImageRecord, Session, Turn
 
 ROLE_LABELS = {"current": "current study", "prior": "prior study"}
+
+
+def _require(value, types: tuple, field: str, takes: str) -> None:
+    """The door of the Python API: ``value`` is one of ``types`` (None means "may be left out"), or a
+    RequestError naming ``field`` and what it takes, before anything deep inside trips over it."""
+    allowed = tuple(type(None) if t is None else t for t in types)
+    if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+        raise RequestError(f"{field} takes {takes}, got {type(value).__name__} {value!r:.60}")
+
+
+_PATH = (str, os.PathLike)
 
 
 def _check_fields(cls, item: dict, what: str) -> None:
@@ -58,6 +70,13 @@ class ImageInput:
     modality: str | None = None  # for an array ("CT", "MR"): picks the automatic window as a file's tag would
     array_file: str | None = None  # the .npy the array came in (set by from_json): names the scan cheaply
 
+    def __post_init__(self):
+        _require(self.path, (*_PATH, None), "an image's path", "a file or folder path")
+        for field in ("name", "series", "modality"):
+            _require(getattr(self, field), (str, None), f"an image's {field}", "text")
+        if self.role not in ROLE_LABELS:
+            raise RequestError(f"an image's role takes {' or '.join(map(repr, ROLE_LABELS))}, got {self.role!r:.60}")
+
     @classmethod
     def from_json(cls, item: "str | dict") -> "ImageInput":
         """A path string, or ``{"path"| "array": file, "ijk_to_ras", "name", "role", "window"}``.
@@ -70,6 +89,7 @@ class ImageInput:
             raise ImageError(f"an image must be a path or an object, got {item!r}")
         item = dict(item)
         array_file = item.pop("array", None)
+        _require(array_file, (str, None), "an image's array", "the path of a .npy file (arrays never travel in JSON)")
         if array_file is not None:
             item["array"] = _load_npy(array_file, "array file", mmap_mode="r")
             item["array_file"] = array_file
@@ -104,15 +124,29 @@ class ImageInput:
 
 @dataclass
 class RegionInput:
-    """A marked region of image ``image``: a label mask (file or array) or a box (RAS or IJK)."""
+    """A marked region of image ``image``: a label mask (file or array) or a box (RAS or IJK).
 
-    name: str = "region"
+    The prompt calls a region by its kind and place among the request's regions ("mask 1",
+    "box 2"; :meth:`prompt_name`), so a case asked here or through a server gives the model the
+    same words; ``name``, the reader's own (a Slicer segment's), labels its record and errors
+    only, and never leaves the workstation.
+    """
+
+    name: str | None = None
     image: int = 0
     mask: "str | np.ndarray | None" = None
     label: int | None = None
     box_ras: list | None = None  # [[x0, y0, z0], [x1, y1, z1]]
     box_ijk: list | None = None  # [[i0, j0, k0], [i1, j1, k1]] of the original grid
     margin_mm: float = 10.0
+
+    def __post_init__(self):
+        _require(self.name, (str, None), "a region's name", "text")
+        _require(self.mask, (*_PATH, np.ndarray, None), "a region's mask", "a label map path or a numpy array")
+        for field in ("box_ras", "box_ijk"):
+            _require(getattr(self, field), (list, tuple, np.ndarray, None), f"a region's {field}",
+                     "two corners [[x0, y0, z0], [x1, y1, z1]]")
+        _require(self.margin_mm, (int, float), "a region's margin_mm", "a number of mm")
 
     @classmethod
     def from_json(cls, item: dict) -> "RegionInput":
@@ -124,37 +158,48 @@ class RegionInput:
             region.mask = _load_npy(region.mask, "region mask file")
         return region
 
-    def locate(self, volume: Volume):
-        if self.mask is not None:
-            return region_from_mask(volume, self.mask, label=self.label, margin_mm=self.margin_mm, name=self.name)
-        if self.box_ras is not None:
-            return region_from_box(volume, self.box_ras[0], self.box_ras[1], margin_mm=self.margin_mm, name=self.name)
-        if self.box_ijk is not None:
-            return region_from_box(volume, ijk_min=self.box_ijk[0], ijk_max=self.box_ijk[1],
-                                   margin_mm=self.margin_mm, name=self.name)
-        raise ImageError(f"region {self.name!r} needs a mask, box_ras or box_ijk")
+    def prompt_name(self, number: int) -> str:
+        """What the prompt calls the ``number``-th region (1-based) of a request."""
+        return f"{'mask' if self.mask is not None else 'box'} {number}"
 
-    def check(self, n_images: int) -> None:
+    def locate(self, volume: Volume, number: int):
+        """The region on ``volume``, named as the prompt calls it."""
+        name = self.prompt_name(number)
+        if self.mask is not None:
+            return region_from_mask(volume, self.mask, label=self.label, margin_mm=self.margin_mm, name=name)
+        if self.box_ras is not None:
+            return region_from_box(volume, self.box_ras[0], self.box_ras[1], margin_mm=self.margin_mm, name=name)
+        if self.box_ijk is not None:
+            return region_from_box(volume, ijk_min=self.box_ijk[0], ijk_max=self.box_ijk[1], margin_mm=self.margin_mm,
+                                   name=name)
+        raise ImageError(f"region {self._called(number)} needs a mask, box_ras or box_ijk")
+
+    def _called(self, number: int) -> str:
+        """The region in an error: the reader's name for it, else its number."""
+        return repr(self.name) if self.name else str(number)
+
+    def check(self, n_images: int, number: int) -> None:
         """What can be checked without the image: one kind of region, its numbers, its image."""
+        called = self._called(number)
         given = [k for k in ("mask", "box_ras", "box_ijk") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ImageError(f"region {self.name!r} needs exactly one of mask, box_ras or box_ijk (got {given or 'none'})")
+            raise ImageError(f"region {called} needs exactly one of mask, box_ras or box_ijk (got {given or 'none'})")
         if isinstance(self.image, bool) or not isinstance(self.image, int):
-            raise ImageError(f"region {self.name!r}: 'image' is the index of its image (0 = the first), "
+            raise ImageError(f"region {called}: 'image' is the index of its image (0 = the first), "
                              f"got {self.image!r}")
         if not 0 <= self.image < n_images:
-            raise ImageError(f"region {self.name!r} refers to image {self.image + 1}, "
+            raise ImageError(f"region {called} refers to image {self.image + 1}, "
                              f"but {n_images} image(s) were given")
         if self.label is not None and (isinstance(self.label, bool) or not isinstance(self.label, int)):
-            raise ImageError(f"region {self.name!r}: the label must be an integer, got {self.label!r}")
+            raise ImageError(f"region {called}: the label must be an integer, got {self.label!r}")
         box = self.box_ras if self.box_ras is not None else self.box_ijk
         if box is not None:
             if not isinstance(box, (list, tuple)) or len(box) != 2:
-                raise ImageError(f"region {self.name!r}: a box is two corners [[x0, y0, z0], [x1, y1, z1]]")
+                raise ImageError(f"region {called}: a box is two corners [[x0, y0, z0], [x1, y1, z1]]")
             for corner, what in zip(box, ("first corner", "second corner")):
-                check_corner(corner, what, self.name)
+                check_corner(corner, what, self.name or self.prompt_name(number))
         if isinstance(self.mask, (str, Path)):
-            check_kind(self.mask, f"region {self.name!r}: label map", FILE)
+            check_kind(self.mask, f"region {called}: label map", FILE)
         if isinstance(self.mask, (str, Path)) and not Path(self.mask).is_file():
             raise ImageError(f"Label map not found: {self.mask}")
 
@@ -178,6 +223,27 @@ class AskRequest:
     include_previous_turns: bool = False
     preview_dir: str | None = None  # write a montage PNG per image here (thumbnails, audits)
 
+    def __post_init__(self):
+        for field in ("task", "interpolation"):
+            _require(getattr(self, field), (str,), field, "text")
+        for field in ("question", "history"):
+            _require(getattr(self, field), (str, None), field, "text")
+        for field, kind in (("images", ImageInput), ("regions", RegionInput)):
+            items = getattr(self, field)
+            _require(items, (list, tuple), field, f"a list of {kind.__name__} (AskRequest.from_dict also takes "
+                                                  f"their JSON form)")
+            for k, item in enumerate(items):
+                _require(item, (kind,), f"{field}[{k}]", f"an {kind.__name__}")
+        _require(self.settings, (GenerationSettings,), "settings",
+                 "a GenerationSettings (AskRequest.from_dict takes its fields as keys: max_new_tokens, ...)")
+        _require(self.include_previous_turns, (bool,), "include_previous_turns", "true or false")
+        _require(self.preview_dir, (*_PATH, None), "preview_dir", "a folder path")
+
+    @classmethod
+    def keys(cls) -> set:
+        """The keys :meth:`from_dict` reads: the request's fields, with the generation settings as keys of their own."""
+        return set(cls.__dataclass_fields__) - {"settings"} | set(GenerationSettings.__dataclass_fields__)
+
     @classmethod
     def from_dict(cls, fields: dict) -> "AskRequest":
         """The one way front ends' fields become a request: CLI flags, a worker or HTTP line.
@@ -185,7 +251,15 @@ class AskRequest:
         The task defaults to vqa with a question, else report; generation settings come
         from their own keys (``max_new_tokens``, ``temperature``, ...); images and regions
         are objects already or their JSON form; a ``[center, width]`` window is allowed.
+        A key it does not read (a typo) is refused, as is a field of the wrong type.
         """
+        _require(fields, (dict,), "AskRequest.from_dict", "a dict of fields")
+        unknown = set(fields) - cls.keys()
+        if unknown:
+            raise RequestError(f"unknown request field(s) {sorted(unknown)}; known: {sorted(cls.keys())}")
+        for field in ("images", "regions"):
+            _require(fields.get(field), (list, tuple, None), field, "a list of images (paths or objects)"
+                     if field == "images" else "a list of regions (objects)")
         window = fields.get("window")
         return cls(
             task=fields.get("task") or ("vqa" if fields.get("question") else "report"),
@@ -196,7 +270,7 @@ class AskRequest:
             window=",".join(str(v) for v in window) if isinstance(window, (list, tuple)) else window,
             interpolation=fields.get("interpolation") or "nearest",
             settings=generation_settings(fields),
-            include_previous_turns=bool(fields.get("include_previous_turns")),
+            include_previous_turns=fields.get("include_previous_turns") or False,
             preview_dir=fields.get("preview_dir"),
         )
 
@@ -227,16 +301,19 @@ def validate(request: AskRequest) -> str:
     batch, eval, worker) call it before loading the model, so a typo costs no load;
     :func:`prepare` calls it too, and uses the question it returns (the task's wording).
     """
+    _require(request, (AskRequest,), "the request", "an AskRequest (AskRequest.from_dict(fields) builds one)")
     if not request.images:
         raise ImageError("no image given: RadFM answers about an image (--image PATH)")
     if len(request.images) + len(request.regions) > len(ORDINALS):
         raise PromptError(f"at most {len(ORDINALS)} images and regions per question")
     question = task_question(request.task, request.question)
+    if request.history is not None:
+        check_user_text(request.history, "the clinical history")
     parse_window(request.window)
     for item in request.images:
         item.check()
-    for region in request.regions:
-        region.check(len(request.images))
+    for number, region in enumerate(request.regions, 1):
+        region.check(len(request.images), number)
     if request.preview_dir:
         storage.check_writable(request.preview_dir, "preview folder", folder=True)
     return question
@@ -259,15 +336,15 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
         edges.append(_edges(volume))
         labels.append(PromptImage(label))
         records.append(_record(image, item.role, item.name or Path(image.source).name, None))
-    for region_input in request.regions:
-        region = region_input.locate(volumes[region_input.image])
+    for number, region_input in enumerate(request.regions, 1):
+        region = region_input.locate(volumes[region_input.image], number)
         parent = model_images[region_input.image]
         image = preprocess(region.volume, parent.window, interpolation=request.interpolation, device=device)
         facts = region.facts(ORDINALS[len(labels)])
         model_images.append(image)
         edges.append(edges[region_input.image])  # a crop keeps its image's orientation
         labels.append(PromptImage(f'marked region "{region.name}"', facts))
-        records.append(_record(image, "region", region.name, facts, region.describe()))
+        records.append(_record(image, "region", region_input.name or region.name, facts, region.describe()))
     previous = session.previous_turns() if (session and request.include_previous_turns) else None
     # The user's own words: build_prompt applies the task template itself (once).
     prompt = build_prompt(request.task, labels, request.question, request.history, previous, tokens_per_image)

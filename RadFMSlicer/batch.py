@@ -5,7 +5,6 @@ which are already answered (:func:`finished_ids`), and how a record is appended 
 crash loses at most the line being written (:func:`append_record`).
 """
 
-import csv
 import json
 import os
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from . import storage
 from .errors import RadFMError
+from .tables import csv_rows
 
 SCAN_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm", ".png", ".jpg", ".jpeg")
 _BLOCK = 1 << 16  # bytes read at a time when looking back for the last newline
@@ -24,17 +24,14 @@ def batch_items(source: Path) -> list[dict]:
     CSV columns: ``image`` (required), optional ``id``, ``question``, ``task``, ``prior``.
     """
     if source.is_file() and source.suffix.lower() == ".csv":
-        try:
-            with open(source, newline="", encoding="utf-8-sig") as f:
-                rows = list(csv.DictReader(f))
-        except UnicodeDecodeError as exc:
-            raise RadFMError(f"{source} is not UTF-8 text ({exc.reason} at byte {exc.start}): "
-                             "save the CSV as UTF-8") from None
-        if rows and "image" not in rows[0]:
-            raise RadFMError(f"{source} needs an 'image' column (found: {', '.join(map(str, rows[0]))})")
+        header, rows = csv_rows(source)
+        if rows and "image" not in header:
+            raise RadFMError(f"{source} needs an 'image' column (found: {', '.join(header)})")
         base = source.parent
         items, seen = [], {}
-        for line, row in enumerate(rows, 2):
+        for line, row in rows:
+            if isinstance(row, str):
+                raise RadFMError(f"{source} line {line}: {row}")
             if not (row.get("image") or "").strip():
                 raise RadFMError(f"{source} line {line}: the 'image' cell is empty")
             images = [str(base / row["image"])] + ([str(base / row["prior"])] if row.get("prior") else [])

@@ -89,17 +89,17 @@ def regions_from_args(args):
     from .ask import RegionInput
 
     regions = []
-    for n, spec in enumerate(args.region, 1):
+    for spec in args.region:
         path, _, label = spec.rpartition(":") if not os.path.exists(spec) and ":" in spec else (spec, "", "")
         if label and not label.lstrip("-").isdigit():
             raise RadFMError(f"--region {spec}: the label after ':' must be an integer (e.g. {path}:1)")
-        regions.append(RegionInput(name=f"mask {n}", mask=path, label=int(label) if label else None))
-    for n, spec in enumerate(args.box, len(regions) + 1):
+        regions.append(RegionInput(mask=path, label=int(label) if label else None))
+    for spec in args.box:
         v = _numbers(spec, 6, "--box")
-        regions.append(RegionInput(name=f"box {n}", box_ras=[v[:3], v[3:]]))
-    for n, spec in enumerate(args.box_ijk, len(regions) + 1):
+        regions.append(RegionInput(box_ras=[v[:3], v[3:]]))
+    for spec in args.box_ijk:
         v = _numbers(spec, 6, "--box-ijk")
-        regions.append(RegionInput(name=f"box {n}", box_ijk=[v[:3], v[3:]]))
+        regions.append(RegionInput(box_ijk=[v[:3], v[3:]]))
     return regions
 
 
@@ -115,9 +115,10 @@ def request_from_args(args, image_paths=None, question=None, task=None):
 
     with settings_named_as_flags():
         return AskRequest.from_dict({
-            **vars(args), "task": task or args.task, "question": question if question is not None else args.question,
+            **{k: getattr(args, k) for k in AskRequest.keys() if hasattr(args, k)},
+            "task": task or args.task, "question": question if question is not None else args.question,
             "images": images_from_args(args, image_paths), "regions": regions_from_args(args),
-            "window": args.window or args.preset, "preview_dir": getattr(args, "preview_dir", None),
+            "window": args.window or args.preset,
         })
 
 

@@ -24,7 +24,7 @@ import torch
 import xxhash
 
 from .checkpoint import CheckpointFiles, load_model, locate_checkpoint, resolve_device, resolve_dtype
-from .errors import CheckpointError, ImageError, RadFMError
+from .errors import CheckpointError, ImageError, RadFMError, RequestError
 from .generation import (
     CompiledDecoder, DynamicDecoder, Generation, GenerationResult, GenerationSettings, explain_out_of_memory,
 )
@@ -54,6 +54,9 @@ def tensor_and_key(image) -> tuple[torch.Tensor, str | None]:
     key (its source's fingerprint and recipe); a raw tensor has none (``None``)."""
     if isinstance(image, torch.Tensor):
         return image, None
+    if not hasattr(image, "tensor"):
+        raise ImageError(f"an image for the model is a ModelImage (from preprocess) or a tensor [3, H, W, D], "
+                         f"got {type(image).__name__} {image!r:.60}")
     return image.tensor, image.key
 
 
@@ -91,6 +94,8 @@ class RadFMEngine:
     ) -> "tuple[CheckpointFiles, torch.device, torch.dtype, str | None]":
         """``(files, device, dtype, quantization tier)`` that :meth:`load` loads with; raises the first bad one
         (folder, device, tier, dtype, in that order) without reading a weight. The CLI calls it before reading a scan."""
+        if not isinstance(folder, (str, os.PathLike)):
+            raise RequestError(f"folder takes the checkpoint folder's path, got {type(folder).__name__} {folder!r:.60}")
         files = locate_checkpoint(folder)
         target_device = resolve_device(device)
         tier = check_tier(quantization)
@@ -262,6 +267,10 @@ class RadFMEngine:
 
     def stream(self, text: str, images: Sequence[torch.Tensor], settings: GenerationSettings | None = None) -> Generation:
         """Tokenize a prompt (with image tags for ``images``) and return its generation."""
+        if settings is not None and not isinstance(settings, GenerationSettings):
+            raise RequestError(f"settings takes a GenerationSettings, got {type(settings).__name__}")
+        if isinstance(images, (str, os.PathLike, dict)):
+            raise RequestError(f"images takes a list of ModelImage or tensors [3, H, W, D], got {type(images).__name__}")
         ids = torch.tensor([self.tokenize(text)], dtype=torch.long)
         return self.start(ids, images, settings or GenerationSettings())
 

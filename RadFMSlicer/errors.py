@@ -34,3 +34,8 @@ class ImageError(RadFMError):
 class PromptError(RadFMError):
     """A prompt or generation setting is invalid (e.g. images and image tags disagree)."""
 
+
+
+class RequestError(RadFMError, ValueError):
+    """A request names a field it does not have, or gives one the wrong type (a dict for ``settings``,
+    a string for ``images``): refused at the door, naming the field and what it takes."""

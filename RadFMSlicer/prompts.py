@@ -6,10 +6,11 @@ question, the question ended with punctuation (without it the model often answer
 nothing), and each question stood alone: RadFM was not trained on dialogue.
 """
 
+import unicodedata
 from dataclasses import dataclass
 
 from .errors import PromptError
-from .tokenizer import image_tag
+from .tokenizer import image_tag, special_tags_in
 
 # task -> (template, training prompt file it comes from)
 TEMPLATES = {
@@ -39,6 +40,34 @@ class PromptImage:
     facts: str | None = None
 
 
+def check_user_text(text, what: str = "the question") -> None:
+    """Refuse text that is not what a person typed, before any model work: every typed field
+    (question, finding, history, earlier turns) enters the prompt through here.
+
+    Text must be a string of real characters: a lone surrogate (bytes that were not UTF-8,
+    as Python reads them from a command line or file) would crash the tokenizer, and
+    control characters (NUL, ESC, ...) would reach the prompt and the saved reports as
+    bytes. RadFM's image tags (``<image>``, ``</image>``, ``<image0>``...) typed as text would
+    become the model's own image tokens, so they are refused by name.
+    """
+    if not isinstance(text, str):
+        raise PromptError(f"{what} must be text, got {type(text).__name__}")
+    for at, char in enumerate(text, 1):
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:  # a byte Python could not decode as UTF-8 (surrogateescape)
+            raise PromptError(f"{what} is not UTF-8 text (byte 0x{code - 0xDC00:02x} at character {at}): "
+                              f"type it again, or save the file it came from as UTF-8")
+        if 0xD800 <= code <= 0xDFFF:
+            raise PromptError(f"{what} holds a lone surrogate U+{code:04X} at character {at}, not a character: "
+                              f"send it as UTF-8 text")
+        if unicodedata.category(char) == "Cc" and not char.isspace():
+            raise PromptError(f"{what} holds the control character U+{code:04X} at character {at}: remove it")
+    tags = special_tags_in(text)
+    if tags:
+        raise PromptError(f"{what} contains {tags[0]!r}, one of the model's own image tags; typed text never "
+                          f"becomes image tokens, so reword it (e.g. 'image' without the angle brackets)")
+
+
 def finish_sentence(text: str) -> str:
     """End a question with '?' (or an instruction with '.') unless it has end punctuation."""
     text = " ".join(text.split())
@@ -55,6 +84,9 @@ def task_question(task: str, question: str | None = None, finding: str | None = 
     if task not in TEMPLATES:
         raise PromptError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     template = TEMPLATES[task][0]
+    for text, what in ((question, "the question"), (finding, "the finding")):
+        if text is not None:
+            check_user_text(text, what)
     if task == "vqa":
         if not question or not question.strip():
             raise PromptError("task vqa needs a question (--question)")
@@ -84,6 +116,11 @@ def build_prompt(
         raise PromptError("RadFM needs at least one image")
     if len(images) > len(ORDINALS):
         raise PromptError(f"at most {len(ORDINALS)} images per question")
+    if history is not None:
+        check_user_text(history, "the clinical history")
+    for n, (q, a) in enumerate(previous_turns or [], 1):
+        check_user_text(q, f"earlier question {n}")
+        check_user_text(a, f"earlier answer {n}")
     parts = []
     if history and history.strip():
         parts.append("Clinical history: " + " ".join(history.split()).rstrip(".") + ".")

@@ -158,9 +158,10 @@ class _Scan:
             pixels, identity, lambda: _read_pixels(image, index))
         self.label = image.name or (f"image {index + 1}" if image.array is not None else Path(image.path).name)
 
-    def region(self, region, number: int, mask_id: str | None) -> dict:
-        """A region as the server takes it: a box, or an uploaded mask; its name stays here."""
-        entry = {"name": f"region {number}", "image": region.image, "label": region.label,
+    def region(self, region, mask_id: str | None) -> dict:
+        """A region as the server takes it: a box, or an uploaded mask; its name stays here (the prompt calls
+        it by kind and number on both sides)."""
+        entry = {"image": region.image, "label": region.label,
                  "margin_mm": region.margin_mm, "box_ras": region.box_ras, "box_ijk": region.box_ijk,
                  "mask_id": mask_id}
         if self.volume is not None and region.box_ijk is not None:  # IJK of the file's grid -> RAS corners
@@ -346,14 +347,14 @@ class RemoteClient:
             for n, item in enumerate(regions, 1):
                 region = item if isinstance(item, RegionInput) else RegionInput.from_json(item)
                 if not 0 <= region.image < len(scans):
-                    raise RadFMError(f"region {region.name!r} refers to image {region.image + 1}, "
+                    raise RadFMError(f"region {region.name or n!r} refers to image {region.image + 1}, "
                                      f"but {len(scans)} image(s) were given")
                 scan = scans[region.image]
                 mask_id = None
                 if region.mask is not None:
                     mask = scan.mask(region)
                     mask_id = self.upload(mask, scan.matrix)
-                payload["regions"].append(scan.region(region, n, mask_id))
+                payload["regions"].append(scan.region(region, mask_id))
                 labels.append(region.name)
             response = self._call("POST", "/ask", json.dumps(payload).encode(), "application/json",
                                   timeout=self.timeout)
@@ -385,10 +386,10 @@ class RemoteClient:
                             {"kind": "worker_died"}))
 
     def _complete_provenance(self, data: dict, labels: list[str]) -> None:
-        """Put the local names back into the turn; the server only ever saw 'image k' and 'region k'."""
+        """Put the local names back into the turn; the server only ever saw 'image k', 'mask k' and 'box k'."""
         turn = data.get("turn") or {}
         for record, label in zip(turn.get("images") or [], labels):
-            record["label"] = label
+            record["label"] = label or record["label"]  # a region named by none keeps the prompt's name
             if record.get("role") != "region":
                 record["source"] = label
         (turn.get("provenance") or {}).setdefault("server", self.url)

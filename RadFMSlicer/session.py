@@ -13,7 +13,7 @@ from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 
 from . import storage
-from .errors import RadFMError
+from .errors import RadFMError, RequestError
 from .imaging import describe_window
 
 SESSION_FORMAT = 1
@@ -57,6 +57,16 @@ def image_notes(images: list[ImageRecord]) -> list[str]:
     return lines
 
 
+def _known_keys(cls, data, what: str) -> dict:
+    """``data``, an object naming only fields of ``cls``."""
+    if not isinstance(data, dict):
+        raise RequestError(f"a {what} is an object of fields, got {type(data).__name__}")
+    unknown = set(data) - {f.name for f in fields(cls)}
+    if unknown:
+        raise RequestError(f"unknown {what} field(s) {sorted(unknown)}; known: {sorted(f.name for f in fields(cls))}")
+    return data
+
+
 @dataclass
 class Turn:
     task: str
@@ -71,9 +81,17 @@ class Turn:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Turn":
-        known = {f.name for f in fields(cls)}
-        turn = cls(**{k: v for k, v in data.items() if k in known})
-        turn.images = [i if isinstance(i, ImageRecord) else ImageRecord(**i) for i in turn.images]
+        """A turn from its JSON form (a session file, a worker's answer); a key it does not have or a field of
+        the wrong type is refused by name, not dropped or left to fail later."""
+        _known_keys(cls, data, "turn")
+        for name in ("task", "question", "answer", "stop_reason", "prompt", "created"):
+            if not isinstance(data.get(name, ""), str):
+                raise RequestError(f"a turn's {name} takes text, got {type(data[name]).__name__}")
+        if not isinstance(data.get("images", []), list) or not isinstance(data.get("provenance", {}), dict):
+            raise RequestError("a turn's images take a list of image records, its provenance an object")
+        turn = cls(**data)
+        turn.images = [i if isinstance(i, ImageRecord) else ImageRecord(**_known_keys(ImageRecord, i, "image record"))
+                       for i in turn.images]
         return turn
 
     def to_dict(self) -> dict:
@@ -85,8 +103,17 @@ class Session:
     turns: list[Turn] = field(default_factory=list)
     title: str = "RadFM conversation"
 
+    def __post_init__(self):
+        if not isinstance(self.turns, list) or not all(isinstance(t, Turn) for t in self.turns):
+            raise RequestError("a session's turns take a list of Turn (Session.from_json reads a saved one)")
+        if not isinstance(self.title, str):
+            raise RequestError(f"a session's title takes text, got {type(self.title).__name__}")
+
     def add_turn(self, turn: "Turn | dict") -> Turn:
         turn = turn if isinstance(turn, Turn) else Turn.from_dict(turn)
+        for text, what in ((turn.question, "question"), (turn.answer, "answer")):
+            if not isinstance(text, str):
+                raise RequestError(f"a turn's {what} takes text, got {type(text).__name__}")
         self.turns.append(turn)
         return turn
 
@@ -107,6 +134,8 @@ class Session:
             if data.get("format") != SESSION_FORMAT:
                 raise ValueError(f"unknown session format {data.get('format')!r}")
             return cls(turns=[Turn.from_dict(t) for t in data["turns"]], title=data.get("title", cls.title))
+        except RecursionError:
+            raise RadFMError("not a RadFM session file: its JSON is nested too deeply") from None
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RadFMError(f"not a RadFM session file: {exc}") from exc
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .errors import CheckpointError
+from .errors import CheckpointError, PromptError
 
 BOS_ID = 1
 EOS_ID = 2
@@ -21,6 +21,7 @@ IMAGE_START = "<image>"
 IMAGE_END = "</image>"
 NUM_IMAGE_PLACEHOLDERS = 3200  # <image0> .. <image3199> in the released vocabulary
 _SPECIAL_PATTERN = re.compile(r"</?image\d*>")
+SPECIAL_TAGS = frozenset([IMAGE_START, IMAGE_END, *(f"<image{t}>" for t in range(NUM_IMAGE_PLACEHOLDERS))])
 
 
 def image_tag(k: int, tokens_per_image: int = 32) -> str:
@@ -30,6 +31,14 @@ def image_tag(k: int, tokens_per_image: int = 32) -> str:
                          f"{NUM_IMAGE_PLACEHOLDERS // tokens_per_image} images")
     first = tokens_per_image * k
     return IMAGE_START + "".join(f"<image{first + j}>" for j in range(tokens_per_image)) + IMAGE_END
+
+
+def special_tags_in(text: str) -> list[str]:
+    """The spellings in ``text`` that :meth:`RadFMTokenizer.encode` turns into image tokens, in order.
+
+    Sentencepiece keeps ``<s>``, ``</s>`` and ``<unk>`` typed as text as text; only these are special.
+    """
+    return [m.group() for m in _SPECIAL_PATTERN.finditer(text) if m.group() in SPECIAL_TAGS]
 
 
 class RadFMTokenizer:
@@ -65,6 +74,13 @@ class RadFMTokenizer:
         return pieces
 
     def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise PromptError(f"a prompt is text, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")  # sentencepiece cannot take a lone surrogate: it fails with a C++ cast error
+        except UnicodeEncodeError as exc:
+            raise PromptError(f"the prompt is not UTF-8 text (U+{ord(text[exc.start]):04X} at character "
+                              f"{exc.start + 1})") from None
         ids = [BOS_ID]
         for i, piece in enumerate(self._split(text)):
             if i % 2:

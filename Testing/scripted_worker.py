@@ -134,7 +134,7 @@ class ScriptedWorkerClient:
             if kwargs.get("attention"):  # mapped onto the scan's grid and written like the worker's
                 attention = write_npy_for_ask(_PeakedAttention(), prepared, self.preview_dir)
         except RadFMError as exc:  # the worker answers a bad request with an error event
-            prepared, script = None, [Event("error", str(exc))]
+            prepared, script = None, [Event("error", str(exc), {"kind": type(exc).__name__})]  # as the worker
         self.requests.append(ScriptedRequest(self, request, prepared, script, attention))
         return self.requests[-1]
 

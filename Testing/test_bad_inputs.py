@@ -46,6 +46,7 @@ def files(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     (tmp_path / "not_a_session.json").write_text('{"hello": 1}')
     (tmp_path / "no_image_column.csv").write_text("id,path\nx,y.nii\n")
+    (tmp_path / "image_twice.csv").write_text("id,image,image\na,x.nii,y.nii\n")
     (tmp_path / "latin1.csv").write_bytes("id,image\npatient_\xe9,x.nii\n".encode("latin-1"))
     return tmp_path
 
@@ -102,7 +103,9 @@ BAD_INPUTS = [
     ("batch CSV without image column", ["batch", "--checkpoint", "{ckpt}", "--input", "{tmp}/no_image_column.csv",
                                         "--out", "{tmp}/r.jsonl"], "needs an 'image' column"),
     ("batch CSV not UTF-8", ["batch", "--checkpoint", "{ckpt}", "--input", "{tmp}/latin1.csv",
-                             "--out", "{tmp}/r.jsonl"], "latin1.csv is not UTF-8 text"),
+                             "--out", "{tmp}/r.jsonl"], r"latin1.csv line 2 is not UTF-8 text \(byte 0xe9 at column 9"),
+    ("batch CSV column twice", ["batch", "--checkpoint", "{ckpt}", "--input", "{tmp}/image_twice.csv",
+                                "--out", "{tmp}/r.jsonl"], "image_twice.csv line 1: the column 'image' appears twice"),
     ("batch window unknown", BATCH + ["--out", "{tmp}/r.jsonl", "--window", "liver"], "Unknown window 'liver'"),
     ("session empty", ASK + ["--session", ""], "--session is empty: give a value, or leave the flag out"),
     ("preview dir empty", ASK + ["--preview-dir", " "], "--preview-dir is empty"),
@@ -130,6 +133,19 @@ BAD_INPUTS = [
     ("top-k names the flag", ASK + ["--top-k", "-1"], "--top-k: top_k must be >= 0"),
     ("temperature names the flag", ASK + ["--temperature", "-1"], "--temperature: temperature must be >= 0"),
     ("repetition penalty names the flag", ASK + ["--repetition-penalty", "0"], "--repetition-penalty: repetition_penalty"),
+    ("question not UTF-8", ASK + ["--question", "Is there fluid" + b"\xff".decode("utf-8", "surrogateescape") + "?"],
+     r"^radfm: error: the question is not UTF-8 text \(byte 0xff at character 15\): type it again"),
+    ("question lone surrogate", ASK + ["--question", "Is there \ud800 fluid?"], "holds a lone surrogate U\\+D800"),
+    ("question with NUL", ASK + ["--question", "Is there\x00 fluid?"], "control character U\\+0000 at character 9"),
+    ("question image tag", ASK + ["--question", "Compare <image> with the prior"],
+     "the question contains '<image>', one of the model's own image tags"),
+    ("question closing image tag", ASK + ["--question", "What is in </image>?"], "contains '</image>'"),
+    ("question image slot tag", ASK + ["--question", "Describe <image40> please"], "contains '<image40>'"),
+    ("diagnosis finding image tag", ASK + ["--task", "diagnosis", "--question", "<image0>"], "contains '<image0>'"),
+    ("history image tag", ASK + ["--history", "58 y <image> male", "--question", "Any fluid?"],
+     "the clinical history contains '<image>'"),
+    ("history escape", ASK + ["--history", "58 y \x1b[2J male", "--question", "Any fluid?"],
+     "the clinical history holds the control character U\\+001B"),
     ("eval max tokens names the flag", ["eval", "--checkpoint", "{ckpt}", "--manifest", "{tmp}/m.jsonl", "--out",
                                         "{tmp}/run", "--max-new-tokens", "0"], "--max-new-tokens: max_new_tokens must be"),
 ]
@@ -198,6 +214,10 @@ def test_a_cut_npy_array_from_the_panel_is_an_image_error(tmp_path, keep):
     ({"images": [CT], "window": "liver"}, "Unknown window 'liver'"),
     ({"images": [CT], "task": "diagnosis"}, "needs the finding"),
     ({"images": [CT], "regions": [{"box_ras": [[0, 0], [1, 1, 1]]}]}, "must be 3 numbers"),
+    ({"images": [CT], "question": "Is <image5> clear?"}, "the question contains '<image5>'"),
+    ({"images": [CT], "question": "Any fluid?", "history": "cough \udcff"}, "the clinical history is not UTF-8"),
+    ({"images": [CT], "questoin": "Any fluid?"}, "unknown request field(s) ['questoin']"),
+    ({"images": [{"path": CT, "role": "future"}]}, "an image's role takes 'current' or 'prior', got 'future'"),
 ])
 def test_the_worker_refuses_a_bad_ask_at_once_not_after_the_queued_load(fields, message):
     from test_worker import Recorder
@@ -219,3 +239,75 @@ def test_extreme_numbers_give_the_error_line_without_numpy_warnings(capsys, no_m
     code, out, err = run_cli(capsys, argv, tiny_checkpoint, tmp_path)
     assert code == 2 and err.startswith("radfm: error: ") and len(err.splitlines()) == 1, err
     assert not recwarn.list, [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in recwarn.list]
+
+
+def _api_cases():
+    from RadFMSlicer.ask import AskRequest, ImageInput, validate
+    from RadFMSlicer.generation import GenerationSettings
+    from RadFMSlicer.session import Session
+
+    box = {"box_ras": [[0, 0, 0], [1, 1, 1]]}
+    return [
+        (lambda: AskRequest.from_dict({"images": [CT], "questoin": "x"}), r"unknown request field\(s\) \['questoin'\]"),
+        (lambda: AskRequest.from_dict({"images": [CT], "settings": {"max_new_tokens": 4}}),
+         r"unknown request field\(s\) \['settings'\]; known: .*'max_new_tokens'"),
+        (lambda: AskRequest(images=[ImageInput(CT)], settings={"max_new_tokens": 4}),
+         "^settings takes a GenerationSettings .*max_new_tokens.*, got dict"),
+        (lambda: AskRequest.from_dict({"images": CT}), "^images takes a list of images .*got str"),
+        (lambda: AskRequest(images=CT, settings=GenerationSettings()), "^images takes a list of ImageInput"),
+        (lambda: AskRequest(images=[CT]), r"^images\[0\] takes an ImageInput, got str"),
+        (lambda: AskRequest.from_dict({"images": [{"path": 5}]}), "^an image's path takes a file or folder path, got int 5"),
+        (lambda: AskRequest.from_dict({"images": [{"path": CT, "role": "future"}]}),
+         "^an image's role takes 'current' or 'prior', got 'future'"),
+        (lambda: AskRequest.from_dict({"images": [{"array": 5}]}), "^an image's array takes the path of a .npy file"),
+        (lambda: AskRequest.from_dict({"images": [CT], "question": 5}), "^question takes text, got int 5"),
+        (lambda: AskRequest.from_dict({"images": [CT], "history": ["a"]}), r"^history takes text, got list"),
+        (lambda: AskRequest.from_dict({"images": [CT], "regions": [{**box, "margin_mm": "10"}]}),
+         "^a region's margin_mm takes a number of mm, got str"),
+        (lambda: AskRequest.from_dict({"images": [CT], "regions": [{**box, "name": 7}]}), "^a region's name takes text"),
+        (lambda: AskRequest.from_dict({"images": [CT], "include_previous_turns": "yes"}),
+         "^include_previous_turns takes true or false, got str"),
+        (lambda: validate({"images": [CT]}), r"^the request takes an AskRequest \(AskRequest.from_dict"),
+        (lambda: Session().add_turn({"task": "vqa", "question": 5}), "^a turn's question takes text, got int"),
+        (lambda: Session().add_turn({"task": "vqa", "question": "q", "answr": "x"}), r"unknown turn field\(s\) \['answr'\]"),
+        (lambda: Session(turns="x"), "^a session's turns take a list of Turn"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(18))
+def test_the_python_api_refuses_a_wrong_field_at_the_door(case):
+    """Unknown keys and wrong types in AskRequest, ImageInput, RegionInput and Session: one RequestError (a
+    ValueError) naming the field and what it takes, not an AttributeError or TypeError from deep inside."""
+    from RadFMSlicer.errors import RequestError
+
+    make, message = _api_cases()[case]
+    with pytest.raises(RequestError, match=message):
+        make()
+
+
+def test_the_engine_and_a_session_file_refuse_what_is_not_theirs(tiny_engine, tmp_path):
+    from RadFMSlicer.errors import ImageError, PromptError, RadFMError, RequestError
+    from RadFMSlicer.session import Session
+
+    from RadFMSlicer.ask import AskRequest, ImageInput, ask
+    from RadFMSlicer.engine import RadFMEngine
+
+    with pytest.raises(RequestError, match="^folder takes the checkpoint folder's path, got int 5"):
+        RadFMEngine.load(5)
+    with pytest.raises(PromptError, match="^the question contains '</image>'"):  # the library asks as the CLI does
+        ask(tiny_engine, AskRequest(question="Where is </image>?", images=[ImageInput(CT)]))
+    with pytest.raises(RequestError, match="^images takes a list of ModelImage or tensors"):
+        tiny_engine.stream("Any fluid?", CT)
+    with pytest.raises(ImageError, match="^an image for the model is a ModelImage .*got str"):
+        tiny_engine.stream("Any fluid?", [CT])
+    with pytest.raises(RequestError, match="^settings takes a GenerationSettings, got dict"):
+        tiny_engine.stream("Any fluid?", [], {"max_new_tokens": 3})
+    with pytest.raises(PromptError, match=r"^the prompt is not UTF-8 text \(U\+DCFF at character 5\)"):
+        tiny_engine.tokenize("Any \udcff fluid?")
+    session = tmp_path / "s.json"
+    session.write_text('{"format": 1, "turns": [{"task": "vqa", "question": "q", "answr": "x"}]}')
+    with pytest.raises(RadFMError, match=r"s.json: not a RadFM session file: unknown turn field\(s\) \['answr'\]"):
+        Session.read(session)
+    session.write_text('{"format": 1, "turns": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(RadFMError, match="s.json: not a RadFM session file: its JSON is nested too deeply"):
+        Session.read(session)

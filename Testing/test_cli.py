@@ -163,7 +163,7 @@ def test_the_cli_and_the_worker_build_the_same_request():
             "--question", "Is there fluid", "--temperature", "0.5", "--seed", "3"]
     from_cli = request_from_args(build_parser().parse_args(join_dashed_values(argv)))
     from_worker = ask_request_from_json({
-        "images": [CT], "regions": [{"name": "box 1", "box_ras": [[-40, 10, -200], [-10, 40, -170]]}],
+        "images": [CT], "regions": [{"box_ras": [[-40, 10, -200], [-10, 40, -170]]}],
         "window": [-600, 1500], "question": "Is there fluid", "temperature": 0.5, "seed": 3})
     assert from_cli == from_worker and from_cli.task == "vqa" and from_cli.window == "-600,1500"
 

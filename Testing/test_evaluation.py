@@ -101,6 +101,34 @@ def test_csv_without_images_column_and_missing_manifest_are_clear(tmp_path):
         load_manifest(tmp_path / "none.jsonl")
 
 
+def test_manifests_read_alike_whatever_wrote_them(tmp_path):
+    """A byte-order mark is accepted in JSON lines as in CSV; a Latin-1 file, a column named twice and a line
+    nested past the parser are one line each naming the file, the line and what is wrong."""
+    from RadFMSlicer.errors import RadFMError
+
+    row = {"images": [CT], "task": "modality", "reference": "CT"}
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(row).encode() + b"\n")
+    (tmp_path / "bom.csv").write_bytes(f"\ufeffimages,task,reference\n{CT},modality,CT\n".encode())
+    assert [c.reference for c in load_manifest(tmp_path / "bom.jsonl") + load_manifest(tmp_path / "bom.csv")] == [
+        "CT", "CT"]
+
+    (tmp_path / "latin1.csv").write_bytes(f"images,task,reference\n{CT},report,\xc9panchement\n".encode("latin-1"))
+    with pytest.raises(RadFMError, match=r"latin1.csv line 2 is not UTF-8 text \(byte 0xc9 at column "
+                                         rf"{len(CT) + 9};.*save it as UTF-8"):
+        load_manifest(tmp_path / "latin1.csv")
+    (tmp_path / "twice.csv").write_text(f"images,reference,task,reference\n{CT},CT,modality,MR\n")
+    with pytest.raises(RadFMError, match=r"twice.csv line 1: the column 'reference' appears twice \(columns 2 and 4\)"):
+        load_manifest(tmp_path / "twice.csv")
+    write_jsonl(tmp_path / "deep.jsonl", [row, "[" * 100_000 + "]" * 100_000,
+                                          {**row, "task": "vqa", "question": "Is <image> clear?"}])
+    with pytest.raises(ManifestError, match=r"deep.jsonl: 2 bad row\(s\).*line 2: JSON nested too deeply.*"
+                                            r"line 3: 'question' contains '<image>'"):
+        load_manifest(tmp_path / "deep.jsonl")
+    (tmp_path / "long.csv").write_text(f"images,task,reference\n{CT},modality,CT,extra\n")
+    with pytest.raises(ManifestError, match="line 2: 1 more value"):
+        load_manifest(tmp_path / "long.csv")
+
+
 # --- metrics -----------------------------------------------------------------------------
 PAIRS = [
     ("No acute abnormality. The lungs are clear.", "The lungs are clear. No acute abnormality."),

@@ -761,3 +761,13 @@ def test_where_the_model_looked_with_a_server_says_it_needs_the_model_here(open_
     panel.ask("vqa")
     assert not panel.busy_now and clients == []  # refused before anything starts: a server writes no map here
     assert "needs the model on this computer" in panel.status_label.text()
+
+
+def test_a_question_holding_an_image_tag_is_refused_by_name_and_never_sent_to_the_model(open_panel, qtbot):
+    """The panel asks through the worker, which refuses typed image tags before any model work."""
+    panel, scene, clients = open_panel(tokens("Never."))
+    panel.input.setPlainText("Compare <image> with the prior")
+    panel.ask("vqa")
+    wait_idle(qtbot, panel)
+    assert panel.status_label.text().startswith("The question contains '<image>', one of the model's own image tags")
+    assert clients[0].requests[-1].prepared is None and "Never." not in panel.answers[-1].body.text()

@@ -130,6 +130,7 @@ def test_bad_uploads_and_asks_get_one_line_refusals(server):
         got_status, got = call(server, "POST", "/images", body)
         assert (got_status, message in json.loads(got)["detail"]) == (status, True), (status, got)
     unknown_id = "0" * 64
+    uploaded = json.loads(call(server, "POST", "/images", good)[1])["id"]
     asks = [
         (b"{not json", 400, "malformed JSON"),
         (json.dumps({"question": "q", "images": [{"id": unknown_id}]}).encode(), 404, "unknown image id"),
@@ -137,6 +138,21 @@ def test_bad_uploads_and_asks_get_one_line_refusals(server):
         (json.dumps({"question": "q", "images": []}).encode(), 400, "no image given"),
         (json.dumps({"images": [{"id": json.loads(call(server, "POST", "/images", good)[1])["id"]}],
                      "settings": {"max_new_tokens": 0}}).encode(), 400, "max_new_tokens must be a positive integer"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+        (json.dumps({"images": [{"id": uploaded}], "question": "Is there \ud800 fluid?"}).encode(), 400,
+         "the question holds a lone surrogate U+D800"),
+        (json.dumps({"images": [{"id": uploaded}], "question": "Compare <image> to </image>"}).encode(), 400,
+         "the question contains '<image>', one of the model's own image tags"),
+        (json.dumps({"images": [{"id": uploaded}], "question": "Any fluid?", "history": "cough\u0000"}).encode(), 400,
+         "the clinical history holds the control character U+0000"),
+        (json.dumps({"images": [{"id": uploaded}], "previous_turns": [["What is <image3>?", "x"]]}).encode(), 400,
+         "'previous_turns' question 1 contains '<image3>'"),
+        (json.dumps({"images": [{"id": uploaded}], "question": 5}).encode(), 400, "question takes text, got int"),
+        (json.dumps({"images": [{"id": uploaded, "role": "future"}]}).encode(), 400,
+         "an image's role takes 'current' or 'prior', got 'future'"),
+        (json.dumps({"images": [{"id": uploaded}], "window": "liver"}).encode(), 400, "Unknown window 'liver'"),
+        (json.dumps({"images": [{"id": uploaded}], "regions": [{"box_ras": [[0, 0], [1, 1, 1]]}]}).encode(), 400,
+         "must be 3 numbers"),
     ]
     for body, status, message in asks:
         got_status, got = call(server, "POST", "/ask", body, headers={"Content-Type": "application/json"})
@@ -590,3 +606,39 @@ def test_a_stopped_server_removes_the_folders_it_made_and_its_worker(fixture_dir
     assert not named_cache or len(list(cache.glob("*.npy"))) == 1
     with pytest.raises(ProcessLookupError):  # the worker was stopped and reaped by its server
         os.kill(pid, 0)
+
+
+def test_a_case_asked_here_and_on_the_server_gives_the_model_the_same_prompt(server, tiny_checkpoint, tiny_engine,
+                                                                              tmp_path, capsys):
+    """The same case through `radfm ask` and `radfm ask --server`: the same prompt token ids (regions are
+    'mask 1', 'box 2' on both sides), while the mask's file name stays here."""
+    import re
+
+    import SimpleITK as sitk
+
+    volume = sitk.ReadImage(CT)
+    mask = sitk.GetImageFromArray(np.pad(np.ones((1, 20, 20), np.uint8), ((0, 0), (40, 68), (50, 58))))
+    mask.CopyInformation(volume)
+    sitk.WriteImage(mask, str(tmp_path / "Quxworth_lesion.nii.gz"))
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    token.chmod(0o600)
+    case = ["--image", CT, "--image", CT, "--region", str(tmp_path / "Quxworth_lesion.nii.gz"), "--box-ijk",
+            "10,20,0,40,60,0", "--history", "58 y, cough", "--question", "Any fluid", "--max-new-tokens", "3", "--json"]
+    turns = []
+    for where in (["--checkpoint", str(tiny_checkpoint)], ["--server", server.url, "--token-file", str(token)]):
+        assert radfm(["ask", *where, *case]) == 0
+        turns.append(json.loads(capsys.readouterr().out))
+    here, there = turns
+
+    def prompt_ids(turn):  # the stored prompt shows each image tag as <image k>: put the tags back
+        return tiny_engine.tokenize(re.sub(r"<image (\d+)>", lambda m: tiny_engine.image_tag(int(m[1]) - 1),
+                                           turn["prompt"]))
+
+    assert 'marked region "mask 1"' in here["prompt"] and 'marked region "box 2"' in here["prompt"]
+    assert prompt_ids(there) == prompt_ids(here)
+    assert there["provenance"]["timing"]["prompt_tokens"] == here["provenance"]["timing"]["prompt_tokens"] == len(
+        prompt_ids(here))
+    assert there["answer"] == here["answer"]
+    assert [i["label"] for i in there["images"]] == [i["label"] for i in here["images"]] == [
+        "CT_small.dcm", "CT_small.dcm", "mask 1", "box 2"]

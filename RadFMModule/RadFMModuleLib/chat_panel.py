@@ -22,6 +22,7 @@ TASK_BUTTONS = [(TASK_LABELS[task], task) for task in ("report", "rationale", "m
 WINDOWS = [("As shown in the viewer", WINDOW_AS_SHOWN), ("Automatic", None), ("Soft tissue", "soft_tissue"),
            ("Lung", "lung"), ("Bone", "bone"), ("Brain", "brain")]
 KIND_LABELS = {"segment": "segment", "box": "ROI box", "line": "line"}
+INPUT_ERRORS = ("PromptError", "ImageError", "RequestError")  # the worker refused the question itself: say why
 TICK_MS = 50
 RATE_AFTER_S = 4 * TICK_MS / 1000  # tokens arrive in batches, one per tick: a rate over fewer ticks is noise
 LOG_MS = 250  # the log pane drains worker lines this often, busy or not (a crash while idle is logged too)
@@ -448,8 +449,10 @@ class ChatPanel(QtWidgets.QWidget):
         elif event.kind == "error":
             self.log(f"Error: {event.text}")
             fits = (event.data or {}).get("precision")
+            refused = (event.data or {}).get("kind") in INPUT_ERRORS
             self._close_turn({"stop_reason": "error", "error": event.text},
                              f"The chosen precision does not fit this GPU; {fits} does." if fits else
+                             event.text[:1].upper() + event.text[1:] + "." if refused else
                              "The model could not answer; the conversation is kept. Ask again to restart the worker.")
             if fits:
                 self._offered = fits

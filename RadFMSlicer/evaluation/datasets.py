@@ -16,13 +16,12 @@ row before any model work and names every bad row in one error, so a long run ne
 stops at case 900 on a typo.
 """
 
-import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import RadFMError
-from ..prompts import TASKS
+from ..errors import PromptError, RadFMError
+from ..prompts import TASKS, check_user_text
+from ..tables import csv_rows, jsonl_rows
 from .metrics import yes_no
 
 NEEDS_QUESTION = {"vqa": "the question", "diagnosis": "the finding to look for"}
@@ -71,29 +70,12 @@ def _split_label(spec: str) -> tuple[str, str, str]:
 
 def _rows(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed row or the reason it could not be parsed), blank lines skipped."""
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "images" not in reader.fieldnames:
-                raise ManifestError(f"{path}: a CSV manifest needs a header row with an 'images' column "
-                                    f"(found: {', '.join(reader.fieldnames or []) or 'nothing'})")
-            rows = []
-            for row in reader:
-                if None in row:
-                    rows.append((reader.line_num, f"{len(row[None])} more value(s) than header columns"))
-                elif any((v or "").strip() for v in row.values()):
-                    rows.append((reader.line_num, {k: v for k, v in row.items() if v is not None and v != ""}))
-            return rows
-    rows = []
-    for n, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except ValueError as exc:
-            rows.append((n, f"not JSON ({exc.msg})"))
-            continue
-        rows.append((n, row if isinstance(row, dict) else f"a row must be a JSON object, got {type(row).__name__}"))
+    if path.suffix.lower() != ".csv":
+        return jsonl_rows(path)
+    header, rows = csv_rows(path)
+    if "images" not in header:
+        raise ManifestError(f"{path}: a CSV manifest needs a header row with an 'images' column "
+                            f"(found: {', '.join(header) or 'nothing'})")
     return rows
 
 
@@ -134,6 +116,11 @@ def _case(row: dict, line: int, base: Path) -> tuple[Case | None, list[str]]:
     question = str(question).strip() if question not in (None, "") else None
     if task in NEEDS_QUESTION and not question:
         problems.append(f"task {task} needs 'question' ({NEEDS_QUESTION[task]})")
+    if question:
+        try:
+            check_user_text(question, "'question'")
+        except PromptError as exc:
+            problems.append(str(exc))
     images = []
     try:
         images = _images(row.get("images"), base)

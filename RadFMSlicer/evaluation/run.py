@@ -46,9 +46,9 @@ def request_for(case: Case, settings: GenerationSettings, window=None, interpola
     regions = []
     if case.region_mask:
         mask, label = case.region_mask
-        regions.append(RegionInput(name="region", mask=mask, label=label))
+        regions.append(RegionInput(mask=mask, label=label))
     if case.box:
-        regions.append(RegionInput(name="box", box_ras=[case.box[:3], case.box[3:]]))
+        regions.append(RegionInput(box_ras=[case.box[:3], case.box[3:]]))
     return AskRequest(
         task=case.task, question=case.question, regions=regions, window=window, interpolation=interpolation,
         images=[ImageInput(path=p, role="current" if k == 0 else "prior") for k, p in enumerate(case.images)],

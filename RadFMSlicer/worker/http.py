@@ -54,7 +54,7 @@ ID_PATTERN = re.compile(r"[0-9a-f]{64}")
 ASK_FIELDS = {"task", "question", "images", "regions", "history", "window", "interpolation", "settings",
               "previous_turns"}
 IMAGE_FIELDS = {"id", "role", "window", "modality"}
-REGION_FIELDS = {"name", "image", "mask_id", "label", "box_ras", "box_ijk", "margin_mm"}
+REGION_FIELDS = {"image", "mask_id", "label", "box_ras", "box_ijk", "margin_mm"}  # named by kind and number
 SETTINGS_FIELDS = {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed"}
 MIN_TOKEN_CHARS = 16
 
@@ -362,15 +362,17 @@ def sse(event: Event) -> bytes:
 
 def worker_params(body: dict, store: ImageStore) -> tuple[dict, list[str]]:
     """The worker's ``ask`` fields for a client's JSON, with every image mapped to our own cache file."""
+    from ..ask import validate
     from ..generation import GenerationSettings
     from ..prompts import TASKS
+    from .protocol import ask_request_from_json
 
     if not isinstance(body, dict):
         raise HTTPError(400, "the ask body must be a JSON object")
     unknown(body, ASK_FIELDS, "ask")
     task = body.get("task")
     if task is not None and task not in TASKS:
-        raise HTTPError(400, f"unknown task {task!r}; known: {', '.join(TASKS)}")
+        raise HTTPError(400, f"unknown task {str(task)[:40]!r}; known: {', '.join(TASKS)}")
     images, pins = [], []
     for k, item in enumerate(body.get("images") or []):
         if not isinstance(item, dict):
@@ -386,12 +388,11 @@ def worker_params(body: dict, store: ImageStore) -> tuple[dict, list[str]]:
     if not images:
         raise HTTPError(400, "no image given: upload the scan (POST /v1/images) and list its id in 'images'")
     regions = []
-    for n, item in enumerate(body.get("regions") or [], 1):
+    for item in body.get("regions") or []:
         if not isinstance(item, dict):
             raise HTTPError(400, "each region is an object with box_ras, box_ijk or mask_id")
         unknown(item, REGION_FIELDS, "region")
         region = {k: v for k, v in item.items() if k != "mask_id"}
-        region["name"] = f"region {n}"
         if item.get("mask_id") is not None:
             if store.geometry(str(item["mask_id"])) is None:
                 raise HTTPError(404, f"unknown mask id {str(item['mask_id'])[:80]!r}: upload it first")
@@ -407,13 +408,33 @@ def worker_params(body: dict, store: ImageStore) -> tuple[dict, list[str]]:
     except (RadFMError, TypeError) as exc:
         raise HTTPError(400, str(exc)) from None
     previous = body.get("previous_turns")
-    if previous is not None and not (isinstance(previous, list)
-                                     and all(isinstance(t, list) and len(t) == 2 for t in previous)):
-        raise HTTPError(400, "'previous_turns' is a list of [question, answer] pairs")
+    check_previous_turns(previous)
     params = {"task": task, "question": body.get("question"), "images": images, "regions": regions,
               "history": body.get("history"), "window": body.get("window"), "interpolation": body.get("interpolation"),
               "include_previous_turns": bool(previous), "previous_turns": previous, **settings}
+    try:  # what the worker would refuse (a role, a window, a region's numbers) is a 400 too, not an error mid-stream
+        validate(ask_request_from_json(params))
+    except RadFMError as exc:
+        raise HTTPError(400, str(exc)) from None
     return params, pins
+
+
+def check_previous_turns(previous) -> None:
+    """Earlier turns as the prompt takes them (the question and history are checked with the rest of the
+    ask): a 400 naming the turn, not an error after the stream has started."""
+    from ..errors import PromptError
+    from ..prompts import check_user_text
+
+    if previous is None:
+        return
+    if not (isinstance(previous, list) and all(isinstance(t, list) and len(t) == 2 for t in previous)):
+        raise HTTPError(400, "'previous_turns' is a list of [question, answer] pairs")
+    try:
+        for n, (question, answer) in enumerate(previous, 1):
+            check_user_text(question, f"'previous_turns' question {n}")
+            check_user_text(answer, f"'previous_turns' answer {n}")
+    except PromptError as exc:
+        raise HTTPError(400, str(exc)) from None
 
 
 def unknown(item: dict, known: set, what: str) -> None:
@@ -519,6 +540,8 @@ def create_app(config: ServeConfig, worker_factory=None):
             body = json.loads(await request.body())
         except ValueError:
             raise HTTPError(400, "malformed JSON in the ask body") from None
+        except RecursionError:  # the parser recurses once per level: [[[[...]]]] 100,000 deep
+            raise HTTPError(400, "the ask body is nested too deeply to be an ask (a JSON object of fields)") from None
         params, pins = worker_params(body, app.state.store)
         scheduler = app.state.scheduler
         job, ahead = scheduler.submit(client_key(request), params, pins)

@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from ..errors import RadFMError
+from ..errors import RequestError
 
 PROTOCOL_VERSION = 1
 QUICK_OPS = ("hello", "status", "cancel", "shutdown")
@@ -40,10 +40,6 @@ class Event:
     @classmethod
     def from_message(cls, message: dict) -> "Event":
         return cls(message.get("event", "error"), message.get("text", ""), message.get("data") or {})
-
-
-class RequestError(RadFMError):
-    """A request is malformed or a field has the wrong type or value; the message names it."""
 
 
 def check_envelope(request) -> None:
@@ -135,8 +131,12 @@ def check_fields(request: dict) -> None:
         raise RequestError("'attention' needs 'preview_dir': the map is written there as a .npy file")
 
 
+WORKER_ONLY = ("id", "op", "previous_turns", "attention")  # read by the worker itself, not part of the AskRequest
+
+
 def ask_request_from_json(request: dict):
-    """An AskRequest from the fields of an ``ask`` (or ``encode``) line."""
+    """An AskRequest from the fields of an ``ask`` (or ``encode``) line; a field neither reads is refused."""
     from ..ask import AskRequest
 
-    return AskRequest.from_dict({**request, "include_previous_turns": bool(request.get("previous_turns"))})
+    fields = {k: v for k, v in request.items() if k not in WORKER_ONLY}
+    return AskRequest.from_dict({**fields, "include_previous_turns": bool(request.get("previous_turns"))})
