@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import vtk
 
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "RadFMModule"))
@@ -40,10 +41,24 @@ def module(slicer, qtbot, tmp_path, monkeypatch):
 
 
 def add_ct(slicer, name="CT", value=40):
+    """A CT as a script adds one, shown in the slice views (as loading a scan shows it), window 40/400."""
     array = np.full(SHAPE, -1000, dtype=np.int16)
     array[2:6, 10:30, 10:30] = value
-    node = slicer.mrmlScene.AddNode(slicer.ScalarVolumeNode(name, array, IJK_TO_RAS, (40.0, 400.0)))
-    slicer.mrmlScene.AddNode(slicer.SliceCompositeNode("Red", node.GetID()))
+    node = slicer.util.addVolumeFromArray(array, IJK_TO_RAS, name)
+    display = node.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevel(400.0, 40.0)
+    slicer.util.setSliceViewerLayers(background=node)
+    return node
+
+
+def add_segmentation(slicer, reference, segments: dict, name="Segmentation"):
+    """segment id -> (name, mask on ``reference``'s grid), as the Segment Editor leaves them."""
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    for segment_id, (segment_name, mask) in segments.items():
+        node.GetSegmentation().AddEmptySegment(segment_id, segment_name)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), node, segment_id, reference)
     return node
 
 
@@ -55,44 +70,83 @@ def scripted_logic(module, scripts, tmp_path):
     return logic
 
 
-# ---------------------------------------------------------------------------------- the stand-in itself
-def test_standin_array_from_volume_follows_slicer(slicer):
-    rgb = slicer.mrmlScene.AddNode(slicer.VectorVolumeNode("Photo", np.zeros((2, 3, 4, 3), np.uint8)))
-    assert rgb.IsA("vtkMRMLScalarVolumeNode") and slicer.util.arrayFromVolume(rgb).shape == (2, 3, 4, 3)
-    tensors = slicer.mrmlScene.AddNode(slicer.DiffusionTensorVolumeNode("DTI", np.zeros((2, 3, 4, 3, 3))))
-    assert slicer.util.arrayFromVolume(tensors).shape == (2, 3, 4, 3, 3)
-    streaming = slicer.mrmlScene.AddNode(slicer.StreamingVolumeNode("Video", np.zeros((1, 3, 4, 3), np.uint8)))
-    with pytest.raises(RuntimeError, match="Unsupported volume type: vtkMRMLStreamingVolumeNode"):
-        slicer.util.arrayFromVolume(streaming)
+# ---------------------------------------------------------------------------------- Slicer as it is
+def write_scan(path, array, vector=False):
+    """A scan file as a scanner export gives it (SimpleITK writes NRRD, NIfTI, ...)."""
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=vector), str(path))
+    return str(path)
 
 
-def test_standin_segment_export_goes_through_a_temporary_node(slicer):
+def test_files_load_as_slicers_own_node_classes_and_only_a_scan_is_offered(slicer, tmp_path):
+    """The volumes logic decides the node class: an RGB file is a vector volume (refused, with why), a
+    label map file asked as one is a label-map node (not listed), a 4D NIfTI does not load at all."""
+    import nibabel
+
+    from RadFMModuleLib.scene_adapters import SlicerScene
+
+    ct = slicer.util.loadVolume(write_scan(tmp_path / "ct.nrrd", np.full(SHAPE, 40, np.int16)))
+    photo = slicer.util.loadVolume(write_scan(tmp_path / "photo.nrrd", np.zeros((1, 6, 8, 3), np.uint8), vector=True))
+    labels = slicer.util.loadVolume(write_scan(tmp_path / "labels.nrrd", np.ones(SHAPE, np.uint8)), {"labelmap": True})
+    assert (ct.GetClassName(), photo.GetClassName(), labels.GetClassName()) == (
+        "vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode", "vtkMRMLLabelMapVolumeNode")
+    nibabel.save(nibabel.Nifti1Image(np.zeros((4, 5, 6, 3), np.int16), np.eye(4)), tmp_path / "fmri.nii.gz")
+    with pytest.raises(RuntimeError, match="Failed to load"):
+        slicer.util.loadVolume(str(tmp_path / "fmri.nii.gz"))
+    items = {item.name: item for item in SlicerScene().volumes()}
+    assert {name: item.kind for name, item in items.items()} == {"ct": "volume", "photo": "unsupported"}
+    assert "colour or vector volume" in items["photo"].detail
+    display = ct.GetDisplayNode()  # loaded: Slicer computed its window, which "as shown" sends
+    assert display.GetAutoWindowLevel() and SlicerScene().volume(ct.GetID()).window == (display.GetLevel(),
+                                                                                          display.GetWindow())
+
+
+def test_the_scene_slicer_starts_with(slicer):
+    """One slice node per view, found by layout name; ids start again after the scene is cleared; the
+    Inferno colour table is one of Slicer's colour files, absent where they are (slicer-core ships none)."""
+    red = [n for n in slicer.util.getNodesByClass("vtkMRMLSliceNode") if n.GetLayoutName() == "Red"]
+    assert len(red) == 1 and red[0].GetSingletonTag() == "Red"
+    first = add_ct(slicer)
+    slicer.mrmlScene.Clear(0)
+    assert add_ct(slicer).GetID() == first.GetID()  # an id kept across a scene close names another node
+    from RadFMModuleLib.scene_adapters import OVERLAY_COLOR_ID
+
+    assert slicer.mrmlScene.GetNodeByID(OVERLAY_COLOR_ID) is None
+    assert slicer.mrmlScene.GetNodeByID("vtkMRMLColorTableNodeGrey") is not None
+
+
+def test_reading_a_segment_fires_scene_events_and_leaves_the_scene_as_it_was(slicer):
+    """Slicer's export goes through a temporary label map with its display and colour nodes: the scene
+    observers see them come and go, and the scene is the same afterwards."""
     volume = add_ct(slicer)
-    segmentation = slicer.mrmlScene.AddNode(slicer.SegmentationNode("S", IJK_TO_RAS))
-    segmentation.add_segment("s1", "Lesion", np.ones(SHAPE, bool))
-    seen = []
-    scene = slicer.mrmlScene
-    for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent):
-        scene.AddObserver(event, lambda caller, name: seen.append(name))
-    before = set(scene.nodes)
-    mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, "s1", volume)
-    assert mask.dtype == np.int16 and mask.shape == SHAPE and mask.all()
-    assert len(seen) == 2 and set(scene.nodes) == before  # __temp__ added, then removed
+    segmentation = add_segmentation(slicer, volume, {"s1": ("Lesion", np.ones(SHAPE, bool))}, "S")
+    added, removed, scene = [], [], slicer.mrmlScene
+    scene.AddObserver(scene.NodeAddedEvent, lambda caller, event: added.append(event))
+    scene.AddObserver(scene.NodeRemovedEvent, lambda caller, event: removed.append(event))
+    before = scene.GetNumberOfNodes()
+    from RadFMModuleLib.scene_adapters import SlicerScene
+
+    mask = SlicerScene().segment_mask(f"{segmentation.GetID()}/s1", volume.GetID())
+    assert mask.shape == SHAPE and mask.all()
+    assert len(added) >= 3 and len(removed) == len(added) and scene.GetNumberOfNodes() == before
 
 
-def test_standin_error_display_reraises_and_long_text_is_stored_in_a_file(slicer, tmp_path):
+def test_a_saved_study_is_slicers_bundle_and_errors_show_and_reraise(slicer, dialogs, tmp_path):
+    """A real .mrb: <name>/<name>.mrml and Data/; a long text (the conversation) is a file in it."""
+    import zipfile
+
     with pytest.raises(ZeroDivisionError):
         with slicer.util.tryWithErrorDisplay("Failed."):
             1 / 0
-    assert slicer.util.shown == ["Failed.\n\ndivision by zero"]
+    assert dialogs.shown == ["Failed.\n\ndivision by zero"]
     short, long = (slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", n) for n in ("short", "long"))
     short.SetText("x" * 255)
     long.SetText("é" * 256)
-    slicer.util.saveScene(str(tmp_path / "scene.mrb"))
-    import zipfile
-
-    assert zipfile.ZipFile(tmp_path / "scene.mrb").namelist() == [f"Data/{long.GetID()}.txt", "scene.json"]
-    slicer.util.loadScene(str(tmp_path / "scene.mrb"))
+    assert slicer.util.saveScene(str(tmp_path / "study.mrb"))
+    names = zipfile.ZipFile(tmp_path / "study.mrb").namelist()
+    assert "study/study.mrml" in names and "study/Data/long.txt" in names and "study/Data/short.txt" not in names
+    slicer.util.loadScene(str(tmp_path / "study.mrb"), {"clear": True})
     assert sorted(n.GetText() for n in slicer.util.getNodesByClass("vtkMRMLTextNode")) == ["x" * 255, "é" * 256]
 
 
@@ -101,11 +155,16 @@ def test_only_true_scalar_volumes_are_offered_and_a_colour_volume_says_why(slice
     from RadFMModuleLib.scene_adapters import SlicerScene
 
     ct = add_ct(slicer)
-    rgb = slicer.mrmlScene.AddNode(slicer.VectorVolumeNode("Photo", np.zeros((2, 3, 4, 3), np.uint8)))
-    slicer.mrmlScene.AddNode(slicer.DiffusionWeightedVolumeNode("DWI", np.zeros((2, 3, 4, 6), np.int16)))
-    slicer.mrmlScene.AddNode(slicer.DiffusionTensorVolumeNode("DTI", np.zeros((2, 3, 4, 3, 3))))
-    slicer.mrmlScene.AddNode(slicer.StreamingVolumeNode("Video", np.zeros((1, 3, 4, 3), np.uint8)))
-    slicer.mrmlScene.AddNode(slicer.LabelMapVolumeNode("labels", np.zeros(SHAPE, np.uint8), IJK_TO_RAS))
+    add = slicer.util.addVolumeFromArray
+    rgb = add(np.zeros((2, 3, 4, 3), np.uint8), None, "Photo", "vtkMRMLVectorVolumeNode")
+    add(np.zeros((2, 3, 4, 6), np.int16), None, "DWI", "vtkMRMLDiffusionWeightedVolumeNode")
+    slicer.mrmlScene.AddNewNodeByClass("vtkMRMLDiffusionTensorVolumeNode", "DTI")
+    video = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLStreamingVolumeNode", "Video")
+    frame = vtk.vtkImageData()
+    frame.SetDimensions(4, 3, 1)
+    frame.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    video.SetAndObserveImageData(frame)
+    add(np.zeros(SHAPE, np.uint8), IJK_TO_RAS, "labels", "vtkMRMLLabelMapVolumeNode")
     scene = SlicerScene()
     items = {item.name: item for item in scene.volumes()}
     assert [n for n, i in items.items() if i.kind == "volume"] == ["CT"] and "labels" not in items
@@ -136,8 +195,9 @@ def test_module_self_test_runs_light_with_setup_and_cleanup(slicer, module, monk
     test.runTest()
     widget = module.RadFMModuleWidget()
     widget.cleanup()  # observers gone: later scene changes reach no dead panel
-    assert not any(slicer.mrmlScene.HasObserver(e) for e in (slicer.mrmlScene.NodeAddedEvent,
-                                                              slicer.mrmlScene.EndCloseEvent))
+    add_ct(slicer)
+    slicer.mrmlScene.Clear(0)
+    assert widget.Observations == [] and not widget._refresh.isActive()
 
 
 def test_a_loading_scene_is_scanned_once_and_region_nodes_are_observed_while_in_it(slicer, module, qtbot,
@@ -174,7 +234,7 @@ def test_light_self_test_needs_no_torch(tmp_path):
             sys.modules[name] = None
         sys.path[:0] = [{str(PROJECT / "RadFMModule")!r}, {str(PROJECT / "Testing")!r}]
         import slicer_standin
-        sys.modules.update(slicer_standin.install())
+        slicer_standin.start_slicer({str(tmp_path)!r})
         from RadFMModuleLib.qt_shim import QtCore, QtWidgets
         app = QtWidgets.QApplication([])
         QtCore.QSettings.setDefaultFormat(QtCore.QSettings.IniFormat)
@@ -255,7 +315,8 @@ def installed(monkeypatch):
     return present
 
 
-def test_a_second_ask_during_the_install_starts_no_second_install(slicer, module, installed, monkeypatch, tmp_path):
+def test_a_second_ask_during_the_install_starts_no_second_install(slicer, dialogs, module, installed, monkeypatch,
+                                                                 tmp_path):
     """Slicer's pip_install processes Qt events: a click on Ask arriving then must be ignored."""
     from RadFMModuleLib import dependencies
 
@@ -284,14 +345,14 @@ def test_a_second_ask_during_the_install_starts_no_second_install(slicer, module
         panel.input.setPlainText("Is there an effusion?")
         panel.ask("vqa")
         assert len(pip_runs) == 1 and asked_meanwhile == [True]
-        assert len([q for q in slicer.util.shown if "Install them now?" in q]) == 1
+        assert len([q for q in dialogs.shown if "Install them now?" in q]) == 1
         assert f"torch=={importlib.metadata.version('torch')}" in pip_runs[0]  # PyTorchUtils' torch is kept
         assert panel.busy_now  # the first ask goes on to the worker
     finally:
         widget.cleanup()
 
 
-def test_a_changed_package_already_in_use_asks_for_a_restart(slicer, installed, monkeypatch):
+def test_a_changed_package_already_in_use_asks_for_a_restart(slicer, dialogs, installed, monkeypatch):
     from RadFMModuleLib import dependencies
     from RadFMModuleLib.settings import ModelSettings
 
@@ -302,8 +363,8 @@ def test_a_changed_package_already_in_use_asks_for_a_restart(slicer, installed, 
     import tqdm  # noqa: F401  (imported in this session, as Slicer's own modules may have)
 
     assert not dependencies.ensure(ModelSettings(precision="float32"))
-    assert "changed tqdm" in slicer.util.shown[-1] and "Slicer must restart" in slicer.util.shown[-1]
-    assert slicer.util.restarts == [True]
+    assert "changed tqdm" in dialogs.shown[-1] and "Slicer must restart" in dialogs.shown[-1]
+    assert dialogs.restarts == [True]
 
 
 @pytest.mark.parametrize("python, message", [
@@ -311,7 +372,7 @@ def test_a_changed_package_already_in_use_asks_for_a_restart(slicer, installed, 
     (os.path.join(os.path.expanduser(os.environ.get("PYENV_ROOT", "~/.pyenv")), "versions", "3.9.18", "bin", "python"),
      "cannot import torch"),
 ])
-def test_a_chosen_worker_python_is_checked_before_it_is_trusted(slicer, python, message):
+def test_a_chosen_worker_python_is_checked_before_it_is_trusted(slicer, dialogs, python, message):
     from RadFMModuleLib import dependencies
     from RadFMModuleLib.settings import ModelSettings
 
@@ -319,15 +380,15 @@ def test_a_chosen_worker_python_is_checked_before_it_is_trusted(slicer, python, 
         pytest.skip(f"no Python without torch at {python}")
     lines = []
     assert not dependencies.ensure(ModelSettings(worker_python=python), log=lines.append)
-    assert message in slicer.util.shown[-1] and lines == [slicer.util.shown[-1]]
+    assert message in dialogs.shown[-1] and lines == [dialogs.shown[-1]]
     assert dependencies.ensure(ModelSettings(worker_python=sys.executable))
 
 
 # ---------------------------------------------------------------------------------- selections in the parameter node
 def test_selections_are_kept_in_the_parameter_node_and_shown_again(slicer, module, tmp_path):
     ct, prior = add_ct(slicer, "CT"), add_ct(slicer, "CT prior")
-    segmentation = slicer.mrmlScene.AddNode(slicer.SegmentationNode("S", IJK_TO_RAS))
-    segmentation.add_segment("s1", "Lesion", np.ones(SHAPE, bool))
+    slicer.util.setSliceViewerLayers(background=ct)
+    segmentation = add_segmentation(slicer, ct, {"s1": ("Lesion", np.ones(SHAPE, bool))}, "S")
     widget = module.RadFMModuleWidget()
     try:
         panel = widget.panel
@@ -340,19 +401,20 @@ def test_selections_are_kept_in_the_parameter_node_and_shown_again(slicer, modul
         assert json.loads(node.GetParameter("Regions")) == [f"{segmentation.GetID()}/s1"]
     finally:
         widget.cleanup()
-    slicer.util.saveScene(str(tmp_path / "study.mrb"))
     reopened = module.RadFMModuleWidget()  # the module opened again on this scene
     try:
         selection = reopened.panel.selection()
         assert (selection.volume_id, selection.prior_id, selection.window) == (ct.GetID(), prior.GetID(), "lung")
         assert selection.region_ids == (f"{segmentation.GetID()}/s1",)
+        assert slicer.util.saveScene(str(tmp_path / "study.mrb"))
         slicer.mrmlScene.Clear(0)  # a new scene: nothing kept
         assert reopened.logic.kept_selection() is None
-        import zipfile
-
-        saved = json.loads(zipfile.ZipFile(tmp_path / "study.mrb").read("scene.json"))
-        (parameters,) = [r for r in saved if r["class"] == "vtkMRMLScriptedModuleNode"]
-        assert parameters["references"]["Prior"] == prior.GetID() and parameters["parameters"]["Window"] == '"lung"'
+        slicer.util.loadScene(str(tmp_path / "study.mrb"), {"clear": True})  # the study opened again
+        names = {node.GetID(): node.GetName() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")}
+        selection = reopened.panel.selection()
+        assert (names[selection.volume_id], names[selection.prior_id], selection.window) == ("CT", "CT prior", "lung")
+        assert [reopened.panel.region_list.item(0).text()] == ["Lesion (segment)"]
+        assert len(selection.region_ids) == 1
     finally:
         reopened.cleanup()
 
@@ -418,7 +480,6 @@ def test_show_attention_overlays_the_answers_map_on_the_scan(slicer, module, tmp
     from RadFMModuleLib.scene_adapters import OVERLAY_COLOR_ID, SlicerScene
 
     ct = add_ct(slicer)
-    slicer.mrmlScene.AddNode(slicer.SliceCompositeNode("Yellow", ct.GetID()))
     widget = module.RadFMModuleWidget()
     panel = widget.panel
     try:
@@ -431,9 +492,9 @@ def test_show_attention_overlays_the_answers_map_on_the_scan(slicer, module, tmp
         assert panel.status_label.text() == f"Showing {overlay.GetName()}"
         heat = slicer.util.arrayFromVolume(overlay)
         assert heat.shape == SHAPE and heat.dtype == np.float32 and heat.max() == 1.0 and 0 < heat.mean() < 1
-        matrix = slicer.vtk_matrix(np.eye(4))
+        matrix = slicer.util.vtkMatrixFromArray(np.eye(4))
         overlay.GetIJKToRASMatrix(matrix)
-        np.testing.assert_allclose(slicer.numpy_matrix(matrix), IJK_TO_RAS)
+        np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(matrix), IJK_TO_RAS)
         display = overlay.GetDisplayNode()
         assert display.GetColorNodeID() == OVERLAY_COLOR_ID and (display.GetLevel(), display.GetWindow()) == (0.5, 1)
         for composite in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):
