@@ -251,3 +251,40 @@ def test_logic_asks_through_the_worker_and_saves_the_conversation(slicer, tmp_pa
     assert clients[0].loaded == {"folder": str(tmp_path), "device": "cpu", "dtype": "float32", "quantization": None}
     (node,) = [n for n in slicer.util.getNodesByClass("vtkMRMLTextNode") if n.GetName() == "RadFM conversation"]
     assert json.loads(node.GetText())["turns"][0]["answer"] == "No pleural effusion."
+
+
+# ---------------------------------------------------------------------------------- what a scene holds mid-way
+def test_a_volume_without_voxels_is_not_offered_and_asking_about_it_says_why(slicer, adapters, tmp_path):
+    """A scalar volume node made but not filled yet (or whose data file did not load with its scene) is
+    listed as not offered, with why; asking about it is a clear refusal, not a traceback."""
+    module = importlib.import_module("RadFMModule")
+    empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Being made")
+    ct = add_volume(slicer)
+    scene = adapters.SlicerScene()
+    assert [(v.name, v.kind) for v in scene.volumes()] == [("Being made", "unsupported"), ("CT", "volume")]
+    assert "without voxels" in scene.volumes()[0].detail
+    with pytest.raises(ValueError, match="Being made is a volume without voxels .*: load its data again"):
+        scene.volume(empty.GetID())
+    logic = module.RadFMModuleLogic(start_client=lambda python: ScriptedWorkerClient([]))
+    logic.assistant.settings.checkpoint_folder = str(tmp_path)
+    try:
+        with pytest.raises(ValueError, match="without voxels"):
+            logic.ask("Anything?", volume=empty)
+    finally:
+        logic.assistant.close()
+    assert scene.volume(ct.GetID()).array.shape == SHAPE
+
+
+def test_an_roi_is_offered_once_placed_and_a_flat_box_is_refused(slicer, adapters):
+    """An ROI being placed has no control point and no size: not a region yet. Placed but flat along
+    one axis, it holds no voxels: asking about it says so instead of sending an empty box."""
+    scene = adapters.SlicerScene()
+    being_placed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ROI 1")
+    assert scene.regions() == []
+    being_placed.SetCenter(0.0, 0.0, 0.0)
+    being_placed.SetSize(20.0, 10.0, 0.0)  # placed, then squashed flat
+    assert [(r.name, r.kind) for r in scene.regions()] == [("ROI 1", "box")]
+    with pytest.raises(ValueError, match=r"ROI 1 has no depth \(20 x 10 x 0 mm\): drag its handles"):
+        scene.box_ras(being_placed.GetID())
+    being_placed.SetSize(20.0, 10.0, 5.0)
+    assert scene.box_ras(being_placed.GetID()) == [[-10.0, -5.0, -2.5], [10.0, 5.0, 2.5]]

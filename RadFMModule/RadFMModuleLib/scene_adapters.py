@@ -24,6 +24,8 @@ OVERLAY_ATTRIBUTE = "RadFM.AttentionOf"  # on an attention overlay: the id of it
 # Slicer's colour logic names a colour file's table "vtkMRMLColorTableNode" + "File" + the file's name.
 OVERLAY_COLOR_ID = "vtkMRMLColorTableNodeFileInferno.txt"
 OVERLAY_OPACITY = 0.4
+# A scalar volume node without an image: being made by a module, or its data file was not loaded with the scene.
+NO_VOXELS = "a volume without voxels (still being made, or its data file was not loaded)"
 # Classes that derive from vtkMRMLScalarVolumeNode but hold no single grey-scale 3D scan, and why
 # they are not offered (most specific first: a streaming volume is also a vector volume).
 NOT_A_SCAN = {
@@ -81,7 +83,12 @@ def roi_corners_ras(roi_node) -> np.ndarray:
 
 
 def roi_box_ras(roi_node) -> list:
-    """``[[x0, y0, z0], [x1, y1, z1]]``: the axis-aligned RAS box around the ROI's corners."""
+    """``[[x0, y0, z0], [x1, y1, z1]]``: the axis-aligned RAS box around the ROI's corners.
+    A box without depth along one of its axes (still being drawn, or squashed) holds no voxels: refused."""
+    size = np.asarray(roi_node.GetSize(), dtype=float)
+    if not (size > 0).all():
+        raise ValueError(f"{roi_node.GetName()} has no depth ({' x '.join(f'{v:g}' for v in size)} mm): "
+                         "drag its handles to give it a size in all three directions, or untick it.")
     corners = roi_corners_ras(roi_node)
     return [corners.min(axis=0).tolist(), corners.max(axis=0).tolist()]
 
@@ -91,11 +98,14 @@ def line_length_mm(line_node) -> float:
 
 
 def _not_a_scan(node) -> "str | None":
-    """None for a true scalar volume; else why it is no scan ("" for a label map)."""
-    if node.GetClassName() == SCAN_CLASS:
-        return None
-    return next((reason or "" for cls, reason in NOT_A_SCAN.items() if node.IsA(cls)),
-                f"a {node.GetClassName()}")
+    """None for a true scalar volume with voxels; else why it is no scan ("" for a label map)."""
+    if node.GetClassName() != SCAN_CLASS:
+        return next((reason or "" for cls, reason in NOT_A_SCAN.items() if node.IsA(cls)),
+                    f"a {node.GetClassName()}")
+    image = node.GetImageData()
+    if image is None or 0 in image.GetDimensions() or image.GetPointData().GetScalars() is None:
+        return NO_VOXELS
+    return None
 
 
 def _text_node(attribute: str, name: str = "", create: bool = False):
@@ -139,7 +149,8 @@ class SlicerScene:
                 name = segmentation.GetSegment(segment_id).GetName()
                 items.append(SceneItem(f"{node.GetID()}/{segment_id}", name, "segment"))
         for node in slicer.util.getNodesByClass("vtkMRMLMarkupsROINode"):
-            items.append(SceneItem(node.GetID(), node.GetName(), "box"))
+            if node.GetNumberOfDefinedControlPoints() > 0:  # placed: before its first click it is nowhere
+                items.append(SceneItem(node.GetID(), node.GetName(), "box"))
         for node in slicer.util.getNodesByClass("vtkMRMLMarkupsLineNode"):
             if node.GetNumberOfDefinedControlPoints() == 2:
                 items.append(SceneItem(node.GetID(), node.GetName(), "line", f"{line_length_mm(node):.1f} mm"))
@@ -156,7 +167,8 @@ class SlicerScene:
         node = self._node(volume_id)
         reason = _not_a_scan(node)
         if reason is not None:
-            raise ValueError(f"{node.GetName()} is {reason or 'a label map'}, not a scan RadFM can read.")
+            raise ValueError(f"{node.GetName()} is {reason or 'a label map'}, not a scan RadFM can read."
+                             if reason != NO_VOXELS else f"{node.GetName()} is {reason}: load its data again.")
         return volume_data(node)
 
     def segment_mask(self, segment_id: str, volume_id: str) -> np.ndarray:
@@ -206,7 +218,7 @@ class SlicerScene:
         """Show ``array`` (``[k, j, i]`` on the scan's grid, 0..1) as a heat map over the scan in
         every slice view; one overlay per scan, updated by the next answer's map. Its node id."""
         scan = self._node(scan_id)
-        data = volume_data(scan)  # the scan's grid, and its IJK -> world with its transform hardened in
+        data = self.volume(scan_id)  # the scan's grid, and its IJK -> world with its transform hardened in
         if tuple(array.shape) != tuple(data.array.shape):
             raise ValueError(f"The map's grid {tuple(array.shape)} is not {scan.GetName()}'s any more "
                              "(the scan changed since the answer); ask again.")
