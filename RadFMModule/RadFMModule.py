@@ -75,14 +75,17 @@ class RadFMModule(ScriptedLoadableModule):
 
 
 def watched_events() -> dict:
-    """Node class -> the events after which the region list may read differently (debounced)."""
+    """Node class -> the events after which the scan or region lists may read differently (debounced)."""
     markups = slicer.vtkMRMLMarkupsNode
     segments = slicer.vtkSegmentation
+    modified = vtk.vtkCommand.ModifiedEvent  # renamed, among other changes
     return {
         "vtkMRMLMarkupsNode": (markups.PointAddedEvent, markups.PointRemovedEvent, markups.PointModifiedEvent,
                                markups.PointPositionDefinedEvent, markups.PointPositionUndefinedEvent,
-                               vtk.vtkCommand.ModifiedEvent),  # points placed, moved, removed; renamed
-        "vtkMRMLSegmentationNode": (segments.SegmentAdded, segments.SegmentRemoved, segments.SegmentModified),
+                               modified),  # points placed, moved, removed; renamed
+        "vtkMRMLSegmentationNode": (segments.SegmentAdded, segments.SegmentRemoved, segments.SegmentModified,
+                                    modified),
+        "vtkMRMLVolumeNode": (modified,),  # renamed, or given its voxels
     }
 
 
@@ -162,7 +165,7 @@ class RadFMModuleWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservation
             self.logic.keep_selection(self.panel.selection())
 
     def _follow_nodes(self):
-        """Observe the markups and segmentations now in the scene (and only those)."""
+        """Observe the volumes, markups and segmentations now in the scene (and only those)."""
         wanted = {node: events for cls, events in self._watched_events.items()
                   for node in slicer.util.getNodesByClass(cls)}
         for node, events in self._watched.items():

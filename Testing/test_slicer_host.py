@@ -225,6 +225,40 @@ def test_a_loading_scene_is_scanned_once_and_region_nodes_are_observed_while_in_
         widget.cleanup()
 
 
+def test_renamed_scans_and_regions_are_listed_by_their_new_names(slicer, module, qtbot):
+    """Renaming in Slicer (Data module, Segment Editor, Markups) shows in the panel's lists, as adding does;
+    a volume that gets its voxels is offered then."""
+    ct = add_ct(slicer)
+    segmentation = add_segmentation(slicer, ct, {"s1": ("Lesion", np.ones(SHAPE, bool))}, "Segmentation")
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ROI 1")
+    roi.SetSize(10.0, 10.0, 10.0)
+    line = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "Line 1")
+    line.AddControlPointWorld([0.0, 0.0, 0.0])
+    line.AddControlPointWorld([0.0, 0.0, 10.0])
+    later = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Arriving")
+    widget = module.RadFMModuleWidget()
+    panel = widget.panel
+
+    def lists():
+        return ([panel.volume_box.itemText(n) for n in range(panel.volume_box.count())],
+                [panel.region_list.item(n).text() for n in range(panel.region_list.count())])
+
+    try:
+        qtbot.waitUntil(lambda: lists() == (["CT"], ["Lesion (segment)", "ROI 1 (ROI box)", "Line 1 (line, 10.0 mm)"]))
+        ct.SetName("CT chest")  # each change alone: any refresh re-lists every name
+        qtbot.waitUntil(lambda: lists()[0] == ["CT chest"], timeout=10000)
+        slicer.util.updateVolumeFromArray(later, np.zeros(SHAPE, np.int16))
+        qtbot.waitUntil(lambda: lists()[0] == ["CT chest", "Arriving"], timeout=10000)
+        segmentation.GetSegmentation().GetSegment("s1").SetName("Nodule")
+        qtbot.waitUntil(lambda: lists()[1][0] == "Nodule (segment)", timeout=10000)
+        roi.SetName("Mediastinum")
+        qtbot.waitUntil(lambda: lists()[1][1] == "Mediastinum (ROI box)", timeout=10000)
+        line.SetName("Long axis")
+        qtbot.waitUntil(lambda: lists()[1][2] == "Long axis (line, 10.0 mm)", timeout=10000)
+    finally:
+        widget.cleanup()
+
+
 def test_light_self_test_needs_no_torch(tmp_path):
     """In a fresh Python where torch, SimpleITK, transformers and SampleData cannot be imported."""
     script = textwrap.dedent(f"""
