@@ -432,7 +432,7 @@ def test_selections_are_kept_in_the_parameter_node_and_shown_again(slicer, modul
         panel.region_list.item(0).setCheckState(module.QtCore.Qt.Checked)
         node = widget.logic.getParameterNode()
         assert node.GetNodeReferenceID("Prior") == prior.GetID() and node.GetParameter("Window") == '"lung"'
-        assert json.loads(node.GetParameter("Regions")) == [f"{segmentation.GetID()}/s1"]
+        assert widget.logic.kept_selection().region_ids == (f"{segmentation.GetID()}/s1",)
     finally:
         widget.cleanup()
     reopened = module.RadFMModuleWidget()  # the module opened again on this scene
@@ -451,6 +451,58 @@ def test_selections_are_kept_in_the_parameter_node_and_shown_again(slicer, modul
         assert len(selection.region_ids) == 1
     finally:
         reopened.cleanup()
+
+
+# ---------------------------------------------------------------------------------- a saved study added to an open one
+def test_adding_a_saved_study_keeps_each_selection_whole_and_every_conversation(slicer, module, tmp_path):
+    """File > Add Data of a saved .mrb imports it (loadScene's default, clear=False): MRML renames its ids.
+    The kept selection then names the added study's scan and regions together; both conversations stay,
+    the panel says which one it shows, and the other opens from the list."""
+    from RadFMModuleLib.assistant import Selection
+
+    def study(name):
+        ct = add_ct(slicer, f"CT {name}")
+        segmentation = add_segmentation(slicer, ct, {"s1": ("Lesion", np.ones(SHAPE, bool))}, f"Segments {name}")
+        widget.logic.ask(f"About {name}?", volume=ct)
+        widget.logic.keep_selection(Selection(ct.GetID(), None, (f"{segmentation.GetID()}/s1",), "lung"))
+
+    widget = module.RadFMModuleWidget()
+    scripts = [tokens("Old answer."), tokens("New answer."), tokens("Third answer.")]
+    assistant = widget.logic.assistant
+    assistant.start_client = lambda python: ScriptedWorkerClient(scripts)
+    assistant.settings.checkpoint_folder, assistant.settings.worker_python = str(tmp_path), sys.executable
+    try:
+        study("2023")
+        assert slicer.util.saveScene(str(tmp_path / "study-2023.mrb"))
+        slicer.mrmlScene.Clear(0)
+        study("2024")
+        slicer.util.loadScene(str(tmp_path / "study-2023.mrb"))  # added to the open scene
+
+        kept = widget.logic.kept_selection()
+        scan = slicer.mrmlScene.GetNodeByID(kept.volume_id)
+        ((segmentation_id, segment),) = [region.split("/") for region in kept.region_ids]
+        assert (scan.GetName(), slicer.mrmlScene.GetNodeByID(segmentation_id).GetName(), segment) == (
+            "CT 2023", "Segments 2023", "s1")  # one study, not the added scan with the open study's regions
+        panel = widget.panel
+        texts = sorted(json.loads(n.GetText())["turns"][0]["answer"] for n in slicer.util.getNodesByClass(
+            "vtkMRMLTextNode") if n.GetAttribute("RadFM.Conversation"))
+        assert texts == ["New answer.", "Old answer."]
+        assert panel.conversations_row.isVisibleTo(panel) and panel.conversation_box.count() == 2
+        shown = panel.conversation_box.currentText()
+        assert panel.status_label.text() == (f"This scene holds 2 conversations; showing \u201c{shown}\u201d. "
+                                             "Pick another under Conversation.")
+        assert [t.answer for t in widget.logic.assistant.session.turns] == ["Old answer."]  # the added study's
+        other = 1 - panel.conversation_box.currentIndex()
+        panel.conversation_box.setCurrentIndex(other)
+        panel.conversation_box.activated.emit(other)  # as a click does
+        assert [t.answer for t in widget.logic.assistant.session.turns] == ["New answer."]
+        assert [view.text for view in panel.answers] == ["New answer."]
+        widget.logic.ask("Again?", volume=scan)  # goes to the conversation shown, the other is untouched
+        texts = sorted(len(json.loads(n.GetText())["turns"]) for n in slicer.util.getNodesByClass(
+            "vtkMRMLTextNode") if n.GetAttribute("RadFM.Conversation"))
+        assert texts == [1, 2]
+    finally:
+        widget.cleanup()
 
 
 # ---------------------------------------------------------------------------------- the GPU check offers what fits
