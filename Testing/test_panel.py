@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import threading
+import types
 from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -85,6 +86,8 @@ def thumbnails(view: AnswerView) -> list:
 def test_ask_button_streams_the_answer_token_by_token(open_panel, qtbot, monkeypatch):
     answer = "No pleural effusion. The lungs are clear."
     panel, scene, clients = open_panel(tokens(answer))
+    clock = iter(range(1000))  # the panel's clock: one second more at each reading, however fast the machine
+    monkeypatch.setattr(chat_panel, "time", types.SimpleNamespace(monotonic=lambda: float(next(clock))))
     shown = []
     append = AnswerView.append
     monkeypatch.setattr(AnswerView, "append", lambda view, delta: (
@@ -97,7 +100,9 @@ def test_ask_button_streams_the_answer_token_by_token(open_panel, qtbot, monkeyp
 
     parts = tokens(answer)
     assert [text for text, _ in shown] == ["".join(parts[: n + 1]) + CURSOR for n in range(len(parts))]
-    assert "tokens/s" in shown[-1][1]
+    # the status as the last token arrives: k tokens read, the k-th k seconds after the first
+    k = len(parts) - 1
+    assert shown[-1][1] == f"Writing\u2026 {k} tokens, {(k - 1) / k:.1f} tokens/s"
     view = panel.answers[-1]
     assert view.body.text() == answer and panel.status_label.text() == "Answer complete."
     assert panel.input.toPlainText() == "" and panel.ask_button.isEnabled() and not panel.stop_button.isEnabled()
