@@ -110,9 +110,7 @@ def test_the_scene_slicer_starts_with(slicer):
     first = add_ct(slicer)
     slicer.mrmlScene.Clear(0)
     assert add_ct(slicer).GetID() == first.GetID()  # an id kept across a scene close names another node
-    from RadFMModuleLib.scene_adapters import OVERLAY_COLOR_ID
-
-    assert slicer.mrmlScene.GetNodeByID(OVERLAY_COLOR_ID) is None
+    assert slicer.mrmlScene.GetNodeByID("vtkMRMLColorTableNodeFileInferno.txt") is None
     assert slicer.mrmlScene.GetNodeByID("vtkMRMLColorTableNodeGrey") is not None
 
 
@@ -561,9 +559,10 @@ def ask_in_panel(slicer, panel, question, tmp_path, scripts):
 
 def test_show_attention_overlays_the_answers_map_on_the_scan(slicer, module, tmp_path):
     """Ticked, the answer carries a map and "Show attention" shows it as a heat-map volume on the
-    scan's grid and geometry, Inferno, 40 % over the scan in every slice view; a second answer's map
+    scan's grid and geometry, in a heat map the scene has, 40 % over the scan in every slice view; a second
+    answer's map
     updates the same overlay, which is never offered as a scan."""
-    from RadFMModuleLib.scene_adapters import OVERLAY_COLOR_ID, SlicerScene
+    from RadFMModuleLib.scene_adapters import SlicerScene
 
     ct = add_ct(slicer)
     widget = module.RadFMModuleWidget()
@@ -582,7 +581,8 @@ def test_show_attention_overlays_the_answers_map_on_the_scan(slicer, module, tmp
         overlay.GetIJKToRASMatrix(matrix)
         np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(matrix), IJK_TO_RAS)
         display = overlay.GetDisplayNode()
-        assert display.GetColorNodeID() == OVERLAY_COLOR_ID and (display.GetLevel(), display.GetWindow()) == (0.5, 1)
+        # Inferno where Slicer's colour files are; here (slicer-core ships none) the built-in PET heat map
+        assert display.GetColorNode().GetName() == "PET-Heat" and (display.GetLevel(), display.GetWindow()) == (0.5, 1)
         for composite in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):
             assert (composite.GetBackgroundVolumeID(), composite.GetForegroundVolumeID()) == (ct.GetID(),
                                                                                              overlay.GetID())

@@ -25,8 +25,9 @@ REGION_ROLE = "Region"  # parameter node -> each kept region's node
 REGION_SEGMENTS_ATTRIBUTE = "RadFM.RegionSegments"  # beside them: each one's segment id ("" for a box or line)
 SCAN_CLASS = "vtkMRMLScalarVolumeNode"
 OVERLAY_ATTRIBUTE = "RadFM.AttentionOf"  # on an attention overlay: the id of its scan (no scan to ask about)
-# Slicer's colour logic names a colour file's table "vtkMRMLColorTableNode" + "File" + the file's name.
-OVERLAY_COLOR_ID = "vtkMRMLColorTableNodeFileInferno.txt"
+# The heat map's colours, the first the scene has: Inferno is one of Slicer's colour files (the colour
+# logic names a file's table "vtkMRMLColorTableNodeFile" + its name), PET-Heat is built into the logic.
+OVERLAY_COLOR_IDS = ("vtkMRMLColorTableNodeFileInferno.txt", "vtkMRMLPETProceduralColorNodePET-Heat")
 OVERLAY_OPACITY = 0.4
 # A scalar volume node without an image: being made by a module, or its data file was not loaded with the scene.
 NO_VOXELS = "a volume without voxels (still being made, or its data file was not loaded)"
@@ -328,7 +329,8 @@ class SlicerScene:
         overlay.SetIJKToRASMatrix(ijk_to_ras)
         slicer.util.updateVolumeFromArray(overlay, np.asarray(array, np.float32))
         display = overlay.GetDisplayNode()
-        display.SetAndObserveColorNodeID(OVERLAY_COLOR_ID)
+        display.SetAndObserveColorNodeID(next(
+            (color for color in OVERLAY_COLOR_IDS if slicer.mrmlScene.GetNodeByID(color)), OVERLAY_COLOR_IDS[-1]))
         display.AutoWindowLevelOff()
         display.SetWindowLevelMinMax(0.0, 1.0)
         slicer.util.setSliceViewerLayers(background=scan, foreground=overlay, foregroundOpacity=OVERLAY_OPACITY)
