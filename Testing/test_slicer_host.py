@@ -559,9 +559,8 @@ def ask_in_panel(slicer, panel, question, tmp_path, scripts):
 
 def test_show_attention_overlays_the_answers_map_on_the_scan(slicer, module, tmp_path):
     """Ticked, the answer carries a map and "Show attention" shows it as a heat-map volume on the
-    scan's grid and geometry, in a heat map the scene has, 40 % over the scan in every slice view; a second
-    answer's map
-    updates the same overlay, which is never offered as a scan."""
+    scan's grid and geometry, in a heat map the scene has, 40 % over the scan in every slice view;
+    a second answer's map updates the same overlay, which is never offered as a scan."""
     from RadFMModuleLib.scene_adapters import SlicerScene
 
     ct = add_ct(slicer)
