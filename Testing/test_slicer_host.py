@@ -130,6 +130,48 @@ def test_reading_a_segment_fires_scene_events_and_leaves_the_scene_as_it_was(sli
     assert len(added) >= 3 and len(removed) == len(added) and scene.GetNumberOfNodes() == before
 
 
+def test_a_study_whose_scan_file_is_missing_opens_with_the_scan_not_offered(slicer, module, tmp_path):
+    """A .mrb whose volume file is gone (a cut copy, a moved data folder) opens with a volume node
+    without voxels: listed as not offered, with why; the panel opens without a traceback."""
+    import zipfile
+
+    add_ct(slicer, "CT")
+    assert slicer.util.saveScene(str(tmp_path / "study.mrb"))
+    with zipfile.ZipFile(tmp_path / "study.mrb") as whole, zipfile.ZipFile(tmp_path / "cut.mrb", "w") as cut:
+        for name in whole.namelist():
+            if not name.endswith(".nrrd"):
+                cut.writestr(name, whole.read(name))
+    slicer.mrmlScene.Clear(0)
+    with pytest.raises(RuntimeError, match="Failed to read node CT"):  # Slicer says so; the scene still opens
+        slicer.util.loadScene(str(tmp_path / "cut.mrb"), {"clear": True})
+    (ct,) = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+    widget = module.RadFMModuleWidget()
+    try:
+        assert widget.panel.volume_box.count() == 0
+        assert "CT \u2014 a volume without voxels" in widget.panel.skipped_label.text()
+    finally:
+        widget.cleanup()
+
+
+def test_a_line_whose_point_is_unplaced_leaves_the_region_list(slicer, module, qtbot):
+    """Markups fire PointPositionUndefined when a point is unset (to be placed again): the line has no
+    length then and is not offered until it is placed again."""
+    line = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "Line 1")
+    assert line.GetDisplayNode() is not None  # markups come with their display node
+    line.AddControlPointWorld([0.0, 0.0, 0.0])
+    line.AddControlPointWorld([0.0, 0.0, 10.0])
+    widget = module.RadFMModuleWidget()
+    panel = widget.panel
+    try:
+        assert panel.region_list.item(0).text() == "Line 1 (line, 10.0 mm)"
+        line.UnsetNthControlPointPosition(1)
+        qtbot.waitUntil(lambda: panel.region_list.item(0).text() == "No segments, ROI boxes or lines in the scene")
+        line.SetNthControlPointPositionWorld(1, [0.0, 0.0, 20.0])
+        qtbot.waitUntil(lambda: panel.region_list.item(0).text() == "Line 1 (line, 20.0 mm)")
+    finally:
+        widget.cleanup()
+
+
 def test_a_saved_study_is_slicers_bundle_and_errors_show_and_reraise(slicer, dialogs, tmp_path):
     """A real .mrb: <name>/<name>.mrml and Data/; a long text (the conversation) is a file in it."""
     import zipfile
