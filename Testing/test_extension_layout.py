@@ -117,7 +117,7 @@ def test_slicer_is_imported_only_inside_the_module():
 
 
 def test_importing_the_module_is_light_and_describes_it():
-    """In a fresh Python: the module file imports with the stand-in, without torch or model code."""
+    """In a fresh Python: the module file imports on Slicer's MRML, without torch or model code."""
     script = textwrap.dedent(f"""
         import sys, types
         sys.path[:0] = [{str(MODULE)!r}, {str(PROJECT / "Testing")!r}]

@@ -1,8 +1,10 @@
 """The module in its host: the widget's life in a scene, saved scenes, first-use install.
 
-Everything runs on ``slicer_standin`` (derived from Slicer 5.12.3's own functions), with
-real Qt (PySide6, offscreen) and the scripted worker client: the widget's ``setup()`` and
-``cleanup()``, scene and node observers, a scene saved and reopened, the install dialogs.
+Everything runs on Slicer's own MRML (slicer-core, started as the application starts it:
+``slicer_host``), with the Qt half it lacks from ``slicer_standin``, real Qt (PySide6,
+offscreen) and the scripted worker client: the widget's ``setup()`` and ``cleanup()``, scene
+and node observers, real ``.mrb`` files saved, opened and added to an open scene, the
+install dialogs. Nodes are made with the calls Slicer code uses.
 """
 
 import importlib
