@@ -13,7 +13,7 @@ module meets in Slicer; ``start()`` does what the application's start-up does to
 * the volumes, segmentations (its converter rules), markups, texts, transforms, subject
   hierarchy, data and reformat logics registered as modules, each observing the scene from now on;
 * the Red, Yellow and Green slice logics, which make the slice and slice-composite nodes
-  (one per layout name, as the layout manager's slice views do).
+  (one per layout name, axial, sagittal and coronal, as the layout manager's slice views do).
 
 Nothing here imitates MRML; what slicer-core lacks (the Qt application, module widgets,
 dialogs) is hand-written in ``slicer_standin``.
@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import slicer
 import vtk
 
-SLICE_VIEWS = ("Red", "Yellow", "Green")  # the slice views of Slicer's default (conventional) layout
+# the slice views of Slicer's default (conventional) layout, and the orientation its layout gives each
+SLICE_VIEWS = {"Red": "Axial", "Yellow": "Sagittal", "Green": "Coronal"}
 
 # module name -> its logic class, in the order Slicer's core modules are set up
 MODULE_LOGICS = {
@@ -91,11 +92,13 @@ def start(temporary_directory: str, home_directory: str = "") -> Host:
         _register(host, name, logic_class())
     slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene, True)  # patient right is screen left
     host.slice_logics = vtk.vtkCollection()
-    for layout_name in SLICE_VIEWS:
+    for layout_name, orientation in SLICE_VIEWS.items():
         slice_logic = slicer.vtkMRMLSliceLogic()
         slice_logic.SetMRMLApplicationLogic(application_logic)
         slice_logic.SetMRMLScene(scene)
-        slice_logic.AddSliceNode(layout_name)
+        slice_node = slice_logic.AddSliceNode(layout_name)
+        slice_node.SetDefaultOrientation(orientation)
+        slice_node.SetOrientation(orientation)
         host.slice_logics.AddItem(slice_logic)
     application_logic.SetSliceLogics(host.slice_logics)
     return host
