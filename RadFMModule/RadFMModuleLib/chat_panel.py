@@ -121,7 +121,7 @@ class ChatPanel(QtWidgets.QWidget):
 
         # A scene holding several conversations (a saved study added to it brings its own): which one is shown
         self.conversation_box = QtWidgets.QComboBox()
-        self.conversation_box.activated.connect(self._open_conversation)
+        self.conversation_box.activated.connect(lambda *args: self._open_conversation())  # PythonQt: (int) or (str)
         self.conversations_row = QtWidgets.QWidget()
         self.conversations_row.setLayout(hrow(QtWidgets.QLabel("Conversation"), self.conversation_box, stretch_at=2))
         self.conversations_row.setVisible(False)
@@ -556,9 +556,9 @@ class ChatPanel(QtWidgets.QWidget):
         return (f"This scene holds {len(items)} conversations; showing "
                 f"\u201c{get(self.conversation_box, 'currentText')}\u201d. Pick another under Conversation.")
 
-    def _open_conversation(self, index: int):
+    def _open_conversation(self):
         """Show (and add to) the conversation picked in the list."""
-        node_id = self.conversation_box.itemData(index)
+        node_id = get(self.conversation_box, "currentData")
         if node_id == self.assistant.scene.conversation_id:
             return
         if self.busy_now:
