@@ -653,3 +653,92 @@ def test_unticked_no_map_is_computed_and_a_changed_scan_is_refused(slicer, modul
             SlicerScene().show_overlay(ct.GetID(), np.zeros((2, 2, 2), np.float32), "x")
     finally:
         widget.cleanup()
+
+
+# ---------------------------------------------------------------------------------- the README's picture
+# Remade only on request (RADFM_UPDATE_SCREENSHOTS=1), so a test run leaves the checkout as it was.
+SCREENSHOT = PROJECT / "Resources" / "Screenshots" / "RadFMPanel.png"
+
+
+def slice_view(slicer, layout_name, ras, size):
+    """What Slicer's slice logic draws for a view (its layers blended) through ``ras``: RGBA and a QImage."""
+    from RadFMModuleLib.qt_shim import QtGui
+
+    logic = slicer.app.applicationLogic().GetSliceLogicByLayoutName(layout_name)
+    logic.GetSliceNode().SetDimensions(size, size, 1)
+    logic.FitSliceToBackground()
+    logic.GetSliceNode().JumpSlice(*ras)  # the slice through the point, the whole scan in view
+    producer = logic.GetImageDataConnection().GetProducer()
+    producer.Update()
+    image = producer.GetOutputDataObject(0)
+    width, height, _ = image.GetDimensions()
+    rgba = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, 4)
+    rgba = np.ascontiguousarray(rgba[::-1])  # VTK's rows run bottom-up
+    return rgba, QtGui.QImage(rgba.data, width, height, 4 * width, QtGui.QImage.Format_RGBA8888).copy()
+
+
+def test_readme_screenshot_the_panel_beside_slicers_slice_views(slicer, module, qtbot, tmp_path):
+    """The panel in the module beside the three slice views Slicer's own slice logics draw: the scan in
+    the lung window and its marked region (the segment exported to a label map, outlined as Slicer does)."""
+    import vtk.util.numpy_support  # noqa: F401 (slice_view)
+    from panel_scene import IJK_TO_RAS as CHEST, NODULE, chest_phantom, nodule_mask, ras
+
+    from RadFMModuleLib.qt_shim import QtCore, QtGui, QtWidgets
+
+    ct = slicer.util.addVolumeFromArray(chest_phantom(nodule=True), CHEST, "CT chest 2024-03-01")
+    slicer.util.addVolumeFromArray(chest_phantom(nodule=False), CHEST, "CT chest 2023-09-12")
+    ct.GetDisplayNode().AutoWindowLevelOff()
+    ct.GetDisplayNode().SetWindowLevel(1500.0, -600.0)
+    segmentation = add_segmentation(slicer, ct, {"lesion": ("Lesion RUL", nodule_mask())}, "Segmentation")
+    labels = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "Lesion RUL label")
+    assert slicer.modules.segmentations.logic().ExportVisibleSegmentsToLabelmapNode(segmentation, labels, ct)
+    labels.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeLabels")
+    slicer.util.setSliceViewerLayers(background=ct, label=labels, labelOpacity=1.0)
+    for node in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
+        node.SetUseLabelOutline(True)
+
+    from RadFMModuleLib.settings import ModelSettings
+
+    ModelSettings(checkpoint_folder=str(tmp_path), device="cpu", precision="float32").save(QtCore.QSettings())
+    widget = module.RadFMModuleWidget()
+    panel = widget.panel
+    report = ("Findings: A 9 mm solid nodule in the right upper lobe, with smooth margins. No consolidation. "
+              "No pleural effusion. Heart size is normal.\nImpression: Solitary right upper lobe nodule; "
+              "compare with prior imaging and consider follow-up CT.")
+    try:
+        panel.history_edit.setText("67 y, male, former smoker, cough for 3 weeks")
+        panel.window_box.setCurrentIndex(panel.window_box.findData("lung"))
+        panel.region_list.item(0).setCheckState(QtCore.Qt.Checked)
+        ask_in_panel(slicer, panel, "Is the marked lesion a solid nodule?", tmp_path, [
+            tokens("Yes. There is a solid nodule in the right upper lobe; it has smooth margins and no cavitation."),
+            tokens(report)])
+        panel.region_list.item(0).setCheckState(QtCore.Qt.Unchecked)
+        panel.ask("report")
+        qtbot.waitUntil(lambda: not panel.busy_now, timeout=15000)
+        assert [view.text[:4] for view in panel.answers] == ["Yes.", "Find"]
+
+        nodule = ras((NODULE[2], NODULE[1], NODULE[0]))
+        red, red_image = slice_view(slicer, "Red", nodule, 560)
+        views = QtWidgets.QWidget()
+        grid = QtWidgets.QGridLayout(views)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.setSpacing(4)
+        for (name, image), place in zip([("Red", red_image)] + [(n, slice_view(slicer, n, nodule, 278)[1])
+                                                              for n in ("Yellow", "Green")],
+                                        [(0, 0, 1, 2), (1, 0, 1, 1), (1, 1, 1, 1)]):
+            label = QtWidgets.QLabel()
+            label.setPixmap(QtGui.QPixmap.fromImage(image))
+            grid.addWidget(label, *place)
+        window = QtWidgets.QWidget()
+        row = QtWidgets.QHBoxLayout(window)
+        row.addWidget(views, 0, QtCore.Qt.AlignTop)
+        widget.parent.setFixedSize(440, 842)
+        row.addWidget(widget.parent)
+        window.show()
+        qtbot.waitExposed(window)
+        outline = (red[..., 0] != red[..., 1]) | (red[..., 1] != red[..., 2])  # grey scan, coloured outline
+        assert outline.any() and outline.mean() < 0.01  # the region is outlined, the scan is not covered
+        shot = SCREENSHOT if os.environ.get("RADFM_UPDATE_SCREENSHOTS") == "1" else tmp_path / SCREENSHOT.name
+        assert window.grab().save(str(shot)) and shot.stat().st_size > 10_000
+    finally:
+        widget.cleanup()
