@@ -41,7 +41,7 @@ if not UNSUPPORTED:
     from RadFMModuleLib.chat_panel import ChatPanel
     from RadFMModuleLib.qt_shim import QtCore, QtWidgets, get
     from RadFMModuleLib.results_view import ResultsView
-    from RadFMModuleLib.scene_adapters import SlicerScene
+    from RadFMModuleLib.scene_adapters import SlicerScene, store_regions, stored_regions
     from RadFMModuleLib.settings import ModelSettings
 else:
     WINDOW_AS_SHOWN = "view"
@@ -75,14 +75,17 @@ class RadFMModule(ScriptedLoadableModule):
 
 
 def watched_events() -> dict:
-    """Node class -> the events after which the region list may read differently (debounced)."""
+    """Node class -> the events after which the scan or region lists may read differently (debounced)."""
     markups = slicer.vtkMRMLMarkupsNode
     segments = slicer.vtkSegmentation
+    modified = vtk.vtkCommand.ModifiedEvent  # renamed, among other changes
     return {
         "vtkMRMLMarkupsNode": (markups.PointAddedEvent, markups.PointRemovedEvent, markups.PointModifiedEvent,
                                markups.PointPositionDefinedEvent, markups.PointPositionUndefinedEvent,
-                               vtk.vtkCommand.ModifiedEvent),  # points placed, moved, removed; renamed
-        "vtkMRMLSegmentationNode": (segments.SegmentAdded, segments.SegmentRemoved, segments.SegmentModified),
+                               modified),  # points placed, moved, removed; renamed
+        "vtkMRMLSegmentationNode": (segments.SegmentAdded, segments.SegmentRemoved, segments.SegmentModified,
+                                    modified),
+        "vtkMRMLVolumeNode": (modified,),  # renamed, or given its voxels
     }
 
 
@@ -162,7 +165,7 @@ class RadFMModuleWidget(ScriptedLoadableModuleWidget, slicer.util.VTKObservation
             self.logic.keep_selection(self.panel.selection())
 
     def _follow_nodes(self):
-        """Observe the markups and segmentations now in the scene (and only those)."""
+        """Observe the volumes, markups and segmentations now in the scene (and only those)."""
         wanted = {node: events for cls, events in self._watched_events.items()
                   for node in slicer.util.getNodesByClass(cls)}
         for node, events in self._watched.items():
@@ -210,14 +213,16 @@ class RadFMModuleLogic(ScriptedLoadableModuleLogic):
         print(logic.ask("Is there a pleural effusion?", window="lung").answer)
 
     The conversation is kept in the scene (a text node), like the panel's; the panel's choices
-    (scan, prior, regions, window) in the module's parameter node, so the scene saves both.
+    (scan, prior, regions, window, which conversation) in the module's parameter node, so the
+    scene saves both.
     """
 
     def __init__(self, start_client=start_slicer_worker):
         ScriptedLoadableModuleLogic.__init__(self)
         if UNSUPPORTED:
             raise RuntimeError(UNSUPPORTED)
-        self.assistant = Assistant(SlicerScene(), start_client, ModelSettings.load(QtCore.QSettings()))
+        self.assistant = Assistant(SlicerScene(self.getParameterNode), start_client,
+                                   ModelSettings.load(QtCore.QSettings()))
 
     def ask(self, question="", task="vqa", volume=None, prior=None, regions=(), window=WINDOW_AS_SHOWN,
             history="", timeout=600):
@@ -247,10 +252,12 @@ class RadFMModuleLogic(ScriptedLoadableModuleLogic):
 
 
     def keep_selection(self, selection: "Selection") -> None:
+        """In the parameter node, as node references: an imported scene renames ids and its
+        references with them, so a kept selection always names one study's nodes."""
         node = self.getParameterNode()
-        node.SetNodeReferenceID("Scan", selection.volume_id)  # references follow node ids renamed on import
+        node.SetNodeReferenceID("Scan", selection.volume_id)
         node.SetNodeReferenceID("Prior", selection.prior_id)
-        node.SetParameter("Regions", json.dumps(list(selection.region_ids)))
+        store_regions(node, selection.region_ids)
         node.SetParameter("Window", json.dumps(selection.window))
 
     def kept_selection(self) -> "Selection | None":
@@ -259,10 +266,10 @@ class RadFMModuleLogic(ScriptedLoadableModuleLogic):
         if not node.GetParameter("Window"):
             return None
         try:
-            regions, window = json.loads(node.GetParameter("Regions") or "[]"), json.loads(node.GetParameter("Window"))
+            window = json.loads(node.GetParameter("Window"))
         except ValueError:
             return None
-        return Selection(node.GetNodeReferenceID("Scan"), node.GetNodeReferenceID("Prior"), tuple(regions), window)
+        return Selection(node.GetNodeReferenceID("Scan"), node.GetNodeReferenceID("Prior"), stored_regions(node), window)
 
 
 def _node_id(node):

@@ -72,10 +72,21 @@ def tiny_engine(tiny_checkpoint):
 
 
 @pytest.fixture
-def slicer(monkeypatch):
-    """A fresh stand-in scene (``slicer_standin``), registered as ``slicer`` for this test only."""
+def slicer(monkeypatch, tmp_path_factory):
+    """Slicer's own MRML (slicer-core) started as the application starts it (``slicer_host``), with the
+    Qt side that slicer-core lacks (``slicer_standin``) put in place for this test only; returns ``slicer``."""
+    monkeypatch.syspath_prepend(str(PROJECT / "RadFMModule"))  # the stand-in's Qt side is the module's qt_shim
+    import slicer
     import slicer_standin
 
-    for name, module in slicer_standin.install().items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return slicer_standin
+    host = slicer_standin.start_slicer(str(tmp_path_factory.mktemp("slicer-temp")),
+                                       lambda obj, name, value: monkeypatch.setattr(obj, name, value, raising=False),
+                                       lambda name, module: monkeypatch.setitem(sys.modules, name, module))
+    yield slicer
+    host.stop()
+
+
+@pytest.fixture
+def dialogs(slicer):
+    """What Slicer's dialogs showed in this test (``shown``), the user's answer (``consent``), installs and restarts."""
+    return slicer.app.dialogs

@@ -73,6 +73,11 @@ class FakeScene:
     def line_length_mm(self, line_id):
         return 23.4
 
+    conversation_id = "conversation"  # one conversation: the picker stays hidden
+
+    def conversations(self):
+        return [SceneItem(self.conversation_id, "RadFM conversation", "conversation")] if self.saved else []
+
     def load_session_json(self):
         return self.saved
 

@@ -117,12 +117,13 @@ def test_slicer_is_imported_only_inside_the_module():
 
 
 def test_importing_the_module_is_light_and_describes_it():
-    """In a fresh Python: the module file imports with the stand-in, without torch or model code."""
+    """In a fresh Python: the module file imports on Slicer's MRML, without torch or model code."""
     script = textwrap.dedent(f"""
         import sys, types
         sys.path[:0] = [{str(MODULE)!r}, {str(PROJECT / "Testing")!r}]
+        import tempfile
         import slicer_standin
-        sys.modules.update(slicer_standin.install())
+        slicer_standin.start_slicer(tempfile.mkdtemp())
         import RadFMModule
         parent = types.SimpleNamespace()
         RadFMModule.RadFMModule(parent)
@@ -204,7 +205,7 @@ def installed(monkeypatch):
     return present
 
 
-def test_install_asks_once_and_pins_slicers_numpy_and_simpleitk(slicer, installed, monkeypatch):
+def test_install_asks_once_and_pins_slicers_numpy_and_simpleitk(slicer, dialogs, installed, monkeypatch):
     import numpy
     from RadFMModuleLib import dependencies
     from RadFMModuleLib.settings import ModelSettings
@@ -225,44 +226,44 @@ def test_install_asks_once_and_pins_slicers_numpy_and_simpleitk(slicer, installe
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=PyTorchUtilsLogic))
 
     assert dependencies.ensure(ModelSettings(precision="int8 weights"))
-    (question,) = slicer.util.shown
+    (question,) = dialogs.shown
     for requirement in (dependencies.TORCH, *dependencies.PACKAGES, dependencies.QUANTIZATION["int8"]):
         assert requirement in question
     ((constraints, requirements),) = pip_calls
     assert requirements == [*dependencies.PACKAGES, dependencies.QUANTIZATION["int8"]]  # torch came from PyTorchUtils
     assert f"numpy=={numpy.__version__}" in constraints and "SimpleITK==" in constraints
-    assert dependencies.ensure(ModelSettings(precision="int8 weights")) and len(slicer.util.shown) == 1
+    assert dependencies.ensure(ModelSettings(precision="int8 weights")) and len(dialogs.shown) == 1
 
 
-def test_no_install_without_consent_or_without_the_pytorch_extension(slicer, installed, monkeypatch):
+def test_no_install_without_consent_or_without_the_pytorch_extension(slicer, dialogs, installed, monkeypatch):
     from RadFMModuleLib import dependencies
     from RadFMModuleLib.settings import ModelSettings
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # the PyTorch extension is not installed
-    slicer.util.consent = False
+    dialogs.consent = False
     assert not dependencies.ensure(ModelSettings())
-    slicer.util.consent = True
+    dialogs.consent = True
     assert not dependencies.ensure(ModelSettings())
-    assert "Extensions Manager" in slicer.util.shown[-1] and slicer.util.installed == [] and not installed
+    assert "Extensions Manager" in dialogs.shown[-1] and dialogs.installed == [] and not installed
     installed.update(dependencies.PANEL_PACKAGES)
     assert dependencies.ensure(ModelSettings(worker_python=sys.executable))  # brings its own packages (checked)
 
 
-def test_a_worker_in_another_python_still_gets_the_panels_own_packages(slicer, installed, monkeypatch):
+def test_a_worker_in_another_python_still_gets_the_panels_own_packages(slicer, dialogs, installed, monkeypatch):
     """Without psutil the panel cannot end a worker below a launcher; without filelock it cannot export."""
     from RadFMModuleLib import dependencies
     from RadFMModuleLib.settings import ModelSettings
 
     def pip_install(args):
         installed.update(args[2:])
-        slicer.util.installed.append(args[2:])
+        dialogs.installed.append(args[2:])
 
     monkeypatch.setattr(slicer.util, "pip_install", pip_install)
     assert dependencies.ensure(ModelSettings(worker_python=sys.executable))
-    (question,) = slicer.util.shown
+    (question,) = dialogs.shown
     assert "psutil" in question and "filelock" in question and "PyTorch extension" not in question
-    assert slicer.util.installed == [dependencies.PANEL_PACKAGES]  # no torch, no model packages
-    assert dependencies.ensure(ModelSettings(worker_python=sys.executable)) and len(slicer.util.shown) == 1
+    assert dialogs.installed == [dependencies.PANEL_PACKAGES]  # no torch, no model packages
+    assert dependencies.ensure(ModelSettings(worker_python=sys.executable)) and len(dialogs.shown) == 1
 
 
 def test_slicers_installer_asks_for_what_pyproject_pins():

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import threading
+import types
 from pathlib import Path
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
@@ -30,10 +31,6 @@ from RadFMSlicer.session import Session  # noqa: E402
 from panel_fit import cuts_of, unreadable_at  # noqa: E402
 from panel_scene import IJK_TO_RAS, SHAPE, FakeScene, nodule_mask  # noqa: E402
 from scripted_worker import CRASH, PAUSE, STOPPED_BY, Encoded, ScriptedWorkerClient, tokens  # noqa: E402
-
-# The README's screenshot is remade only on request (RADFM_UPDATE_SCREENSHOTS=1), so a test run
-# leaves the checkout as it was.
-SCREENSHOT = PROJECT / "Resources" / "Screenshots" / "RadFMPanel.png"
 
 
 @pytest.fixture
@@ -85,6 +82,8 @@ def thumbnails(view: AnswerView) -> list:
 def test_ask_button_streams_the_answer_token_by_token(open_panel, qtbot, monkeypatch):
     answer = "No pleural effusion. The lungs are clear."
     panel, scene, clients = open_panel(tokens(answer))
+    clock = iter(range(1000))  # the panel's clock: one second more at each reading, however fast the machine
+    monkeypatch.setattr(chat_panel, "time", types.SimpleNamespace(monotonic=lambda: float(next(clock))))
     shown = []
     append = AnswerView.append
     monkeypatch.setattr(AnswerView, "append", lambda view, delta: (
@@ -97,7 +96,9 @@ def test_ask_button_streams_the_answer_token_by_token(open_panel, qtbot, monkeyp
 
     parts = tokens(answer)
     assert [text for text, _ in shown] == ["".join(parts[: n + 1]) + CURSOR for n in range(len(parts))]
-    assert "tokens/s" in shown[-1][1]
+    # the status as the last token arrives: k tokens read, the k-th k seconds after the first
+    k = len(parts) - 1
+    assert shown[-1][1] == f"Writing\u2026 {k} tokens, {(k - 1) / k:.1f} tokens/s"
     view = panel.answers[-1]
     assert view.body.text() == answer and panel.status_label.text() == "Answer complete."
     assert panel.input.toPlainText() == "" and panel.ask_button.isEnabled() and not panel.stop_button.isEnabled()
@@ -557,7 +558,7 @@ def test_screenshot_mid_conversation(open_panel, qtbot, tmp_path):
     qtbot.wait(3 * chat_panel.TICK_MS)
     panel.show()
     qtbot.waitExposed(panel)
-    shot = SCREENSHOT if os.environ.get("RADFM_UPDATE_SCREENSHOTS") == "1" else tmp_path / SCREENSHOT.name
+    shot = tmp_path / "panel.png"  # the README's picture, the panel beside Slicer's views: test_slicer_host
     assert panel.grab().save(str(shot)) and shot.stat().st_size > 10_000
     assert panel.busy_now and len(thumbnails(panel.answers[0])) == 2
 

@@ -118,7 +118,7 @@ def test_a_damaged_summary_is_named_in_the_tab_and_the_cases_are_still_listed(qt
 
 
 def test_the_module_shows_results_beside_the_chat_and_asks_a_case_again_there(slicer, qtbot, tmp_path, monkeypatch):
-    """In the module (over the Slicer stand-in): the Results tab loads a real scan into the scene and
+    """In the module (on Slicer's own MRML): the Results tab loads a real scan into the scene and
     'Ask again' puts the case's question into the chat panel with its current settings."""
     import importlib
 
@@ -130,9 +130,7 @@ def test_the_module_shows_results_beside_the_chat_and_asks_a_case_again_there(sl
     QtCore.QSettings.setPath(QtCore.QSettings.IniFormat, QtCore.QSettings.UserScope, str(tmp_path / "settings"))
     sys.modules.pop("RadFMModule", None)
     module = importlib.import_module("RadFMModule")
-    slicer.mrmlScene.AddNode(slicer.SliceCompositeNode("Red"))
     widget = module.RadFMModuleWidget()
-    widget.setup()
     qtbot.addWidget(widget.parent)
     asked = []
     monkeypatch.setattr(widget.panel, "ask", lambda task: asked.append((task, widget.panel.input.toPlainText())))

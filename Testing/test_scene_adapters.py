@@ -1,4 +1,5 @@
-"""Scene adapters, MRML -> arrays and numbers, through ``slicer_standin`` installed as ``slicer``.
+"""Scene adapters, MRML -> arrays and numbers, on Slicer's own MRML (slicer-core, started as the
+application starts it: ``slicer_host``); nodes are made with the calls Slicer code uses.
 
 The geometry checks are independent of the adapter code: markers are placed at known RAS
 points, and must come out there after ``RadFMSlicer.imaging.volume_from_array`` (the path
@@ -42,8 +43,24 @@ def adapters(slicer):
 
 
 def add_volume(slicer, array=None, window=(40.0, 400.0), matrix=IJK_TO_RAS, name="CT"):
+    """A scan as scripts add one (``addVolumeFromArray``), its window set as a user sets it (centre, width)."""
     array = np.zeros(SHAPE, dtype=np.int16) if array is None else array
-    return slicer.mrmlScene.AddNode(slicer.ScalarVolumeNode(name, array, matrix, window))
+    node = slicer.util.addVolumeFromArray(array, matrix, name)
+    if window:
+        display = node.GetDisplayNode()
+        display.AutoWindowLevelOff()
+        display.SetWindowLevel(window[1], window[0])
+    return node
+
+
+def add_segment(slicer, segmentation, segment_id, name, mask, grid_matrix):
+    """A segment painted on a grid of its own (a reference geometry volume, as the Segment Editor uses)."""
+    grid = slicer.util.addVolumeFromArray(mask.astype(np.uint8), grid_matrix, "grid", "vtkMRMLLabelMapVolumeNode")
+    if not segmentation.GetSegmentation().GetNumberOfSegments():
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(grid)
+    segmentation.GetSegmentation().AddEmptySegment(segment_id, name)
+    slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), segmentation, segment_id, grid)
+    slicer.mrmlScene.RemoveNode(grid)
 
 
 def add_lesion_segmentation(slicer):
@@ -53,9 +70,27 @@ def add_lesion_segmentation(slicer):
     grid[:3, 3] = center - 10  # a 21 mm cube around the lesion
     k, j, i = np.indices((21, 21, 21))
     sphere = (i - 10) ** 2 + (j - 10) ** 2 + (k - 10) ** 2 <= LESION_RADIUS_MM ** 2
-    node = slicer.mrmlScene.AddNode(slicer.SegmentationNode("Segmentation", grid))
-    node.add_segment("lesion", "Lesion", sphere)
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+    add_segment(slicer, node, "lesion", "Lesion", sphere, grid)
     return node
+
+
+def add_roi(slicer, name, center, size, axes=np.eye(3)):
+    """A placed ROI box; ``axes``: columns are its x, y, z directions in RAS."""
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
+    object_to_node = np.eye(4)
+    object_to_node[:3, :3] = axes
+    roi.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(object_to_node))
+    roi.SetCenter(*center)
+    roi.SetSize(*size)
+    return roi
+
+
+def add_line(slicer, name, *points):
+    line = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", name)
+    for point in points:
+        line.AddControlPointWorld([float(v) for v in point])
+    return line
 
 
 # ---------------------------------------------------------------------------------- volumes
@@ -65,8 +100,19 @@ def test_volume_array_matrix_and_window_come_from_the_node(slicer, adapters):
     np.testing.assert_array_equal(data.array, array)
     np.testing.assert_allclose(data.ijk_to_ras, IJK_TO_RAS)
     assert (data.name, data.window) == ("CT", (-600.0, 1500.0))
-    no_display = slicer.mrmlScene.AddNode(slicer.ScalarVolumeNode("MR", array, IJK_TO_RAS))
+    no_display = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "MR")
+    slicer.util.updateVolumeFromArray(no_display, array)
     assert adapters.volume_data(no_display).window is None
+
+
+def test_as_shown_is_the_automatic_window_slicer_computed(slicer, adapters):
+    """A volume Slicer adds gets a display node whose window/level Slicer computes from the voxels:
+    "as shown in the viewer" is that window, not a default."""
+    array = np.random.default_rng(1).integers(-1000, 1000, SHAPE).astype(np.int16)
+    node = slicer.util.addVolumeFromArray(array, IJK_TO_RAS, "CT")
+    display = node.GetDisplayNode()
+    assert display.GetAutoWindowLevel() and display.GetWindow() > 0
+    assert adapters.volume_data(node).window == (display.GetLevel(), display.GetWindow())
 
 
 def test_rotated_volume_lands_the_same_anatomy_after_volume_from_array(slicer, adapters):
@@ -93,7 +139,9 @@ def test_rotated_volume_lands_the_same_anatomy_after_volume_from_array(slicer, a
 def test_a_linear_parent_transform_is_applied(slicer, adapters):
     to_world = np.array([[0, -1, 0, 10], [1, 0, 0, -5], [0, 0, 1, 3], [0, 0, 0, 1]], dtype=float)
     node = add_volume(slicer)
-    node.parent_transform = slicer.LinearTransformNode("Registration", to_world)
+    transform = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "Registration")
+    slicer.util.updateTransformMatrixFromArray(transform, to_world)
+    node.SetAndObserveTransformNodeID(transform.GetID())
     np.testing.assert_allclose(adapters.volume_data(node).ijk_to_ras, to_world @ IJK_TO_RAS)
 
 
@@ -122,7 +170,7 @@ def test_roi_box_follows_center_size_and_rotation(slicer, adapters):
     angle = math.radians(30)
     axes = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
     center, size = np.array([10.0, 20.0, -5.0]), np.array([40.0, 20.0, 10.0])
-    roi = slicer.mrmlScene.AddNode(slicer.MarkupsROINode("ROI 1", center, size, axes))
+    roi = add_roi(slicer, "ROI 1", center, size, axes)
 
     corners = adapters.roi_corners_ras(roi)
     in_roi_axes = (corners - center) @ axes  # each corner at +-size/2 along the ROI's own axes
@@ -135,20 +183,21 @@ def test_roi_box_follows_center_size_and_rotation(slicer, adapters):
 
 
 def test_line_length_in_mm(slicer, adapters):
-    line = slicer.mrmlScene.AddNode(slicer.MarkupsLineNode("Line 1", (1, 2, 3), (4, 6, 15)))
+    line = add_line(slicer, "Line 1", (1, 2, 3), (4, 6, 15))
     assert adapters.line_length_mm(line) == 13.0
 
 
 # ---------------------------------------------------------------------------------- the scene
 def test_scene_lists_volumes_regions_and_the_shown_volume(slicer, adapters):
     ct = add_volume(slicer)
-    slicer.mrmlScene.AddNode(slicer.LabelMapVolumeNode("labels", np.zeros(SHAPE, np.uint8), IJK_TO_RAS))
+    slicer.util.addVolumeFromArray(np.zeros(SHAPE, np.uint8), IJK_TO_RAS, "labels", "vtkMRMLLabelMapVolumeNode")
     segmentation = add_lesion_segmentation(slicer)
-    roi = slicer.mrmlScene.AddNode(slicer.MarkupsROINode("ROI 1", (0, 0, 0), (10, 10, 10)))
-    line = slicer.mrmlScene.AddNode(slicer.MarkupsLineNode("Line 1", (0, 0, 0), (0, 0, 23.4)))
-    slicer.mrmlScene.AddNode(slicer.MarkupsLineNode("Being placed", (0, 0, 0)))
-    slicer.mrmlScene.AddNode(slicer.SliceCompositeNode("Yellow", None))
-    slicer.mrmlScene.AddNode(slicer.SliceCompositeNode("Red", ct.GetID()))
+    roi = add_roi(slicer, "ROI 1", (0, 0, 0), (10, 10, 10))
+    line = add_line(slicer, "Line 1", (0, 0, 0), (0, 0, 23.4))
+    add_line(slicer, "Being placed", (0, 0, 0))
+    slicer.util.setSliceViewerLayers(background=ct)
+    yellow = slicer.app.applicationLogic().GetSliceLogicByLayoutName("Yellow").GetSliceCompositeNode()
+    yellow.SetBackgroundVolumeID(None)
 
     scene = adapters.SlicerScene()
     assert [(v.id, v.name) for v in scene.volumes()] == [(ct.GetID(), "CT")]  # no label maps
@@ -179,9 +228,9 @@ def test_logic_asks_through_the_worker_and_saves_the_conversation(slicer, tmp_pa
     array = np.full(SHAPE, -1000, dtype=np.int16)
     array[2:18, 3:21, 3:25] = 40
     ct = add_volume(slicer, array)
-    slicer.mrmlScene.AddNode(slicer.SliceCompositeNode("Red", ct.GetID()))
+    slicer.util.setSliceViewerLayers(background=ct)
     segmentation = add_lesion_segmentation(slicer)
-    line = slicer.mrmlScene.AddNode(slicer.MarkupsLineNode("Line 1", (0, 0, 0), (0, 0, 23.4)))
+    line = add_line(slicer, "Line 1", (0, 0, 0), (0, 0, 23.4))
     scripts, clients = [tokens("No pleural effusion.")], []
 
     def start(python):
@@ -202,3 +251,40 @@ def test_logic_asks_through_the_worker_and_saves_the_conversation(slicer, tmp_pa
     assert clients[0].loaded == {"folder": str(tmp_path), "device": "cpu", "dtype": "float32", "quantization": None}
     (node,) = [n for n in slicer.util.getNodesByClass("vtkMRMLTextNode") if n.GetName() == "RadFM conversation"]
     assert json.loads(node.GetText())["turns"][0]["answer"] == "No pleural effusion."
+
+
+# ---------------------------------------------------------------------------------- what a scene holds mid-way
+def test_a_volume_without_voxels_is_not_offered_and_asking_about_it_says_why(slicer, adapters, tmp_path):
+    """A scalar volume node made but not filled yet (or whose data file did not load with its scene) is
+    listed as not offered, with why; asking about it is a clear refusal, not a traceback."""
+    module = importlib.import_module("RadFMModule")
+    empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Being made")
+    ct = add_volume(slicer)
+    scene = adapters.SlicerScene()
+    assert [(v.name, v.kind) for v in scene.volumes()] == [("Being made", "unsupported"), ("CT", "volume")]
+    assert "without voxels" in scene.volumes()[0].detail
+    with pytest.raises(ValueError, match="Being made is a volume without voxels .*: load its data again"):
+        scene.volume(empty.GetID())
+    logic = module.RadFMModuleLogic(start_client=lambda python: ScriptedWorkerClient([]))
+    logic.assistant.settings.checkpoint_folder = str(tmp_path)
+    try:
+        with pytest.raises(ValueError, match="without voxels"):
+            logic.ask("Anything?", volume=empty)
+    finally:
+        logic.assistant.close()
+    assert scene.volume(ct.GetID()).array.shape == SHAPE
+
+
+def test_an_roi_is_offered_once_placed_and_a_flat_box_is_refused(slicer, adapters):
+    """An ROI being placed has no control point and no size: not a region yet. Placed but flat along
+    one axis, it holds no voxels: asking about it says so instead of sending an empty box."""
+    scene = adapters.SlicerScene()
+    being_placed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ROI 1")
+    assert scene.regions() == []
+    being_placed.SetCenter(0.0, 0.0, 0.0)
+    being_placed.SetSize(20.0, 10.0, 0.0)  # placed, then squashed flat
+    assert [(r.name, r.kind) for r in scene.regions()] == [("ROI 1", "box")]
+    with pytest.raises(ValueError, match=r"ROI 1 has no depth \(20 x 10 x 0 mm\): drag its handles"):
+        scene.box_ras(being_placed.GetID())
+    being_placed.SetSize(20.0, 10.0, 5.0)
+    assert scene.box_ras(being_placed.GetID()) == [[-10.0, -5.0, -2.5], [10.0, 5.0, 2.5]]

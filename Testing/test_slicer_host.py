@@ -1,8 +1,10 @@
 """The module in its host: the widget's life in a scene, saved scenes, first-use install.
 
-Everything runs on ``slicer_standin`` (derived from Slicer 5.12.3's own functions), with
-real Qt (PySide6, offscreen) and the scripted worker client: the widget's ``setup()`` and
-``cleanup()``, scene and node observers, a scene saved and reopened, the install dialogs.
+Everything runs on Slicer's own MRML (slicer-core, started as the application starts it:
+``slicer_host``), with the Qt half it lacks from ``slicer_standin``, real Qt (PySide6,
+offscreen) and the scripted worker client: the widget's ``setup()`` and ``cleanup()``, scene
+and node observers, real ``.mrb`` files saved, opened and added to an open scene, the
+install dialogs. Nodes are made with the calls Slicer code uses.
 """
 
 import importlib
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import vtk
 
 PROJECT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT / "RadFMModule"))
@@ -40,10 +43,24 @@ def module(slicer, qtbot, tmp_path, monkeypatch):
 
 
 def add_ct(slicer, name="CT", value=40):
+    """A CT as a script adds one, shown in the slice views (as loading a scan shows it), window 40/400."""
     array = np.full(SHAPE, -1000, dtype=np.int16)
     array[2:6, 10:30, 10:30] = value
-    node = slicer.mrmlScene.AddNode(slicer.ScalarVolumeNode(name, array, IJK_TO_RAS, (40.0, 400.0)))
-    slicer.mrmlScene.AddNode(slicer.SliceCompositeNode("Red", node.GetID()))
+    node = slicer.util.addVolumeFromArray(array, IJK_TO_RAS, name)
+    display = node.GetDisplayNode()
+    display.AutoWindowLevelOff()
+    display.SetWindowLevel(400.0, 40.0)
+    slicer.util.setSliceViewerLayers(background=node)
+    return node
+
+
+def add_segmentation(slicer, reference, segments: dict, name="Segmentation"):
+    """segment id -> (name, mask on ``reference``'s grid), as the Segment Editor leaves them."""
+    node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    node.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+    for segment_id, (segment_name, mask) in segments.items():
+        node.GetSegmentation().AddEmptySegment(segment_id, segment_name)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), node, segment_id, reference)
     return node
 
 
@@ -55,44 +72,123 @@ def scripted_logic(module, scripts, tmp_path):
     return logic
 
 
-# ---------------------------------------------------------------------------------- the stand-in itself
-def test_standin_array_from_volume_follows_slicer(slicer):
-    rgb = slicer.mrmlScene.AddNode(slicer.VectorVolumeNode("Photo", np.zeros((2, 3, 4, 3), np.uint8)))
-    assert rgb.IsA("vtkMRMLScalarVolumeNode") and slicer.util.arrayFromVolume(rgb).shape == (2, 3, 4, 3)
-    tensors = slicer.mrmlScene.AddNode(slicer.DiffusionTensorVolumeNode("DTI", np.zeros((2, 3, 4, 3, 3))))
-    assert slicer.util.arrayFromVolume(tensors).shape == (2, 3, 4, 3, 3)
-    streaming = slicer.mrmlScene.AddNode(slicer.StreamingVolumeNode("Video", np.zeros((1, 3, 4, 3), np.uint8)))
-    with pytest.raises(RuntimeError, match="Unsupported volume type: vtkMRMLStreamingVolumeNode"):
-        slicer.util.arrayFromVolume(streaming)
+# ---------------------------------------------------------------------------------- Slicer as it is
+def write_scan(path, array, vector=False):
+    """A scan file as a scanner export gives it (SimpleITK writes NRRD, NIfTI, ...)."""
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(array, isVector=vector), str(path))
+    return str(path)
 
 
-def test_standin_segment_export_goes_through_a_temporary_node(slicer):
+def test_files_load_as_slicers_own_node_classes_and_only_a_scan_is_offered(slicer, tmp_path):
+    """The volumes logic decides the node class: an RGB file is a vector volume (refused, with why), a
+    label map file asked as one is a label-map node (not listed), a 4D NIfTI does not load at all."""
+    import nibabel
+
+    from RadFMModuleLib.scene_adapters import SlicerScene
+
+    ct = slicer.util.loadVolume(write_scan(tmp_path / "ct.nrrd", np.full(SHAPE, 40, np.int16)))
+    photo = slicer.util.loadVolume(write_scan(tmp_path / "photo.nrrd", np.zeros((1, 6, 8, 3), np.uint8), vector=True))
+    labels = slicer.util.loadVolume(write_scan(tmp_path / "labels.nrrd", np.ones(SHAPE, np.uint8)), {"labelmap": True})
+    assert (ct.GetClassName(), photo.GetClassName(), labels.GetClassName()) == (
+        "vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode", "vtkMRMLLabelMapVolumeNode")
+    nibabel.save(nibabel.Nifti1Image(np.zeros((4, 5, 6, 3), np.int16), np.eye(4)), tmp_path / "fmri.nii.gz")
+    with pytest.raises(RuntimeError, match="Failed to load"):
+        slicer.util.loadVolume(str(tmp_path / "fmri.nii.gz"))
+    items = {item.name: item for item in SlicerScene().volumes()}
+    assert {name: item.kind for name, item in items.items()} == {"ct": "volume", "photo": "unsupported"}
+    assert "colour or vector volume" in items["photo"].detail
+    display = ct.GetDisplayNode()  # loaded: Slicer computed its window, which "as shown" sends
+    assert display.GetAutoWindowLevel() and SlicerScene().volume(ct.GetID()).window == (display.GetLevel(),
+                                                                                          display.GetWindow())
+
+
+def test_the_scene_slicer_starts_with(slicer):
+    """One slice node per view, found by layout name; ids start again after the scene is cleared; the
+    Inferno colour table is one of Slicer's colour files, absent where they are (slicer-core ships none)."""
+    red = [n for n in slicer.util.getNodesByClass("vtkMRMLSliceNode") if n.GetLayoutName() == "Red"]
+    assert len(red) == 1 and red[0].GetSingletonTag() == "Red" and red[0].GetOrientation() == "Axial"
+    first = add_ct(slicer)
+    slicer.mrmlScene.Clear(0)
+    assert add_ct(slicer).GetID() == first.GetID()  # an id kept across a scene close names another node
+    assert slicer.mrmlScene.GetNodeByID("vtkMRMLColorTableNodeFileInferno.txt") is None
+    assert slicer.mrmlScene.GetNodeByID("vtkMRMLColorTableNodeGrey") is not None
+
+
+def test_reading_a_segment_fires_scene_events_and_leaves_the_scene_as_it_was(slicer):
+    """Slicer's export goes through a temporary label map with its display and colour nodes: the scene
+    observers see them come and go, and the scene is the same afterwards."""
     volume = add_ct(slicer)
-    segmentation = slicer.mrmlScene.AddNode(slicer.SegmentationNode("S", IJK_TO_RAS))
-    segmentation.add_segment("s1", "Lesion", np.ones(SHAPE, bool))
-    seen = []
-    scene = slicer.mrmlScene
-    for event in (scene.NodeAddedEvent, scene.NodeRemovedEvent):
-        scene.AddObserver(event, lambda caller, name: seen.append(name))
-    before = set(scene.nodes)
-    mask = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation, "s1", volume)
-    assert mask.dtype == np.int16 and mask.shape == SHAPE and mask.all()
-    assert len(seen) == 2 and set(scene.nodes) == before  # __temp__ added, then removed
+    segmentation = add_segmentation(slicer, volume, {"s1": ("Lesion", np.ones(SHAPE, bool))}, "S")
+    added, removed, scene = [], [], slicer.mrmlScene
+    scene.AddObserver(scene.NodeAddedEvent, lambda caller, event: added.append(event))
+    scene.AddObserver(scene.NodeRemovedEvent, lambda caller, event: removed.append(event))
+    before = scene.GetNumberOfNodes()
+    from RadFMModuleLib.scene_adapters import SlicerScene
+
+    mask = SlicerScene().segment_mask(f"{segmentation.GetID()}/s1", volume.GetID())
+    assert mask.shape == SHAPE and mask.all()
+    assert len(added) >= 3 and len(removed) == len(added) and scene.GetNumberOfNodes() == before
 
 
-def test_standin_error_display_reraises_and_long_text_is_stored_in_a_file(slicer, tmp_path):
+def test_a_study_whose_scan_file_is_missing_opens_with_the_scan_not_offered(slicer, module, tmp_path):
+    """A .mrb whose volume file is gone (a cut copy, a moved data folder) opens with a volume node
+    without voxels: listed as not offered, with why; the panel opens without a traceback."""
+    import zipfile
+
+    add_ct(slicer, "CT")
+    assert slicer.util.saveScene(str(tmp_path / "study.mrb"))
+    with zipfile.ZipFile(tmp_path / "study.mrb") as whole, zipfile.ZipFile(tmp_path / "cut.mrb", "w") as cut:
+        for name in whole.namelist():
+            if not name.endswith(".nrrd"):
+                cut.writestr(name, whole.read(name))
+    slicer.mrmlScene.Clear(0)
+    with pytest.raises(RuntimeError, match="Failed to read node CT"):  # Slicer says so; the scene still opens
+        slicer.util.loadScene(str(tmp_path / "cut.mrb"), {"clear": True})
+    (ct,) = slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+    widget = module.RadFMModuleWidget()
+    try:
+        assert widget.panel.volume_box.count() == 0
+        assert "CT \u2014 a volume without voxels" in widget.panel.skipped_label.text()
+    finally:
+        widget.cleanup()
+
+
+def test_a_line_whose_point_is_unplaced_leaves_the_region_list(slicer, module, qtbot):
+    """Markups fire PointPositionUndefined when a point is unset (to be placed again): the line has no
+    length then and is not offered until it is placed again."""
+    line = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "Line 1")
+    assert line.GetDisplayNode() is not None  # markups come with their display node
+    line.AddControlPointWorld([0.0, 0.0, 0.0])
+    line.AddControlPointWorld([0.0, 0.0, 10.0])
+    widget = module.RadFMModuleWidget()
+    panel = widget.panel
+    try:
+        assert panel.region_list.item(0).text() == "Line 1 (line, 10.0 mm)"
+        line.UnsetNthControlPointPosition(1)
+        qtbot.waitUntil(lambda: panel.region_list.item(0).text() == "No segments, ROI boxes or lines in the scene")
+        line.SetNthControlPointPositionWorld(1, [0.0, 0.0, 20.0])
+        qtbot.waitUntil(lambda: panel.region_list.item(0).text() == "Line 1 (line, 20.0 mm)")
+    finally:
+        widget.cleanup()
+
+
+def test_a_saved_study_is_slicers_bundle_and_errors_show_and_reraise(slicer, dialogs, tmp_path):
+    """A real .mrb: <name>/<name>.mrml and Data/; a long text (the conversation) is a file in it."""
+    import zipfile
+
     with pytest.raises(ZeroDivisionError):
         with slicer.util.tryWithErrorDisplay("Failed."):
             1 / 0
-    assert slicer.util.shown == ["Failed.\n\ndivision by zero"]
+    assert dialogs.shown == ["Failed.\n\ndivision by zero"]
     short, long = (slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTextNode", n) for n in ("short", "long"))
     short.SetText("x" * 255)
     long.SetText("é" * 256)
-    slicer.util.saveScene(str(tmp_path / "scene.mrb"))
-    import zipfile
-
-    assert zipfile.ZipFile(tmp_path / "scene.mrb").namelist() == [f"Data/{long.GetID()}.txt", "scene.json"]
-    slicer.util.loadScene(str(tmp_path / "scene.mrb"))
+    assert slicer.util.saveScene(str(tmp_path / "study.mrb"))
+    names = zipfile.ZipFile(tmp_path / "study.mrb").namelist()
+    assert "study/study.mrml" in names and "study/Data/long.txt" in names and "study/Data/short.txt" not in names
+    slicer.util.loadScene(str(tmp_path / "study.mrb"), {"clear": True})
     assert sorted(n.GetText() for n in slicer.util.getNodesByClass("vtkMRMLTextNode")) == ["x" * 255, "é" * 256]
 
 
@@ -101,11 +197,16 @@ def test_only_true_scalar_volumes_are_offered_and_a_colour_volume_says_why(slice
     from RadFMModuleLib.scene_adapters import SlicerScene
 
     ct = add_ct(slicer)
-    rgb = slicer.mrmlScene.AddNode(slicer.VectorVolumeNode("Photo", np.zeros((2, 3, 4, 3), np.uint8)))
-    slicer.mrmlScene.AddNode(slicer.DiffusionWeightedVolumeNode("DWI", np.zeros((2, 3, 4, 6), np.int16)))
-    slicer.mrmlScene.AddNode(slicer.DiffusionTensorVolumeNode("DTI", np.zeros((2, 3, 4, 3, 3))))
-    slicer.mrmlScene.AddNode(slicer.StreamingVolumeNode("Video", np.zeros((1, 3, 4, 3), np.uint8)))
-    slicer.mrmlScene.AddNode(slicer.LabelMapVolumeNode("labels", np.zeros(SHAPE, np.uint8), IJK_TO_RAS))
+    add = slicer.util.addVolumeFromArray
+    rgb = add(np.zeros((2, 3, 4, 3), np.uint8), None, "Photo", "vtkMRMLVectorVolumeNode")
+    add(np.zeros((2, 3, 4, 6), np.int16), None, "DWI", "vtkMRMLDiffusionWeightedVolumeNode")
+    slicer.mrmlScene.AddNewNodeByClass("vtkMRMLDiffusionTensorVolumeNode", "DTI")
+    video = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLStreamingVolumeNode", "Video")
+    frame = vtk.vtkImageData()
+    frame.SetDimensions(4, 3, 1)
+    frame.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 3)
+    video.SetAndObserveImageData(frame)
+    add(np.zeros(SHAPE, np.uint8), IJK_TO_RAS, "labels", "vtkMRMLLabelMapVolumeNode")
     scene = SlicerScene()
     items = {item.name: item for item in scene.volumes()}
     assert [n for n, i in items.items() if i.kind == "volume"] == ["CT"] and "labels" not in items
@@ -136,8 +237,9 @@ def test_module_self_test_runs_light_with_setup_and_cleanup(slicer, module, monk
     test.runTest()
     widget = module.RadFMModuleWidget()
     widget.cleanup()  # observers gone: later scene changes reach no dead panel
-    assert not any(slicer.mrmlScene.HasObserver(e) for e in (slicer.mrmlScene.NodeAddedEvent,
-                                                              slicer.mrmlScene.EndCloseEvent))
+    add_ct(slicer)
+    slicer.mrmlScene.Clear(0)
+    assert widget.Observations == [] and not widget._refresh.isActive()
 
 
 def test_a_loading_scene_is_scanned_once_and_region_nodes_are_observed_while_in_it(slicer, module, qtbot,
@@ -165,6 +267,40 @@ def test_a_loading_scene_is_scanned_once_and_region_nodes_are_observed_while_in_
         widget.cleanup()
 
 
+def test_renamed_scans_and_regions_are_listed_by_their_new_names(slicer, module, qtbot):
+    """Renaming in Slicer (Data module, Segment Editor, Markups) shows in the panel's lists, as adding does;
+    a volume that gets its voxels is offered then."""
+    ct = add_ct(slicer)
+    segmentation = add_segmentation(slicer, ct, {"s1": ("Lesion", np.ones(SHAPE, bool))}, "Segmentation")
+    roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "ROI 1")
+    roi.SetSize(10.0, 10.0, 10.0)
+    line = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsLineNode", "Line 1")
+    line.AddControlPointWorld([0.0, 0.0, 0.0])
+    line.AddControlPointWorld([0.0, 0.0, 10.0])
+    later = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Arriving")
+    widget = module.RadFMModuleWidget()
+    panel = widget.panel
+
+    def lists():
+        return ([panel.volume_box.itemText(n) for n in range(panel.volume_box.count())],
+                [panel.region_list.item(n).text() for n in range(panel.region_list.count())])
+
+    try:
+        qtbot.waitUntil(lambda: lists() == (["CT"], ["Lesion (segment)", "ROI 1 (ROI box)", "Line 1 (line, 10.0 mm)"]))
+        ct.SetName("CT chest")  # each change alone: any refresh re-lists every name
+        qtbot.waitUntil(lambda: lists()[0] == ["CT chest"], timeout=10000)
+        slicer.util.updateVolumeFromArray(later, np.zeros(SHAPE, np.int16))
+        qtbot.waitUntil(lambda: lists()[0] == ["CT chest", "Arriving"], timeout=10000)
+        segmentation.GetSegmentation().GetSegment("s1").SetName("Nodule")
+        qtbot.waitUntil(lambda: lists()[1][0] == "Nodule (segment)", timeout=10000)
+        roi.SetName("Mediastinum")
+        qtbot.waitUntil(lambda: lists()[1][1] == "Mediastinum (ROI box)", timeout=10000)
+        line.SetName("Long axis")
+        qtbot.waitUntil(lambda: lists()[1][2] == "Long axis (line, 10.0 mm)", timeout=10000)
+    finally:
+        widget.cleanup()
+
+
 def test_light_self_test_needs_no_torch(tmp_path):
     """In a fresh Python where torch, SimpleITK, transformers and SampleData cannot be imported."""
     script = textwrap.dedent(f"""
@@ -174,7 +310,7 @@ def test_light_self_test_needs_no_torch(tmp_path):
             sys.modules[name] = None
         sys.path[:0] = [{str(PROJECT / "RadFMModule")!r}, {str(PROJECT / "Testing")!r}]
         import slicer_standin
-        sys.modules.update(slicer_standin.install())
+        slicer_standin.start_slicer({str(tmp_path)!r})
         from RadFMModuleLib.qt_shim import QtCore, QtWidgets
         app = QtWidgets.QApplication([])
         QtCore.QSettings.setDefaultFormat(QtCore.QSettings.IniFormat)
@@ -255,7 +391,8 @@ def installed(monkeypatch):
     return present
 
 
-def test_a_second_ask_during_the_install_starts_no_second_install(slicer, module, installed, monkeypatch, tmp_path):
+def test_a_second_ask_during_the_install_starts_no_second_install(slicer, dialogs, module, installed, monkeypatch,
+                                                                 tmp_path):
     """Slicer's pip_install processes Qt events: a click on Ask arriving then must be ignored."""
     from RadFMModuleLib import dependencies
 
@@ -284,14 +421,14 @@ def test_a_second_ask_during_the_install_starts_no_second_install(slicer, module
         panel.input.setPlainText("Is there an effusion?")
         panel.ask("vqa")
         assert len(pip_runs) == 1 and asked_meanwhile == [True]
-        assert len([q for q in slicer.util.shown if "Install them now?" in q]) == 1
+        assert len([q for q in dialogs.shown if "Install them now?" in q]) == 1
         assert f"torch=={importlib.metadata.version('torch')}" in pip_runs[0]  # PyTorchUtils' torch is kept
         assert panel.busy_now  # the first ask goes on to the worker
     finally:
         widget.cleanup()
 
 
-def test_a_changed_package_already_in_use_asks_for_a_restart(slicer, installed, monkeypatch):
+def test_a_changed_package_already_in_use_asks_for_a_restart(slicer, dialogs, installed, monkeypatch):
     from RadFMModuleLib import dependencies
     from RadFMModuleLib.settings import ModelSettings
 
@@ -302,8 +439,8 @@ def test_a_changed_package_already_in_use_asks_for_a_restart(slicer, installed, 
     import tqdm  # noqa: F401  (imported in this session, as Slicer's own modules may have)
 
     assert not dependencies.ensure(ModelSettings(precision="float32"))
-    assert "changed tqdm" in slicer.util.shown[-1] and "Slicer must restart" in slicer.util.shown[-1]
-    assert slicer.util.restarts == [True]
+    assert "changed tqdm" in dialogs.shown[-1] and "Slicer must restart" in dialogs.shown[-1]
+    assert dialogs.restarts == [True]
 
 
 @pytest.mark.parametrize("python, message", [
@@ -311,7 +448,7 @@ def test_a_changed_package_already_in_use_asks_for_a_restart(slicer, installed, 
     (os.path.join(os.path.expanduser(os.environ.get("PYENV_ROOT", "~/.pyenv")), "versions", "3.9.18", "bin", "python"),
      "cannot import torch"),
 ])
-def test_a_chosen_worker_python_is_checked_before_it_is_trusted(slicer, python, message):
+def test_a_chosen_worker_python_is_checked_before_it_is_trusted(slicer, dialogs, python, message):
     from RadFMModuleLib import dependencies
     from RadFMModuleLib.settings import ModelSettings
 
@@ -319,15 +456,15 @@ def test_a_chosen_worker_python_is_checked_before_it_is_trusted(slicer, python, 
         pytest.skip(f"no Python without torch at {python}")
     lines = []
     assert not dependencies.ensure(ModelSettings(worker_python=python), log=lines.append)
-    assert message in slicer.util.shown[-1] and lines == [slicer.util.shown[-1]]
+    assert message in dialogs.shown[-1] and lines == [dialogs.shown[-1]]
     assert dependencies.ensure(ModelSettings(worker_python=sys.executable))
 
 
 # ---------------------------------------------------------------------------------- selections in the parameter node
 def test_selections_are_kept_in_the_parameter_node_and_shown_again(slicer, module, tmp_path):
     ct, prior = add_ct(slicer, "CT"), add_ct(slicer, "CT prior")
-    segmentation = slicer.mrmlScene.AddNode(slicer.SegmentationNode("S", IJK_TO_RAS))
-    segmentation.add_segment("s1", "Lesion", np.ones(SHAPE, bool))
+    slicer.util.setSliceViewerLayers(background=ct)
+    segmentation = add_segmentation(slicer, ct, {"s1": ("Lesion", np.ones(SHAPE, bool))}, "S")
     widget = module.RadFMModuleWidget()
     try:
         panel = widget.panel
@@ -337,24 +474,77 @@ def test_selections_are_kept_in_the_parameter_node_and_shown_again(slicer, modul
         panel.region_list.item(0).setCheckState(module.QtCore.Qt.Checked)
         node = widget.logic.getParameterNode()
         assert node.GetNodeReferenceID("Prior") == prior.GetID() and node.GetParameter("Window") == '"lung"'
-        assert json.loads(node.GetParameter("Regions")) == [f"{segmentation.GetID()}/s1"]
+        assert widget.logic.kept_selection().region_ids == (f"{segmentation.GetID()}/s1",)
     finally:
         widget.cleanup()
-    slicer.util.saveScene(str(tmp_path / "study.mrb"))
     reopened = module.RadFMModuleWidget()  # the module opened again on this scene
     try:
         selection = reopened.panel.selection()
         assert (selection.volume_id, selection.prior_id, selection.window) == (ct.GetID(), prior.GetID(), "lung")
         assert selection.region_ids == (f"{segmentation.GetID()}/s1",)
+        assert slicer.util.saveScene(str(tmp_path / "study.mrb"))
         slicer.mrmlScene.Clear(0)  # a new scene: nothing kept
         assert reopened.logic.kept_selection() is None
-        import zipfile
-
-        saved = json.loads(zipfile.ZipFile(tmp_path / "study.mrb").read("scene.json"))
-        (parameters,) = [r for r in saved if r["class"] == "vtkMRMLScriptedModuleNode"]
-        assert parameters["references"]["Prior"] == prior.GetID() and parameters["parameters"]["Window"] == '"lung"'
+        slicer.util.loadScene(str(tmp_path / "study.mrb"), {"clear": True})  # the study opened again
+        names = {node.GetID(): node.GetName() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")}
+        selection = reopened.panel.selection()
+        assert (names[selection.volume_id], names[selection.prior_id], selection.window) == ("CT", "CT prior", "lung")
+        assert [reopened.panel.region_list.item(0).text()] == ["Lesion (segment)"]
+        assert len(selection.region_ids) == 1
     finally:
         reopened.cleanup()
+
+
+# ---------------------------------------------------------------------------------- a saved study added to an open one
+def test_adding_a_saved_study_keeps_each_selection_whole_and_every_conversation(slicer, module, tmp_path):
+    """File > Add Data of a saved .mrb imports it (loadScene's default, clear=False): MRML renames its ids.
+    The kept selection then names the added study's scan and regions together; both conversations stay,
+    the panel says which one it shows, and the other opens from the list."""
+    from RadFMModuleLib.assistant import Selection
+
+    def study(name):
+        ct = add_ct(slicer, f"CT {name}")
+        segmentation = add_segmentation(slicer, ct, {"s1": ("Lesion", np.ones(SHAPE, bool))}, f"Segments {name}")
+        widget.logic.ask(f"About {name}?", volume=ct)
+        widget.logic.keep_selection(Selection(ct.GetID(), None, (f"{segmentation.GetID()}/s1",), "lung"))
+
+    widget = module.RadFMModuleWidget()
+    scripts = [tokens("Old answer."), tokens("New answer."), tokens("Third answer.")]
+    assistant = widget.logic.assistant
+    assistant.start_client = lambda python: ScriptedWorkerClient(scripts)
+    assistant.settings.checkpoint_folder, assistant.settings.worker_python = str(tmp_path), sys.executable
+    try:
+        study("2023")
+        assert slicer.util.saveScene(str(tmp_path / "study-2023.mrb"))
+        slicer.mrmlScene.Clear(0)
+        study("2024")
+        slicer.util.loadScene(str(tmp_path / "study-2023.mrb"))  # added to the open scene
+
+        kept = widget.logic.kept_selection()
+        scan = slicer.mrmlScene.GetNodeByID(kept.volume_id)
+        ((segmentation_id, segment),) = [region.split("/") for region in kept.region_ids]
+        assert (scan.GetName(), slicer.mrmlScene.GetNodeByID(segmentation_id).GetName(), segment) == (
+            "CT 2023", "Segments 2023", "s1")  # one study, not the added scan with the open study's regions
+        panel = widget.panel
+        texts = sorted(json.loads(n.GetText())["turns"][0]["answer"] for n in slicer.util.getNodesByClass(
+            "vtkMRMLTextNode") if n.GetAttribute("RadFM.Conversation"))
+        assert texts == ["New answer.", "Old answer."]
+        assert panel.conversations_row.isVisibleTo(panel) and panel.conversation_box.count() == 2
+        shown = panel.conversation_box.currentText()
+        assert panel.status_label.text() == (f"This scene holds 2 conversations; showing \u201c{shown}\u201d. "
+                                             "Pick another under Conversation.")
+        assert [t.answer for t in widget.logic.assistant.session.turns] == ["Old answer."]  # the added study's
+        other = 1 - panel.conversation_box.currentIndex()
+        panel.conversation_box.setCurrentIndex(other)
+        panel.conversation_box.activated.emit(other)  # as a click does
+        assert [t.answer for t in widget.logic.assistant.session.turns] == ["New answer."]
+        assert [view.text for view in panel.answers] == ["New answer."]
+        widget.logic.ask("Again?", volume=scan)  # goes to the conversation shown, the other is untouched
+        texts = sorted(len(json.loads(n.GetText())["turns"]) for n in slicer.util.getNodesByClass(
+            "vtkMRMLTextNode") if n.GetAttribute("RadFM.Conversation"))
+        assert texts == [1, 2]
+    finally:
+        widget.cleanup()
 
 
 # ---------------------------------------------------------------------------------- the GPU check offers what fits
@@ -413,12 +603,11 @@ def ask_in_panel(slicer, panel, question, tmp_path, scripts):
 
 def test_show_attention_overlays_the_answers_map_on_the_scan(slicer, module, tmp_path):
     """Ticked, the answer carries a map and "Show attention" shows it as a heat-map volume on the
-    scan's grid and geometry, Inferno, 40 % over the scan in every slice view; a second answer's map
-    updates the same overlay, which is never offered as a scan."""
-    from RadFMModuleLib.scene_adapters import OVERLAY_COLOR_ID, SlicerScene
+    scan's grid and geometry, in a heat map the scene has, 40 % over the scan in every slice view;
+    a second answer's map updates the same overlay, which is never offered as a scan."""
+    from RadFMModuleLib.scene_adapters import SlicerScene
 
     ct = add_ct(slicer)
-    slicer.mrmlScene.AddNode(slicer.SliceCompositeNode("Yellow", ct.GetID()))
     widget = module.RadFMModuleWidget()
     panel = widget.panel
     try:
@@ -431,11 +620,12 @@ def test_show_attention_overlays_the_answers_map_on_the_scan(slicer, module, tmp
         assert panel.status_label.text() == f"Showing {overlay.GetName()}"
         heat = slicer.util.arrayFromVolume(overlay)
         assert heat.shape == SHAPE and heat.dtype == np.float32 and heat.max() == 1.0 and 0 < heat.mean() < 1
-        matrix = slicer.vtk_matrix(np.eye(4))
+        matrix = slicer.util.vtkMatrixFromArray(np.eye(4))
         overlay.GetIJKToRASMatrix(matrix)
-        np.testing.assert_allclose(slicer.numpy_matrix(matrix), IJK_TO_RAS)
+        np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(matrix), IJK_TO_RAS)
         display = overlay.GetDisplayNode()
-        assert display.GetColorNodeID() == OVERLAY_COLOR_ID and (display.GetLevel(), display.GetWindow()) == (0.5, 1)
+        # Inferno where Slicer's colour files are; here (slicer-core ships none) the built-in PET heat map
+        assert display.GetColorNode().GetName() == "PET-Heat" and (display.GetLevel(), display.GetWindow()) == (0.5, 1)
         for composite in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):
             assert (composite.GetBackgroundVolumeID(), composite.GetForegroundVolumeID()) == (ct.GetID(),
                                                                                              overlay.GetID())
@@ -461,5 +651,94 @@ def test_unticked_no_map_is_computed_and_a_changed_scan_is_refused(slicer, modul
         assert not view.attention_button.isVisibleTo(panel)
         with pytest.raises(ValueError, match="not CT's any more"):
             SlicerScene().show_overlay(ct.GetID(), np.zeros((2, 2, 2), np.float32), "x")
+    finally:
+        widget.cleanup()
+
+
+# ---------------------------------------------------------------------------------- the README's picture
+# Remade only on request (RADFM_UPDATE_SCREENSHOTS=1), so a test run leaves the checkout as it was.
+SCREENSHOT = PROJECT / "Resources" / "Screenshots" / "RadFMPanel.png"
+
+
+def slice_view(slicer, layout_name, ras, size):
+    """What Slicer's slice logic draws for a view (its layers blended) through ``ras``: RGBA and a QImage."""
+    from RadFMModuleLib.qt_shim import QtGui
+
+    logic = slicer.app.applicationLogic().GetSliceLogicByLayoutName(layout_name)
+    logic.GetSliceNode().SetDimensions(size, size, 1)
+    logic.FitSliceToBackground()
+    logic.GetSliceNode().JumpSlice(*ras)  # the slice through the point, the whole scan in view
+    producer = logic.GetImageDataConnection().GetProducer()
+    producer.Update()
+    image = producer.GetOutputDataObject(0)
+    width, height, _ = image.GetDimensions()
+    rgba = vtk.util.numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(height, width, 4)
+    rgba = np.ascontiguousarray(rgba[::-1])  # VTK's rows run bottom-up
+    return rgba, QtGui.QImage(rgba.data, width, height, 4 * width, QtGui.QImage.Format_RGBA8888).copy()
+
+
+def test_readme_screenshot_the_panel_beside_slicers_slice_views(slicer, module, qtbot, tmp_path):
+    """The panel in the module beside the three slice views Slicer's own slice logics draw: the scan in
+    the lung window and its marked region (the segment exported to a label map, outlined as Slicer does)."""
+    import vtk.util.numpy_support  # noqa: F401 (slice_view)
+    from panel_scene import IJK_TO_RAS as CHEST, NODULE, chest_phantom, nodule_mask, ras
+
+    from RadFMModuleLib.qt_shim import QtCore, QtGui, QtWidgets
+
+    ct = slicer.util.addVolumeFromArray(chest_phantom(nodule=True), CHEST, "CT chest 2024-03-01")
+    slicer.util.addVolumeFromArray(chest_phantom(nodule=False), CHEST, "CT chest 2023-09-12")
+    ct.GetDisplayNode().AutoWindowLevelOff()
+    ct.GetDisplayNode().SetWindowLevel(1500.0, -600.0)
+    segmentation = add_segmentation(slicer, ct, {"lesion": ("Lesion RUL", nodule_mask())}, "Segmentation")
+    labels = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "Lesion RUL label")
+    assert slicer.modules.segmentations.logic().ExportVisibleSegmentsToLabelmapNode(segmentation, labels, ct)
+    labels.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeLabels")
+    slicer.util.setSliceViewerLayers(background=ct, label=labels, labelOpacity=1.0)
+    for node in slicer.util.getNodesByClass("vtkMRMLSliceNode"):
+        node.SetUseLabelOutline(True)
+
+    from RadFMModuleLib.settings import ModelSettings
+
+    ModelSettings(checkpoint_folder=str(tmp_path), device="cpu", precision="float32").save(QtCore.QSettings())
+    widget = module.RadFMModuleWidget()
+    panel = widget.panel
+    report = ("Findings: A 9 mm solid nodule in the right upper lobe, with smooth margins. No consolidation. "
+              "No pleural effusion. Heart size is normal.\nImpression: Solitary right upper lobe nodule; "
+              "compare with prior imaging and consider follow-up CT.")
+    try:
+        panel.history_edit.setText("67 y, male, former smoker, cough for 3 weeks")
+        panel.window_box.setCurrentIndex(panel.window_box.findData("lung"))
+        panel.region_list.item(0).setCheckState(QtCore.Qt.Checked)
+        ask_in_panel(slicer, panel, "Is the marked lesion a solid nodule?", tmp_path, [
+            tokens("Yes. There is a solid nodule in the right upper lobe; it has smooth margins and no cavitation."),
+            tokens(report)])
+        panel.region_list.item(0).setCheckState(QtCore.Qt.Unchecked)
+        panel.ask("report")
+        qtbot.waitUntil(lambda: not panel.busy_now, timeout=15000)
+        assert [view.text[:4] for view in panel.answers] == ["Yes.", "Find"]
+
+        nodule = ras((NODULE[2], NODULE[1], NODULE[0]))
+        red, red_image = slice_view(slicer, "Red", nodule, 560)
+        views = QtWidgets.QWidget()
+        grid = QtWidgets.QGridLayout(views)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.setSpacing(4)
+        for (name, image), place in zip([("Red", red_image)] + [(n, slice_view(slicer, n, nodule, 278)[1])
+                                                              for n in ("Yellow", "Green")],
+                                        [(0, 0, 1, 2), (1, 0, 1, 1), (1, 1, 1, 1)]):
+            label = QtWidgets.QLabel()
+            label.setPixmap(QtGui.QPixmap.fromImage(image))
+            grid.addWidget(label, *place)
+        window = QtWidgets.QWidget()
+        row = QtWidgets.QHBoxLayout(window)
+        row.addWidget(views, 0, QtCore.Qt.AlignTop)
+        widget.parent.setFixedSize(440, 842)
+        row.addWidget(widget.parent)
+        window.show()
+        qtbot.waitExposed(window)
+        outline = (red[..., 0] != red[..., 1]) | (red[..., 1] != red[..., 2])  # grey scan, coloured outline
+        assert outline.any() and outline.mean() < 0.01  # the region is outlined, the scan is not covered
+        shot = SCREENSHOT if os.environ.get("RADFM_UPDATE_SCREENSHOTS") == "1" else tmp_path / SCREENSHOT.name
+        assert window.grab().save(str(shot)) and shot.stat().st_size > 10_000
     finally:
         widget.cleanup()

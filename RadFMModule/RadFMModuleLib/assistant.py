@@ -48,7 +48,7 @@ class VolumeData:
 class SceneItem:
     id: str
     name: str
-    kind: str  # "volume", "segment", "box" or "line"
+    kind: str  # "volume", "segment", "box", "line" or "conversation"
     detail: str = ""  # e.g. "23.4 mm" for a line
 
 
@@ -60,6 +60,8 @@ class Scene(Protocol):
     def segment_mask(self, segment_id: str, volume_id: str) -> np.ndarray: ...  # on the volume's grid
     def box_ras(self, box_id: str) -> list: ...  # [[x0, y0, z0], [x1, y1, z1]]
     def line_length_mm(self, line_id: str) -> float: ...
+    conversation_id: "str | None"  # which of the scene's conversations is shown and added to
+    def conversations(self) -> list: ...  # SceneItem list, detail: how many answers
     def load_session_json(self) -> "str | None": ...
     def save_session_json(self, text: str) -> None: ...
     def set_aside_session_json(self) -> str: ...  # keeps an unreadable conversation; returns where

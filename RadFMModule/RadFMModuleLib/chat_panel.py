@@ -87,7 +87,7 @@ class ChatPanel(QtWidgets.QWidget):
             box.currentIndexChanged.connect(lambda *args: self._ahead_timer.start())
         self.refresh_scene()
         self.show_conversation(self.assistant.restore())
-        self._set_status(self.assistant.restore_note)
+        self._set_status(self.assistant.restore_note or self._list_conversations())
 
     # ------------------------------------------------------------------ layout
     def _build(self):
@@ -119,6 +119,14 @@ class ChatPanel(QtWidgets.QWidget):
                 self.skipped_label.setVisible(False)
                 form.addRow("", self.skipped_label)
         root.addWidget(study.widget)
+
+        # A scene holding several conversations (a saved study added to it brings its own): which one is shown
+        self.conversation_box = QtWidgets.QComboBox()
+        self.conversation_box.activated.connect(lambda *args: self._open_conversation())  # PythonQt: (int) or (str)
+        self.conversations_row = QtWidgets.QWidget()
+        self.conversations_row.setLayout(hrow(QtWidgets.QLabel("Conversation"), self.conversation_box, stretch_at=2))
+        self.conversations_row.setVisible(False)
+        root.addWidget(self.conversations_row)
 
         self.conversation = QtWidgets.QScrollArea()
         self.conversation.setObjectName("conversation")
@@ -535,7 +543,32 @@ class ChatPanel(QtWidgets.QWidget):
         self.cancel_quietly()
         self.refresh_scene()
         self.show_conversation(self.assistant.restore())
-        self._set_status(self.assistant.restore_note)
+        self._set_status(self.assistant.restore_note or self._list_conversations())
+
+    def _list_conversations(self) -> str:
+        """List the scene's conversations when it holds several; returns the line saying which one is shown."""
+        scene = self.assistant.scene
+        items = scene.conversations()
+        self.conversation_box.clear()
+        for item in items:
+            self.conversation_box.addItem(f"{item.name} ({item.detail})", item.id)
+        self.conversation_box.setCurrentIndex(max(self.conversation_box.findData(scene.conversation_id), 0))
+        self.conversations_row.setVisible(len(items) > 1)
+        if len(items) < 2:
+            return ""
+        return (f"This scene holds {len(items)} conversations; showing "
+                f"\u201c{get(self.conversation_box, 'currentText')}\u201d. Pick another under Conversation.")
+
+    def _open_conversation(self):
+        """Show (and add to) the conversation picked in the list."""
+        node_id = get(self.conversation_box, "currentData")
+        if node_id == self.assistant.scene.conversation_id:
+            return
+        if self.busy_now:
+            self.conversation_box.setCurrentIndex(self.conversation_box.findData(self.assistant.scene.conversation_id))
+            return self._set_status("Wait for the answer (or stop it) before opening another conversation.")
+        self.assistant.scene.conversation_id = node_id
+        self.reload()
 
     def copy_answer(self, index: int = -1):
         answered = [view for view in self.answers if view.text]
