@@ -9,11 +9,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import storage
-from .engine import RadFMEngine
 from .errors import ImageError, PromptError
 from .generation import Generation, GenerationResult, GenerationSettings
 from .image_cache import NO_CACHE, ImageCache
@@ -22,6 +22,9 @@ from .preview import render_montage
 from .prompts import ORDINALS, PromptImage, build_prompt, task_question
 from .regions import check_corner, region_from_box, region_from_mask
 from .session import REGION_NOTE, ImageRecord, Session, Turn
+
+if TYPE_CHECKING:  # the engine brings torch: checking and preparing a request runs without it
+    from .engine import RadFMEngine
 
 ROLE_LABELS = {"current": "current study", "prior": "prior study"}
 
@@ -313,7 +316,7 @@ def _write_previews(images: list[ModelImage], records: list[ImageRecord], edges:
         record.preview_png = str(out)
 
 
-def start(engine: RadFMEngine, request: AskRequest, session: Session | None = None,
+def start(engine: "RadFMEngine", request: AskRequest, session: Session | None = None,
           images: ImageCache = NO_CACHE, prepared: PreparedAsk | None = None) -> tuple[PreparedAsk, Generation]:
     """Prepare the inputs (on the engine's device) and encode the images; the generation has not run yet.
 
@@ -326,7 +329,7 @@ def start(engine: RadFMEngine, request: AskRequest, session: Session | None = No
     return prepared, generation
 
 
-def make_turn(engine: RadFMEngine, request: AskRequest, prepared: PreparedAsk, result: GenerationResult,
+def make_turn(engine: "RadFMEngine", request: AskRequest, prepared: PreparedAsk, result: GenerationResult,
               prepare_s: float) -> Turn:
     """The session turn for a finished generation, with its provenance."""
     return Turn(
@@ -372,7 +375,7 @@ def _provenance(request: AskRequest, model: dict) -> dict:
             "included_previous_turns": request.include_previous_turns}
 
 
-def ask(engine: RadFMEngine, request: AskRequest, session: Session | None = None, on_text=None,
+def ask(engine: "RadFMEngine", request: AskRequest, session: Session | None = None, on_text=None,
         prepared: PreparedAsk | None = None) -> Turn:
     """Answer one request to the end (streaming deltas to ``on_text``); add the turn to ``session``."""
     t0 = time.perf_counter()
