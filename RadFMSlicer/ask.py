@@ -17,7 +17,7 @@ from . import storage
 from .errors import ImageError, PromptError
 from .generation import Generation, GenerationResult, GenerationSettings
 from .image_cache import NO_CACHE, ImageCache
-from .imaging import ModelImage, Volume, load_volume, parse_window, preprocess, volume_from_array
+from .imaging import ModelImage, Volume, parse_window, preprocess
 from .preview import render_montage
 from .prompts import ORDINALS, PromptImage, build_prompt, task_question
 from .regions import check_corner, region_from_box, region_from_mask
@@ -80,6 +80,8 @@ class ImageInput:
         return cls(**item)
 
     def load(self) -> Volume:
+        from .imaging import load_volume, volume_from_array  # SimpleITK: imported to read, not to check a flag
+
         self._check_source()
         if self.array is not None:
             return volume_from_array(np.asarray(self.array), np.asarray(self.ijk_to_ras, float),
