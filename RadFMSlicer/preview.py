@@ -100,7 +100,8 @@ def render_montage(images, out_png, titles=None, tile: int = TILE, edges=None, o
                                                                      edges, overlays):
         for n, line in enumerate(caption):
             draw.text((x0, BLOCK_GAP + n * LINE_HEIGHT), line, fill=TEXT, font=font)
-        slices = np.round(im.slices() * 255).astype(np.uint8)  # [D, rows, cols], rounded half to even as torch
+        scaled = im.slices() * 255  # [D, rows, cols]; a new array, rounded in place (half to even, as torch did)
+        slices = np.rint(scaled, out=scaled).astype(np.uint8)
         for d, (pixels, number) in enumerate(zip(slices, slice_numbers(im))):
             r, c = divmod(d, cols)
             x, y = x0 + c * (tile + TILE_GAP), y0 + r * (tile + TILE_GAP)
