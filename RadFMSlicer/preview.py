@@ -100,12 +100,13 @@ def render_montage(images, out_png, titles=None, tile: int = TILE, edges=None, o
                                                                      edges, overlays):
         for n, line in enumerate(caption):
             draw.text((x0, BLOCK_GAP + n * LINE_HEIGHT), line, fill=TEXT, font=font)
-        scaled = im.slices() * 255  # [D, rows, cols]; a new array, rounded in place (half to even, as torch did)
-        slices = np.rint(scaled, out=scaled).astype(np.uint8)
-        for d, (pixels, number) in enumerate(zip(slices, slice_numbers(im))):
+        slices = im.slices()  # [D, rows, cols] in [0, 1]
+        scaled = np.empty(slices.shape[1:], np.float32)  # one slice at a time, while it is in cache
+        for d, number in enumerate(slice_numbers(im)):
             r, c = divmod(d, cols)
             x, y = x0 + c * (tile + TILE_GAP), y0 + r * (tile + TILE_GAP)
-            picture = Image.fromarray(pixels).resize((tile, tile), Image.Resampling.BOX)
+            np.rint(np.multiply(slices[d], 255, out=scaled), out=scaled)  # half to even, as torch's round
+            picture = Image.fromarray(scaled.astype(np.uint8)).resize((tile, tile), Image.Resampling.BOX)
             if heat is not None:
                 picture = _heat(picture, heat[:, :, d], tile)
             canvas.paste(picture, (x, y))
