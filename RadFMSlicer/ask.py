@@ -10,20 +10,23 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import storage
-from .engine import RadFMEngine
 from .errors import ImageError, PromptError, RequestError
 from .generation import Generation, GenerationResult, GenerationSettings
 from .image_cache import NO_CACHE, ImageCache
+from .imaging import ModelImage, Volume, parse_window, preprocess
 from .paths import FILE, check_kind
-from .imaging import ModelImage, Volume, load_volume, parse_window, preprocess, volume_from_array
 from .preview import render_montage
 from .prompts import ORDINALS, PromptImage, build_prompt, check_user_text, task_question
 from .regions import check_corner, region_from_box, region_from_mask
 from .session import REGION_NOTE, ImageRecord, Session, Turn
+
+if TYPE_CHECKING:  # the engine brings torch: checking and preparing a request runs without it
+    from .engine import RadFMEngine
 
 ROLE_LABELS = {"current": "current study", "prior": "prior study"}
 
@@ -98,6 +101,8 @@ class ImageInput:
         return cls(**item)
 
     def load(self) -> Volume:
+        from .imaging import load_volume, volume_from_array  # SimpleITK: imported to read, not to check a flag
+
         self._check_source()
         if self.array is not None:
             return volume_from_array(np.asarray(self.array), np.asarray(self.ijk_to_ras, float),
@@ -395,7 +400,7 @@ def _write_previews(images: list[ModelImage], records: list[ImageRecord], edges:
         record.preview_png = str(out)
 
 
-def start(engine: RadFMEngine, request: AskRequest, session: Session | None = None,
+def start(engine: "RadFMEngine", request: AskRequest, session: Session | None = None,
           images: ImageCache = NO_CACHE, prepared: PreparedAsk | None = None) -> tuple[PreparedAsk, Generation]:
     """Prepare the inputs (on the engine's device) and encode the images; the generation has not run yet.
 
@@ -408,7 +413,7 @@ def start(engine: RadFMEngine, request: AskRequest, session: Session | None = No
     return prepared, generation
 
 
-def make_turn(engine: RadFMEngine, request: AskRequest, prepared: PreparedAsk, result: GenerationResult,
+def make_turn(engine: "RadFMEngine", request: AskRequest, prepared: PreparedAsk, result: GenerationResult,
               prepare_s: float) -> Turn:
     """The session turn for a finished generation, with its provenance."""
     return Turn(
@@ -454,7 +459,7 @@ def _provenance(request: AskRequest, model: dict) -> dict:
             "included_previous_turns": request.include_previous_turns}
 
 
-def ask(engine: RadFMEngine, request: AskRequest, session: Session | None = None, on_text=None,
+def ask(engine: "RadFMEngine", request: AskRequest, session: Session | None = None, on_text=None,
         prepared: PreparedAsk | None = None) -> Turn:
     """Answer one request to the end (streaming deltas to ``on_text``); add the turn to ``session``."""
     t0 = time.perf_counter()

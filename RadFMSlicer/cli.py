@@ -179,18 +179,26 @@ def remote_client(args):
     return RemoteClient(args.server, token_from_args(args))
 
 
-def check_model_arguments(args) -> None:
-    """Checkpoint folder, device, dtype and quantization: checked before any scan is read."""
+def engine_class():
+    """:class:`~RadFMSlicer.engine.RadFMEngine`, imported only by commands that load the model: it
+    brings torch and transformers, seconds on a cold start, said first on stderr (a quiet terminal
+    looks hung). Help, flag errors, previews and ``--server`` never pay for it."""
+    if "torch" not in sys.modules:
+        print("Loading torch and transformers ...", file=sys.stderr, flush=True)
     from .engine import RadFMEngine
 
-    RadFMEngine.load_options(args.checkpoint, args.device, args.dtype, args.quantization)
+    return RadFMEngine
+
+
+def check_model_arguments(args) -> None:
+    """Checkpoint folder, device, dtype and quantization: checked before any scan is read, after
+    the checks that need no torch (a typo costs no import)."""
+    engine_class().load_options(args.checkpoint, args.device, args.dtype, args.quantization)
 
 
 def load_engine(args):
-    from .engine import RadFMEngine
-
     print(f"Loading {args.checkpoint} on {args.device} ...", file=sys.stderr, flush=True)
-    engine = RadFMEngine.load(args.checkpoint, device=args.device, dtype=args.dtype, quantization=args.quantization,
+    engine = engine_class().load(args.checkpoint, device=args.device, dtype=args.dtype, quantization=args.quantization,
                              compile_decode=args.compile_decode, vllm_url=vllm_url(args))
     tier = f", LLM linears {engine.quantization}" if engine.quantization else ""
     print(f"Loaded as {str(engine.dtype).replace('torch.', '')}{tier}", file=sys.stderr, flush=True)
@@ -237,15 +245,13 @@ def print_image_notes(images) -> None:
 
 # --- subcommands ----------------------------------------------------------------------------
 def cmd_ask(args) -> int:
-    from .ask import ask, prepare
+    from .ask import ask, prepare, validate
     from .session import DISCLAIMER, Session, append_turn
     from .storage import check_writable
 
     client = remote_client(args) if args.server else None  # the token file read before any scan
-    if not args.server:
-        if not args.checkpoint:
-            raise RadFMError("radfm ask needs --checkpoint FOLDER (or --server URL of a radfm serve)")
-        check_model_arguments(args)
+    if not args.server and not args.checkpoint:
+        raise RadFMError("radfm ask needs --checkpoint FOLDER (or --server URL of a radfm serve)")
     if args.attention:
         from .attention import check_map_name
 
@@ -259,6 +265,9 @@ def cmd_ask(args) -> int:
     if args.session:
         check_writable(args.session, "session file")  # before the model runs, not after the answer
     session = Session.read(args.session) if args.session else Session()
+    if not args.server:
+        validate(request)  # paths, window and regions: before torch is imported
+        check_model_arguments(args)
     words = []  # the answer so far: kept in --session if it is cut short
 
     def stream(delta: str) -> None:
@@ -339,12 +348,12 @@ def cmd_batch(args) -> int:
 
     out = Path(args.out)
     check_writable(out, "results file (--out)")
-    check_model_arguments(args)
     parse_window(args.window or args.preset)  # options shared by every scan: one error, before anything runs
     regions_from_args(args)
     with settings_named_as_flags():
         generation_settings(vars(args))
     items = batch_items(Path(args.input))
+    check_model_arguments(args)
     with sole_writer(out, "radfm batch"):  # a second batch on this --out is refused, naming this one
         return answer_batch(args, out, items)
 

@@ -5,25 +5,34 @@ streamed as text, a cancel from another thread stops it before the next forward 
 and the stop reason is always known. Generation stops at EOS id 2, the token that ended
 every training answer; the released ``config.json`` says eos=1, and following it makes
 every answer run to the token limit.
+
+torch and transformers are imported where the loop needs them, not with this module:
+front ends read :class:`GenerationSettings` (``radfm ask --server``, every flag check)
+without paying seconds for libraries they never use.
 """
+
+from __future__ import annotations
 
 import contextlib
 import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
-
-import torch
-from transformers import DynamicCache, StaticCache
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from .errors import PromptError, RadFMError
 from .tokenizer import EOS_ID, RadFMTokenizer, StreamDecoder
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import DynamicCache
 
 
 @contextlib.contextmanager
 def explain_out_of_memory(what: str):
     """Turn a CUDA out-of-memory error into an actionable RadFMError, freeing the cache."""
+    import torch
+
     try:
         yield
     except torch.cuda.OutOfMemoryError as exc:
@@ -86,6 +95,8 @@ def pick_token(
 ) -> int:
     """Next token from ``logits [V]`` (float32); ``history`` holds the ids seen so far (read only with a
     repetition penalty, so None without one)."""
+    import torch
+
     if settings.repetition_penalty != 1.0 and history.numel():
         seen = logits[history]
         logits = logits.clone()
@@ -122,11 +133,15 @@ class DynamicDecoder:
 
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
         """Logits ``[1, 1, V]`` after the prompt; starts a fresh cache."""
+        from transformers import DynamicCache
+
         self._cache = DynamicCache()
         return self._lm(inputs_embeds=embeds, cache=self._cache, use_cache=True, logits_to_keep=1).logits
 
     def step(self, token: int, position: int) -> torch.Tensor:
         """Logits ``[1, 1, V]`` after ``token``, which sits at ``position``."""
+        import torch
+
         ids = torch.tensor([[token]], device=self._lm.device)
         return self._lm(input_ids=ids, cache=self._cache, use_cache=True).logits
 
@@ -142,6 +157,9 @@ class CompiledDecoder:
     """
 
     def __init__(self, lang_model, max_positions: int):
+        import torch
+        from transformers import StaticCache
+
         self._lm = lang_model
         self._cache = StaticCache(config=lang_model.config, max_cache_len=max_positions)
         mode = "reduce-overhead" if lang_model.device.type == "cuda" else None
@@ -151,12 +169,16 @@ class CompiledDecoder:
         return self._lm(input_ids=ids, cache=self._cache, cache_position=positions, use_cache=True).logits
 
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+        import torch
+
         self._cache.reset()
         positions = torch.arange(embeds.shape[1], device=embeds.device)
         return self._lm(inputs_embeds=embeds, cache=self._cache, cache_position=positions,
                         use_cache=True, logits_to_keep=1).logits
 
     def step(self, token: int, position: int) -> torch.Tensor:
+        import torch
+
         device = self._lm.device
         logits = self._compiled_step(torch.tensor([[token]], device=device), torch.tensor([position], device=device))
         return logits.clone()  # a CUDA graph overwrites its output on the next step
@@ -213,6 +235,8 @@ class Generation(StreamedAnswer):
 
     def token_ids(self) -> Iterator[int]:
         """The raw loop: yields each new token id; sets ``self.result`` at the end."""
+        import torch
+
         device = self._embeds.device
         generator = None
         if self.settings.seed is not None and self.settings.temperature > 0:

@@ -58,7 +58,7 @@ def _wrap(draw, text, font, width) -> list[str]:
 
 def slice_numbers(image) -> list[int]:
     """The display slice (of the whole scan) each of the model's D slices was taken from (nearest)."""
-    depth, n = image.tensor.shape[-1], int(image.original_shape[0])
+    depth, n = image.shape[-1], int(image.original_shape[0])
     first = image.crop_box[0][0] if image.crop_box is not None else 0
     return [first + min(n - 1, int(d * n / depth)) for d in range(depth)]
 
@@ -79,13 +79,13 @@ def render_montage(images, out_png, titles=None, tile: int = TILE, edges=None, o
         raise ValueError(f"{len(titles)} titles for {len(images)} images")
     edges = list(edges) if edges is not None else [None] * len(images)
     overlays = list(overlays) if overlays is not None else [None] * len(images)
-    layouts = [grid_shape(im.tensor.shape[-1]) for im in images]
+    layouts = [grid_shape(im.shape[-1]) for im in images]
     widths = [c * tile + (c - 1) * TILE_GAP for _, c in layouts]
     heights = [r * tile + (r - 1) * TILE_GAP for r, _ in layouts]
     font = ImageFont.load_default(size=12)
     small = ImageFont.load_default(size=max(8, min(12, tile // 6)))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    captions = [[wrapped for line in (title, describe_window(im.window), f"tensor {list(im.tensor.shape)}",
+    captions = [[wrapped for line in (title, describe_window(im.window), f"tensor {list(im.shape)}",
                                       *([OVERLAY_CAPTION] if heat is not None else []))
                  for wrapped in _wrap(measure, line, font, width)]
                 for im, title, width, heat in zip(images, titles, widths, overlays)]
@@ -102,11 +102,13 @@ def render_montage(images, out_png, titles=None, tile: int = TILE, edges=None, o
                                                                      edges, overlays):
         for n, line in enumerate(caption):
             draw.text((x0, BLOCK_GAP + n * LINE_HEIGHT), line, fill=TEXT, font=font)
-        slices = (im.tensor[0] * 255).round().byte().permute(2, 0, 1).contiguous().numpy()  # [D, rows, cols]
-        for d, (pixels, number) in enumerate(zip(slices, slice_numbers(im))):
+        slices = im.slices()  # [D, rows, cols] in [0, 1]
+        scaled = np.empty(slices.shape[1:], np.float32)  # one slice at a time, while it is in cache
+        for d, number in enumerate(slice_numbers(im)):
             r, c = divmod(d, cols)
             x, y = x0 + c * (tile + TILE_GAP), y0 + r * (tile + TILE_GAP)
-            picture = Image.fromarray(pixels).resize((tile, tile), Image.Resampling.BOX)
+            np.rint(np.multiply(slices[d], 255, out=scaled), out=scaled)  # half to even, as torch's round
+            picture = Image.fromarray(scaled.astype(np.uint8)).resize((tile, tile), Image.Resampling.BOX)
             if heat is not None:
                 picture = _heat(picture, heat[:, :, d], tile)
             canvas.paste(picture, (x, y))

@@ -22,11 +22,15 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import SimpleITK as sitk
 
 from .errors import ImageError
-from .imaging import Volume, read_info, read_pixels
+from .imaging import Volume
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 MIDLINE_MM = 10.0
 NARROW_FOV_MM = 50.0
@@ -227,6 +231,10 @@ def load_mask(path, vol: Volume, notes: list | None = None) -> np.ndarray:
     volume's grid by physical position, so a label map saved on another grid of the same
     patient still fits; ``notes`` then gets a line naming both grids.
     """
+    import SimpleITK as sitk  # imported to read a label map, not to check a box's numbers
+
+    from .imaging import read_info, read_pixels
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ImageError(f"Label map not found: {path}")

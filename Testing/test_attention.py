@@ -131,11 +131,11 @@ def test_radfm_ask_writes_the_map_on_the_scans_grid_and_names_it(capsys, tiny_ch
 
 def test_radfm_ask_attention_reads_the_scan_once(capsys, tiny_checkpoint, tmp_path, monkeypatch):
     """The map goes onto the grid of the scan the answer was prepared from, not onto a second read of it."""
-    from RadFMSlicer import ask
     from RadFMSlicer.cli import main
+    from RadFMSlicer.imaging import io
 
-    reads, real = [], ask.load_volume
-    monkeypatch.setattr(ask, "load_volume", lambda path, **kwargs: reads.append(path) or real(path, **kwargs))
+    reads, real = [], io.load_volume
+    monkeypatch.setattr(io, "load_volume", lambda path, **kwargs: reads.append(path) or real(path, **kwargs))
     out = tmp_path / "ct-attention.nii.gz"
     assert main(["ask", "--checkpoint", str(tiny_checkpoint), "--image", CT, "--max-new-tokens", "1",
                  "--attention", str(out)]) == 0

@@ -107,18 +107,16 @@ def test_repetition_penalty_demotes_tokens_already_said():
     assert pick_token(logits, GenerationSettings(repetition_penalty=1.2), said, None) == 2
 
 
-class CountingTorch:
-    """``torch`` as generation.py sees it, counting its ``torch.cat`` calls (the model's own are not counted)."""
+class CountingCat:
+    """``torch.cat``, counting its calls (the fake decoder below makes none: the count is generation.py's)."""
 
     def __init__(self):
         self.cats = 0
+        self._cat = torch.cat
 
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    def cat(self, *args, **kwargs):
+    def __call__(self, *args, **kwargs):
         self.cats += 1
-        return torch.cat(*args, **kwargs)
+        return self._cat(*args, **kwargs)
 
 
 class FavouriteTokens:
@@ -138,8 +136,8 @@ def test_only_a_repetition_penalty_keeps_the_ids_said_and_it_demotes_them(monkey
     grows with the answer, so a token said is demoted later in the same answer."""
     from RadFMSlicer import generation
 
-    counted = CountingTorch()
-    monkeypatch.setattr(generation, "torch", counted)
+    counted = CountingCat()
+    monkeypatch.setattr(torch, "cat", counted)
     tokenizer = SimpleNamespace(vocab_size=32000, decode=lambda ids: " ".join(map(str, ids)))
     prompt_ids = torch.tensor([[1, 7, 8]])  # none of the favourite tokens
 

@@ -603,3 +603,27 @@ def test_a_nifti_scl_slope_taking_values_far_beyond_any_scanner_is_noted(tmp_pat
     image.header.set_slope_inter(2, -100)  # an ordinary rescale: nothing to say
     nibabel.save(image, path)
     assert load_volume(path).notes == []
+
+
+def test_the_numpy_resize_picks_the_voxels_torch_interpolate_picks():
+    """The CPU nearest path resizes without torch (a preview never imports it); the model must get the
+    same tensor as interpolate made: every slice count a scan has, to every depth and to 512 pixels."""
+    from RadFMSlicer.imaging.model_input import MAX_DEPTH, MODEL_SIZE, nearest_indices
+
+    for n_in in [*range(1, 1100), 2048, 4097]:
+        for n_out in (*range(4, MAX_DEPTH + 1, 4), MODEL_SIZE):
+            positions = torch.arange(n_in, dtype=torch.float32)[None, None]
+            picked = torch.nn.functional.interpolate(positions, size=n_out, mode="nearest")[0, 0].long().numpy()
+            np.testing.assert_array_equal(nearest_indices(n_in, n_out), picked, err_msg=f"{n_in} -> {n_out}")
+
+
+@pytest.mark.parametrize("shape", [(7, 384, 300), (70, 600, 512), (3, 256, 1024)])
+def test_preprocess_on_the_cpu_equals_windowing_then_interpolate(shape):
+    volume = volume_from_array(np.random.default_rng(1).integers(-1000, 2000, shape, dtype=np.int16))
+    image = preprocess(volume, "40,400")
+    low, high = image.window["low"], image.window["high"]
+    windowed = ((torch.from_numpy(np.ascontiguousarray(volume.voxels)).float() - low) / (high - low)).clamp(0, 1)
+    expected = torch.nn.functional.interpolate(windowed[None, None], size=(image.shape[-1], 512, 512))[0, 0]
+    expected = expected.permute(1, 2, 0)  # [rows, cols, slices]
+    assert isinstance(image.pixels, np.ndarray) and image.shape == (3, 512, 512, choose_depth(shape[0]))
+    assert torch.equal(image.tensor[1], expected)

@@ -94,3 +94,15 @@ def test_an_axial_scan_reads_right_left_anterior_posterior():
 
     prepared = prepare(AskRequest(task="report", images=[ImageInput(path=get_testdata_file("CT_small.dcm"))]))
     assert prepared.edges == [("R", "L", "A", "P")]
+
+
+def test_a_full_size_tile_is_the_model_tensor_rounded_as_torch_rounds_it(tmp_path):
+    """The preview draws the model's own values (made without torch on the CPU), not a lookalike."""
+    voxels = np.random.default_rng(2).integers(-200, 300, (4, 64, 64), dtype=np.int16)
+    image = preprocess(volume_from_array(voxels), "40,400")
+    png = np.asarray(Image.open(render_montage([image], tmp_path / "m.png", tile=512)).convert("L"))
+    expected = (image.tensor[0] * 255).round().byte().numpy()  # [512, 512, D]
+    top = 2 * BLOCK_GAP + CAPTION_LINES * LINE_HEIGHT
+    for d in range(4):  # a 2 x 2 block; below each tile's slice number
+        y, x = top + d // 2 * (512 + TILE_GAP), BLOCK_GAP + d % 2 * (512 + TILE_GAP)
+        np.testing.assert_array_equal(png[y + 20:y + 512, x:x + 512], expected[20:, :, d])

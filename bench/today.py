@@ -32,7 +32,7 @@ def preprocess(vol, window=None, *, interpolation="nearest", depth=None, device=
     kwargs = {"align_corners": False} if mode == "trilinear" else {}
     x = torch.nn.functional.interpolate(x.permute(1, 2, 0)[None, None], size=(MODEL_SIZE, MODEL_SIZE, d),
                                         mode=mode, **kwargs)[0]
-    return ModelImage(x.expand(3, -1, -1, -1), vol.source, win, vol.shape, vol.spacing_mm,
+    return ModelImage(x[0].permute(2, 0, 1), vol.source, win, vol.shape, vol.spacing_mm,
                       {"size": [MODEL_SIZE, MODEL_SIZE, d], "interpolation": interpolation}, list(vol.notes),
                       vol.crop_box)
 

@@ -17,9 +17,11 @@ import importlib
 from .geometry import LPS_TO_RAS, MAX_INPLANE, MAX_SLICES, MAX_VOXELS, Grid, Volume
 from .windows import PERCENTILES, WINDOW_PRESETS, Window, describe_window, parse_window, resolve_window
 
-# io needs SimpleITK and model_input torch: their names (the rest of __all__) load on first
-# use, so Slicer's process (the panel and the session only describe windows) runs without them.
-_LAZY_MODULES = ("io", "model_input")
+# io needs SimpleITK (and model_input torch, off the CPU or for linear resizing): their names
+# (the rest of __all__) load on first use, so Slicer's process (the panel and the session only
+# describe windows) runs without them. model_input is looked in first: checking a request's
+# flags (it imports preprocess) needs no SimpleITK.
+_LAZY_MODULES = ("model_input", "io")
 
 
 def __getattr__(name):

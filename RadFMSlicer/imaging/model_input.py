@@ -1,22 +1,29 @@
 """The exact tensor RadFM sees: :class:`Volume` -> windowed, resized ``[3, 512, 512, D]``.
 
 ``preprocess`` windows to [0, 1], then resizes ``[rows, cols, slices]`` to 512 x 512 x D
-with ``torch.nn.functional.interpolate`` (nearest by default, as RadFM training did),
+as ``torch.nn.functional.interpolate`` does (nearest by default, as RadFM training did),
 D being the multiple of 4 closest to the slice count (4..64, ties to the smaller, like
 RadFM's ``stack_images``), and repeats gray to 3 channels: ``[3, 512, 512, D]`` =
 channel, rows (H), cols (W), slices (D), the per-image layout of RadFM's ``vision_x``.
+
+On the CPU with nearest neighbour (the default) the resize is a pick of whole rows, columns
+and slices, done in numpy with the indices ``interpolate`` computes: a preview or a request
+checked for a server never imports torch (seconds at start); the model gets the same values.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from ..errors import ImageError
 from .geometry import Volume
 from .windows import describe_window, resolve_window
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_SIZE = 512
 MAX_DEPTH = 64
@@ -36,9 +43,11 @@ _INTERPOLATION = {"nearest": "nearest", "linear": "trilinear", "trilinear": "tri
 
 @dataclass
 class ModelImage:
-    """One model input and where it came from (everything but the tensor is JSON-able)."""
+    """One model input and where it came from (everything but the pixels is JSON-able)."""
 
-    tensor: torch.Tensor  # float32 [3, 512, 512, D] = channel, rows, cols, slices; values in [0, 1]
+    # float32 [D, 512, 512] = slices, rows, cols; values in [0, 1]. A numpy array when made on the CPU
+    # with nearest neighbour, else a torch tensor on the device it was made on.
+    pixels: np.ndarray | torch.Tensor
     source: str
     window: dict
     original_shape: tuple  # display [slices, rows, cols] before resampling
@@ -50,6 +59,26 @@ class ModelImage:
     # The engine caches encodings under it; None (no fingerprint known) means hash the pixels.
     key: str | None = None
 
+    @property
+    def tensor(self) -> torch.Tensor:
+        """float32 ``[3, 512, 512, D]`` = channel, rows, cols, slices: the model's input. A view of
+        ``pixels`` whose 3 channels share memory: call ``.contiguous()`` before editing in place."""
+        import torch
+
+        return torch.as_tensor(self.pixels).permute(1, 2, 0).expand(3, -1, -1, -1)
+
+    @property
+    def shape(self) -> tuple:
+        """The tensor's shape ``(3, 512, 512, D)``, known without torch."""
+        depth, rows, cols = self.pixels.shape
+        return 3, rows, cols, depth
+
+    def slices(self) -> np.ndarray:
+        """float32 ``[D, 512, 512]`` in memory (what a preview draws)."""
+        if isinstance(self.pixels, np.ndarray):
+            return self.pixels
+        return self.pixels.detach().cpu().numpy()
+
     def to_dict(self) -> dict:
         return {
             "source": self.source,
@@ -57,7 +86,7 @@ class ModelImage:
             "original_shape": [int(v) for v in self.original_shape],
             "spacing_mm": [round(float(v), 4) for v in self.spacing_mm],
             "resample": dict(self.resample),
-            "tensor_shape": list(self.tensor.shape),
+            "tensor_shape": list(self.shape),
             "notes": list(self.notes),
             "crop_box": None if self.crop_box is None else [list(self.crop_box[0]), list(self.crop_box[1])],
         }
@@ -65,7 +94,7 @@ class ModelImage:
     def describe(self) -> str:
         shape = "x".join(str(v) for v in self.original_shape)
         return (f"{self.source}: {shape} voxels, {describe_window(self.window)}, "
-                f"{self.resample['interpolation']} -> {list(self.tensor.shape)}")
+                f"{self.resample['interpolation']} -> {list(self.shape)}")
 
 
 def preprocess(vol: Volume, window=None, *, interpolation="nearest", depth=None, device=None) -> ModelImage:
@@ -83,23 +112,25 @@ def preprocess(vol: Volume, window=None, *, interpolation="nearest", depth=None,
     if mode is None:
         raise ImageError(f"Unknown interpolation {interpolation!r}: use 'nearest' or 'linear'.")
     size = (d, MODEL_SIZE, MODEL_SIZE)  # [slices, rows, cols]
-    if mode == "nearest":
-        picks = _nearest_indices(vol.shape[0], d)  # whole slices, the way interpolate would pick them
-        if device is None or torch.device(device).type == "cpu":
-            x = _window_slices(vol.voxels, picks, win)
-        else:
-            picked = vol.voxels[picks]  # whole slices (np.take: 7x slower on a flipped view)
-            x = _window_(_float_tensor(picked, device, copy=False), win)  # own buffer, in place
+    on_cpu = device is None or str(device).split(":")[0] == "cpu"
+    if mode == "nearest" and on_cpu:
+        x = _window_slices(vol.voxels, nearest_indices(vol.shape[0], d), win)  # whole slices, as interpolate picks
         if x.shape[1:] != size[1:]:
-            x = torch.nn.functional.interpolate(x[None], size=size[1:], mode="nearest")[0]
+            x = np.take(x, nearest_indices(x.shape[1], MODEL_SIZE), axis=1)  # rows, then columns: faster than
+            x = np.take(x, nearest_indices(x.shape[2], MODEL_SIZE), axis=2)  # one 2-D fancy index or interpolate
     else:
-        x = _window_(_float_tensor(vol.voxels, device, copy=True), win)
-        x = torch.nn.functional.interpolate(x[None, None], size=size, mode=mode, align_corners=False)[0, 0]
-    # [slices, rows, cols] seen as [rows, cols, slices]; the 3 channels share memory (an
-    # expanded view): call .contiguous() before editing in place.
-    tensor = x.permute(1, 2, 0).expand(3, -1, -1, -1)
+        import torch
+
+        if mode == "nearest":
+            picked = vol.voxels[nearest_indices(vol.shape[0], d)]  # whole slices (np.take: 7x slower on a flipped view)
+            x = _window_(_float_tensor(picked, device, copy=False), win)  # own buffer, in place
+            if x.shape[1:] != size[1:]:
+                x = torch.nn.functional.interpolate(x[None], size=size[1:], mode="nearest")[0]
+        else:
+            x = _window_(_float_tensor(vol.voxels, device, copy=True), win)
+            x = torch.nn.functional.interpolate(x[None, None], size=size, mode=mode, align_corners=False)[0, 0]
     key = None if vol.fingerprint is None else f"{vol.fingerprint}|{mode} {list(size)}|{win['low']!r},{win['high']!r}"
-    return ModelImage(tensor, vol.source, win, vol.shape, vol.spacing_mm,
+    return ModelImage(x, vol.source, win, vol.shape, vol.spacing_mm,
                       {"size": [MODEL_SIZE, MODEL_SIZE, d], "interpolation": "nearest" if mode == "nearest" else "linear"},
                       list(vol.notes), vol.crop_box, key)
 
@@ -132,10 +163,17 @@ def patch_map_to_scan(patch_map, vol: Volume) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(display, np.argsort(grid.axes)))
 
 
-def _nearest_indices(n_in: int, n_out: int) -> np.ndarray:
-    """The source index of each output position, exactly as ``interpolate(mode="nearest")`` picks it."""
-    positions = torch.arange(n_in, dtype=torch.float32)[None, None]
-    return torch.nn.functional.interpolate(positions, size=n_out, mode="nearest")[0, 0].long().numpy()
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """The source index of each output position, exactly as ``interpolate(mode="nearest")`` picks it:
+    ATen's ``nearest_idx``, ``min(floor(i * float32(n_in / n_out)), n_in - 1)`` in float32, with its
+    two special cases (same size, twice the size)."""
+    out = np.arange(n_out)
+    if n_out == n_in:
+        return out
+    if n_out == 2 * n_in:
+        return out >> 1
+    scale = np.float32(n_in) / np.float32(n_out)
+    return np.minimum(np.floor(out.astype(np.float32) * scale).astype(np.int64), n_in - 1)
 
 
 def _float_tensor(array: np.ndarray, device, copy: bool) -> torch.Tensor:
@@ -143,12 +181,14 @@ def _float_tensor(array: np.ndarray, device, copy: bool) -> torch.Tensor:
 
     A volume mapped from the viewer's hand-over is read-only and may be flipped (negative
     strides), which torch cannot wrap: it is copied in its compact dtype first."""
+    import torch
+
     if not array.flags.writeable or min(array.strides) < 0:
         array, copy = np.array(array), False  # the copy is already a new buffer
     return torch.from_numpy(array).to(device).to(torch.float32, copy=copy)
 
 
-def _window_slices(voxels: np.ndarray, picks: np.ndarray, win: dict) -> torch.Tensor:
+def _window_slices(voxels: np.ndarray, picks: np.ndarray, win: dict) -> np.ndarray:
     """float32 ``[len(picks), rows, cols]``: each picked slice windowed as :func:`_window_` does
     (cast to float32, subtract low, divide by the width, clamp), one slice at a time, so each
     step reads memory that is still in cache: half the time of whole-array passes."""
@@ -160,7 +200,7 @@ def _window_slices(voxels: np.ndarray, picks: np.ndarray, win: dict) -> torch.Te
             np.subtract(voxels[source], low, out=slice_, dtype=np.float32)
             np.divide(slice_, width, out=slice_)
             np.clip(slice_, 0.0, 1.0, out=slice_)
-    return torch.from_numpy(out)
+    return out
 
 
 def _window_(x: torch.Tensor, win: dict) -> torch.Tensor:
