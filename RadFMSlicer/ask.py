@@ -253,7 +253,7 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
         model_images.append(image)
         edges.append(_edges(volume))
         labels.append(PromptImage(label))
-        records.append(_record(image, item.role, item.name or Path(image.source).name, None))
+        records.append(_record(image, volume, item.role, item.name or Path(image.source).name, None))
     for region_input in request.regions:
         region = region_input.locate(volumes[region_input.image])
         parent = model_images[region_input.image]
@@ -262,7 +262,7 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
         model_images.append(image)
         edges.append(edges[region_input.image])  # a crop keeps its image's orientation
         labels.append(PromptImage(f'marked region "{region.name}"', facts))
-        records.append(_record(image, "region", region.name, facts, region.describe()))
+        records.append(_record(image, region.volume, "region", region.name, facts, region.describe()))
     previous = session.previous_turns() if (session and request.include_previous_turns) else None
     # The user's own words: build_prompt applies the task template itself (once).
     prompt = build_prompt(request.task, labels, request.question, request.history, previous, tokens_per_image)
@@ -279,13 +279,15 @@ def _edges(volume: Volume) -> tuple:
     return left, right, top, bottom
 
 
-def _record(image: ModelImage, role: str, label: str, facts: str | None, region: str | None = None) -> ImageRecord:
+def _record(image: ModelImage, volume: Volume, role: str, label: str, facts: str | None,
+            region: str | None = None) -> ImageRecord:
     info = image.to_dict()
     if region:
         info["notes"] = info["notes"] + [f"{REGION_NOTE}{region}"]
+    dicom = volume.dicom.record(volume.display_to_ras, volume.shape) if volume.dicom else None
     return ImageRecord(role=role, label=label, source=image.source, shape=info["tensor_shape"],
                        window=info["window"], resample=info["resample"], crop_box=info["crop_box"],
-                       notes=info["notes"], facts=facts)
+                       notes=info["notes"], facts=facts, dicom=dicom)
 
 
 def write_previews(prepared: PreparedAsk, folder, cache: ImageCache = NO_CACHE) -> None:

@@ -34,3 +34,6 @@ class ImageError(RadFMError):
 class PromptError(RadFMError):
     """A prompt or generation setting is invalid (e.g. images and image tags disagree)."""
 
+
+class RecordError(RadFMError):
+    """An answer cannot be written to the record as DICOM (a scan that is not DICOM, a missing source)."""

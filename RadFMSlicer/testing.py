@@ -99,3 +99,40 @@ def make_tiny_checkpoint(folder: "str | Path", tokenizer_model: "str | Path | No
     torch.save(state, folder / OFFICIAL_WEIGHTS)
     return folder
 
+
+
+def write_ct_series(folder: "str | Path", slices: int = 8, study_uid: str | None = None, size: int | None = None) -> list:
+    """A multi-slice CT series built from pydicom's ``CT_small.dcm`` (one real 128x128 slice):
+    each slice moved 5 mm along the slice normal, with its own SOP Instance UID and the pixels
+    shifted a little, so every slice differs. ``size``: another in-plane size (pixels
+    resampled), to make a series of mixed sizes. Returns the file paths, superior slice last."""
+    import copy
+
+    import numpy as np
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    pixels = base.pixel_array
+    series_uid, paths = generate_uid(), []
+    for k in range(slices):
+        ds = copy.deepcopy(base)
+        ds.StudyInstanceUID = study_uid or base.StudyInstanceUID
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = k + 1
+        x, y, z = (float(v) for v in base.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z + 5.0 * k]
+        ds.SliceLocation = z + 5.0 * k
+        image = np.roll(pixels, k, axis=1)
+        if size is not None:
+            image = image[np.linspace(0, 127, size).astype(int)][:, np.linspace(0, 127, size).astype(int)]
+            ds.Rows = ds.Columns = size
+        ds.PixelData = np.ascontiguousarray(image, dtype=pixels.dtype).tobytes()
+        path = folder / f"slice{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

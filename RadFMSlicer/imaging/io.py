@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import ImageError
+from .dicom_source import read_source
 from .geometry import LPS_TO_RAS, Grid, Volume, affine_from_itk, build_volume, check_size
 
 SUPPORTED = "NIfTI (.nii/.nii.gz), NRRD, MHA/MHD, a DICOM file or series folder, PNG or JPEG"
@@ -302,6 +303,7 @@ def load_volume(path, series=None) -> Volume:
     notes = []
     if os.path.isdir(path):
         files, notes = _pick_series(path, series)
+        dicom_files = files
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
         info = read_info(files[0])
@@ -314,6 +316,7 @@ def load_volume(path, series=None) -> Volume:
         if series is not None:
             raise ImageError(f"series='{series}' only applies to a DICOM folder, but {path} is a single file.")
         reader = info = read_info(path)
+        dicom_files = [path] if _meta(info, "0008|0018") else None  # a SOP Instance UID: one DICOM file
         size = info.GetSize()
         if len(size) > 3 and any(n != 1 for n in size[3:]):
             raise ImageError(_not_3d(path, size))  # in the file's own (i, j, k, t) order, as nibabel shows it
@@ -333,4 +336,6 @@ def load_volume(path, series=None) -> Volume:
     if image.GetNumberOfComponentsPerPixel() > 1:
         a = _to_gray(a, notes)
     m = affine_from_itk(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    return build_volume(a, m, path, _meta(info, "0008|0060"), notes)
+    volume = build_volume(a, m, path, _meta(info, "0008|0060"), notes)
+    volume.dicom = read_source(dicom_files) if dicom_files else None
+    return volume

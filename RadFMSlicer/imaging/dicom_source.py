@@ -1,0 +1,89 @@
+"""Which DICOM instances a volume was read from, so a record of the answer can cite them.
+
+A DICOM Structured Report joins its source study and references the exact instances the
+model read; a volume read from DICOM therefore keeps the headers (no pixels) of its
+instances. The record of an image (``ImageRecord.dicom``) keeps only their UIDs and the
+outline of what the model was shown in patient coordinates: patient identity stays in the
+DICOM files, and :func:`headers_for` reads it back from there when a report is written.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from ..errors import ImageError
+from .geometry import LPS_TO_RAS
+
+
+@dataclass(frozen=True)
+class DicomSource:
+    """The headers (read without pixel data) of the instances a volume was read from, in slice-file order."""
+
+    headers: tuple
+
+    @property
+    def first(self) -> pydicom.Dataset:
+        return self.headers[0]
+
+    def record(self, display_to_ras: np.ndarray, shape: tuple) -> dict:
+        """What a session keeps: study/series/frame-of-reference UIDs, the instances, and the
+        corners (LPS mm, voxel centres) of the first and last slice of the volume as shown."""
+        s, r, c = shape
+        outline = []
+        for k in (0, s - 1):
+            face = [(k, 0, 0), (k, 0, c - 1), (k, r - 1, c - 1), (k, r - 1, 0)]
+            points = (LPS_TO_RAS @ display_to_ras @ np.array([[*p, 1.0] for p in face]).T)[:3].T
+            outline.append([[float(v) for v in p] for p in points])
+        return {
+            "study_instance_uid": str(self.first.StudyInstanceUID),
+            "series_instance_uid": str(self.first.SeriesInstanceUID),
+            "frame_of_reference_uid": str(self.first.get("FrameOfReferenceUID", "")) or None,
+            "instances": [[str(h.SOPClassUID), str(h.SOPInstanceUID)] for h in self.headers],
+            "outline_lps": outline,
+        }
+
+
+def read_header(path) -> pydicom.Dataset | None:
+    """A DICOM file's header without its pixel data; None for a file that is not DICOM."""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, TypeError):
+        return None
+    return header if "SOPInstanceUID" in header and "StudyInstanceUID" in header else None
+
+
+def read_source(files) -> DicomSource:
+    """The headers of the files a DICOM volume was read from (SimpleITK read their pixels already)."""
+    headers = []
+    for path in files:
+        header = read_header(path)
+        if header is None:
+            raise ImageError(f"{path} was read as DICOM but its header lacks the SOP/study UIDs a record needs.")
+        headers.append(header)
+    return DicomSource(tuple(headers))
+
+
+def headers_for(source: str, instance_uids) -> list:
+    """The headers of the instances ``instance_uids`` found at ``source`` (a DICOM file or folder), in that order.
+
+    A record of an answer reads patient and study identity from here, at the time it is
+    written, rather than from a session file.
+    """
+    wanted = set(instance_uids)
+    found = {}
+    paths = [source] if os.path.isfile(source) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(source) for name in names)
+    for path in paths:
+        header = read_header(path)
+        if header is not None and header.SOPInstanceUID in wanted:
+            found[header.SOPInstanceUID] = header
+    missing = [uid for uid in instance_uids if uid not in found]
+    if missing:
+        raise ImageError(f"{source} no longer holds {len(missing)} of the {len(wanted)} DICOM instances the model "
+                         f"read (e.g. {missing[0]}): the report needs the series as it was read.")
+    return [found[uid] for uid in instance_uids]

@@ -1,0 +1,158 @@
+"""The DICOM Structured Report of an answer: it validates (dciodvfy), highdicom reads it back,
+and the text, the source references and the regions' coordinates come back exactly."""
+
+import os
+import shutil
+import subprocess
+
+import highdicom as hd
+import nibabel
+import numpy as np
+import pydicom
+import pytest
+
+from RadFMSlicer import dicom_report
+from RadFMSlicer.ask import AskRequest, ImageInput, RegionInput, ask
+from RadFMSlicer.errors import ImageError, RecordError
+from RadFMSlicer.session import DISCLAIMER, Session
+from RadFMSlicer.testing import write_ct_series
+
+NIFTI = os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "anatomical.nii")
+REPORT = "Findings: the lungs are clear. No pleural effusion.\nImpression: no acute abnormality."
+
+
+def dciodvfy_errors(path) -> list:
+    """The errors dicom3tools' validator finds in a DICOM file (its warnings are not errors)."""
+    assert shutil.which("dciodvfy"), "dciodvfy not found: install the Debian package dicom3tools"
+    result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=120)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
+def text_items(dataset) -> dict:
+    """Concept meaning -> TEXT values, anywhere in the content tree."""
+    found = {}
+    for item in dataset.get("ContentSequence", []):
+        if item.ValueType == "TEXT":
+            found.setdefault(item.ConceptNameCodeSequence[0].CodeMeaning, []).append(item.TextValue)
+        for key, values in text_items(item).items():
+            found.setdefault(key, []).extend(values)
+    return found
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    return write_ct_series(tmp_path_factory.mktemp("ct") / "series", slices=8)
+
+
+@pytest.fixture(scope="module")
+def turn(engine, series):
+    request = AskRequest(task="report", images=[ImageInput(path=str(series[0].parent))],
+                         regions=[RegionInput(name="box 1", box_ijk=[[10, 10, 2], [40, 50, 5]])])
+    request.settings.max_new_tokens = 6
+    return ask(engine, request)
+
+
+def test_image_record_names_the_dicom_instances_the_model_read(turn, series):
+    record = turn.images[0].dicom
+    first = pydicom.dcmread(series[0])
+    assert sorted(uid for _, uid in record["instances"]) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in series)
+    assert record["study_instance_uid"] == first.StudyInstanceUID
+    assert record["frame_of_reference_uid"] == first.FrameOfReferenceUID
+    assert "PatientName" not in str(record) and str(first.PatientName) not in str(record)  # identity stays in DICOM
+    assert turn.images[1].role == "region" and turn.images[1].dicom["series_instance_uid"] == first.SeriesInstanceUID
+
+
+def test_comprehensive_3d_sr_validates_and_round_trips(turn, series, tmp_path):
+    turn = Session.from_json(Session(turns=[turn]).to_json()).turns[0]  # as a saved session gives it back
+    path = tmp_path / "sr.dcm"
+    dicom_report.write(dicom_report.structured_report(turn), path)
+
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.srread(path)
+    source = pydicom.dcmread(series[0])
+    assert isinstance(sr, hd.sr.Comprehensive3DSR) and sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    assert (sr.VerificationFlag, sr.CompletionFlag) == ("UNVERIFIED", "PARTIAL")
+    assert (sr.PatientID, sr.PatientName, sr.StudyInstanceUID) == (source.PatientID, source.PatientName,
+                                                                   source.StudyInstanceUID)
+    assert sr.SeriesInstanceUID != source.SeriesInstanceUID  # same study, its own series
+
+    texts = text_items(sr)
+    assert texts["Task"] == ["report"] and texts["Question"] == [turn.question]
+    assert texts["Answer"] == [turn.answer] and texts["Comment"] == [DISCLAIMER]
+    assert "Text edited by" not in texts
+
+    evidence = {ref.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for s in study.ReferencedSeriesSequence for ref in s.ReferencedSOPSequence}
+    assert evidence == {pydicom.dcmread(p).SOPInstanceUID for p in series}
+
+    report = sr.content
+    assert texts["Device Observer Name"] == ["RadFM"]  # RadFM is the device observer
+    groups = report.get_volumetric_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == ["box 1"]
+    surface = [item for item in groups[0].roi if item.ValueType == "SCOORD3D"]
+    expected = [np.array(face + face[:1], dtype=np.float32) for face in turn.images[1].dicom["outline_lps"]]
+    got = [np.asarray(item.GraphicData, dtype=np.float32).reshape(-1, 3) for item in surface]
+    assert len(got) == 2 and all(np.array_equal(g, e) for g, e in zip(got, expected))
+    assert {item.ReferencedFrameOfReferenceUID for item in surface} == {source.FrameOfReferenceUID}
+    algorithm = text_items(groups[0][0])
+    assert algorithm["Algorithm Name"] == ["RadFM"]
+    assert algorithm["Algorithm Version"] == [turn.provenance["model"]["checkpoint_fingerprint"]]
+    assert {"max_new_tokens=6", "dtype=float32"} <= set(algorithm["Algorithm Parameters"])
+
+
+def test_reader_edit_is_carried_and_said_while_the_model_text_is_kept(turn, tmp_path):
+    edited = Session.from_json(Session(turns=[turn]).to_json()).turns[0]
+    edited.edit(REPORT)
+    edited = Session.from_json(Session(turns=[edited]).to_json()).turns[0]  # the edit survives a save
+    assert (edited.answer, edited.text, edited.edits[-1]["by"]) == (turn.answer, REPORT, "reader")
+
+    path = tmp_path / "edited.dcm"
+    dicom_report.write(dicom_report.structured_report(edited), path)
+    assert dciodvfy_errors(path) == []
+    sr = hd.sr.srread(path)
+    texts = text_items(sr)
+    assert texts["Answer"] == [REPORT]
+    assert texts["Finding"] == ["the lungs are clear. No pleural effusion."]
+    assert texts["Impression"] == ["no acute abnormality."]
+    assert texts["Text edited by"] == ["reader"] and texts["Answer as the model wrote it"] == [turn.answer]
+    assert sr.VerificationFlag == "UNVERIFIED"  # an edit by the reader is not a signature
+
+
+def test_basic_text_sr_validates_with_the_narrative_as_text(turn, series, tmp_path):
+    edited = Session.from_json(Session(turns=[turn]).to_json()).turns[0]
+    edited.edit(REPORT)
+    path = tmp_path / "text.dcm"
+    dicom_report.write(dicom_report.structured_report(edited, kind="text"), path)
+
+    assert dciodvfy_errors(path) == []
+    sr = pydicom.dcmread(path)
+    assert sr.SOPClassUID == dicom_report.BASIC_TEXT_SR and sr.Modality == "SR"
+    title = sr.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == ("18748-4", "LN",
+                                                                                   "Diagnostic Imaging Report")
+    assert (sr.VerificationFlag, sr.StudyInstanceUID) == ("UNVERIFIED", pydicom.dcmread(series[0]).StudyInstanceUID)
+    texts = text_items(sr)
+    assert texts["Answer"] == [REPORT] and texts["Impression"] == ["no acute abnormality."]
+    assert {item.ValueType for item in sr.ContentSequence} <= {"TEXT", "CODE", "UIDREF"}  # no coordinates
+
+
+def test_a_scan_that_is_not_dicom_is_refused_before_the_model(engine, tmp_path):
+    with pytest.raises(RecordError, match=r"anatomical.nii is not DICOM: a DICOM report joins the patient's study"):
+        dicom_report.check_request([NIFTI], tmp_path / "sr.dcm")
+    request = AskRequest(task="vqa", question="What modality?", images=[ImageInput(path=NIFTI)])
+    request.settings.max_new_tokens = 2
+    nifti_turn = ask(engine, request)
+    with pytest.raises(RecordError, match="was not read from DICOM"):
+        dicom_report.structured_report(nifti_turn)
+
+
+def test_a_series_gone_since_the_answer_is_named(turn, tmp_path):
+    moved = tmp_path / "moved"
+    shutil.copytree(turn.images[0].source, moved)
+    for path in sorted(moved.iterdir())[:2]:
+        path.unlink()
+    gone = Session.from_json(Session(turns=[turn]).to_json()).turns[0]
+    gone.images[0].source = str(moved)
+    with pytest.raises(ImageError, match=r"no longer holds 2 of the 8 DICOM instances the model read"):
+        dicom_report.structured_report(gone)
