@@ -52,8 +52,9 @@ _PROCEDURES = {"CT": codes.LN.CTUnspecifiedBodyRegion, "MR": codes.LN.MRIUnspeci
 _SECTIONS = re.compile(r"(?im)^\W*(findings|impressions?)\s*:\s*")
 
 
-def check_request(image_paths, out_path=None) -> None:
-    """Before any model work: each scan must be DICOM (a report joins its study) and ``out_path`` writable."""
+def check_request(image_paths, out_path=None, kind: str = KINDS[0]) -> None:
+    """Before any model work: a known kind, each scan DICOM (a report joins its study), ``out_path`` writable."""
+    _check_kind(kind)
     for path in image_paths:
         path = os.fspath(path)
         if os.path.isfile(path) and read_header(path) is None:
@@ -67,8 +68,7 @@ def check_request(image_paths, out_path=None) -> None:
 def structured_report(turn: Turn, sources=None, kind: str = "comprehensive3d") -> pydicom.Dataset:
     """The SR of ``turn``: ``sources`` are the headers of the DICOM instances the model read
     (default: read again from the turn's scans, where patient identity lives)."""
-    if kind not in KINDS:
-        raise RecordError(f"unknown DICOM report kind {kind!r}; choose {' or '.join(KINDS)}")
+    _check_kind(kind)
     scans = [image for image in turn.images if image.role != "region"]
     plain = [image.label for image in scans if not image.dicom]
     if not scans or plain:
@@ -81,6 +81,11 @@ def structured_report(turn: Turn, sources=None, kind: str = "comprehensive3d") -
     if kind == "text":
         return _basic_text_sr(turn, evidence, items)
     return _comprehensive_3d_sr(turn, evidence, items)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise RecordError(f"unknown DICOM report kind {kind!r} (--sr-kind): choose {' or '.join(KINDS)}")
 
 
 def write(dataset: pydicom.Dataset, path) -> None:

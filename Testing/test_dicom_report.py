@@ -156,3 +156,31 @@ def test_a_series_gone_since_the_answer_is_named(turn, tmp_path):
     gone.images[0].source = str(moved)
     with pytest.raises(ImageError, match=r"no longer holds 2 of the 8 DICOM instances the model read"):
         dicom_report.structured_report(gone)
+
+
+def test_radfm_ask_writes_the_report_and_refuses_what_cannot_have_one_before_the_model(capsys, fixture_dir, series,
+                                                                                       tmp_path):
+    from RadFMSlicer.cli import main
+
+    def ask(*extra):
+        code = main(["ask", "--checkpoint", str(fixture_dir), "--max-new-tokens", "4", "--question", "Is it normal?",
+                     *map(str, extra)])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, err = ask("--image", series[0].parent, "--sr", tmp_path / "text.dcm", "--sr-kind", "text")
+    assert code == 0 and f"DICOM report (text, unverified draft): {tmp_path / 'text.dcm'}" in err
+    sr = pydicom.dcmread(tmp_path / "text.dcm")
+    assert dciodvfy_errors(tmp_path / "text.dcm") == [] and sr.SOPClassUID == dicom_report.BASIC_TEXT_SR
+    assert text_items(sr)["Question"] == ["Is it normal?"] and text_items(sr)["Answer"] == [out.strip()]
+
+    for extra, expected in [(("--image", NIFTI, "--sr", tmp_path / "n.dcm"), "anatomical.nii is not DICOM"),
+                            (("--image", series[0].parent, "--sr", tmp_path / "no" / "sr.dcm"),
+                             "cannot write DICOM report"),
+                            (("--image", series[0].parent, "--sr", tmp_path / "k.dcm", "--sr-kind", "pdf"),
+                             "unknown DICOM report kind 'pdf' (--sr-kind): choose comprehensive3d or text"),
+                            (("--image", series[0].parent, "--store-sr", "pacs:8042"), "is not a web address"),
+                            (("--image", series[0].parent, "--sr", ""), "--sr is empty")]:
+        code, out, err = ask(*extra)
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1 and "Loading" not in err, err
+    assert [p.name for p in tmp_path.iterdir() if p.suffix != ".lock"] == ["text.dcm"]  # nothing half-written

@@ -75,15 +75,17 @@ def headers_for(source: str, instance_uids) -> list:
     written, rather than from a session file.
     """
     wanted = set(instance_uids)
-    found = {}
-    paths = [source] if os.path.isfile(source) else sorted(
-        os.path.join(root, name) for root, _, names in os.walk(source) for name in names)
-    for path in paths:
-        header = read_header(path)
-        if header is not None and header.SOPInstanceUID in wanted:
-            found[header.SOPInstanceUID] = header
+    found = {h.SOPInstanceUID: h for h in headers_in(source) if h.SOPInstanceUID in wanted}
     missing = [uid for uid in instance_uids if uid not in found]
     if missing:
         raise ImageError(f"{source} no longer holds {len(missing)} of the {len(wanted)} DICOM instances the model "
                          f"read (e.g. {missing[0]}): the report needs the series as it was read.")
     return [found[uid] for uid in instance_uids]
+
+
+def headers_in(source) -> list:
+    """The headers of every DICOM file at ``source`` (a file or a folder, searched through)."""
+    source = os.fspath(source)
+    paths = [source] if os.path.isfile(source) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(source) for name in names)
+    return [h for h in map(read_header, paths) if h is not None]
