@@ -18,6 +18,7 @@ from .errors import ImageError, PromptError
 from .generation import Generation, GenerationResult, GenerationSettings
 from .image_cache import NO_CACHE, ImageCache
 from .imaging import ModelImage, Volume, load_volume, parse_window, preprocess, volume_from_array
+from .imaging.dicom_source import read_source
 from .preview import render_montage
 from .prompts import ORDINALS, PromptImage, build_prompt, task_question
 from .regions import check_corner, region_from_box, region_from_mask
@@ -56,6 +57,7 @@ class ImageInput:
     series: str | None = None
     modality: str | None = None  # for an array ("CT", "MR"): picks the automatic window as a file's tag would
     array_file: str | None = None  # the .npy the array came in (set by from_json): names the scan cheaply
+    dicom_files: list | None = None  # for an array: the DICOM files it was loaded from (Slicer's DICOM database)
 
     @classmethod
     def from_json(cls, item: "str | dict") -> "ImageInput":
@@ -79,8 +81,10 @@ class ImageInput:
     def load(self) -> Volume:
         self._check_source()
         if self.array is not None:
-            return volume_from_array(np.asarray(self.array), np.asarray(self.ijk_to_ras, float),
-                                     name=self.name or "array", modality=self.modality)
+            volume = volume_from_array(np.asarray(self.array), np.asarray(self.ijk_to_ras, float),
+                                       name=self.name or "array", modality=self.modality)
+            volume.dicom = read_source(self.dicom_files) if self.dicom_files else None
+            return volume
         return load_volume(self.path, series=self.series)
 
     def check(self) -> None:

@@ -67,7 +67,7 @@ def check_request(image_paths, out_path=None, kind: str = KINDS[0]) -> None:
 
 def structured_report(turn: Turn, sources=None, kind: str = "comprehensive3d") -> pydicom.Dataset:
     """The SR of ``turn``: ``sources`` are the headers of the DICOM instances the model read
-    (default: read again from the turn's scans, where patient identity lives)."""
+    (default: read again from the files the turn's scans came from, where patient identity lives)."""
     _check_kind(kind)
     scans = [image for image in turn.images if image.role != "region"]
     plain = [image.label for image in scans if not image.dicom]
@@ -102,7 +102,7 @@ def _evidence(scans, sources) -> list:
     for image in scans:
         uids = [uid for _, uid in image.dicom["instances"]]
         if by_uid is None:
-            evidence += headers_for(image.source, uids)
+            evidence += headers_for(image.dicom["files"], uids)
             continue
         missing = [uid for uid in uids if uid not in by_uid]
         if missing:

@@ -58,7 +58,8 @@ def test_image_record_names_the_dicom_instances_the_model_read(turn, series):
     assert sorted(uid for _, uid in record["instances"]) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in series)
     assert record["study_instance_uid"] == first.StudyInstanceUID
     assert record["frame_of_reference_uid"] == first.FrameOfReferenceUID
-    assert "PatientName" not in str(record) and str(first.PatientName) not in str(record)  # identity stays in DICOM
+    assert str(first.PatientName) not in str(record) and first.PatientID not in str(record)  # identity stays in DICOM
+    assert sorted(record["files"]) == sorted(map(str, series))
     assert turn.images[1].role == "region" and turn.images[1].dicom["series_instance_uid"] == first.SeriesInstanceUID
 
 
@@ -150,11 +151,11 @@ def test_a_scan_that_is_not_dicom_is_refused_before_the_model(engine, tmp_path):
 def test_a_series_gone_since_the_answer_is_named(turn, tmp_path):
     moved = tmp_path / "moved"
     shutil.copytree(turn.images[0].source, moved)
+    gone = Session.from_json(Session(turns=[turn]).to_json()).turns[0]
+    gone.images[0].dicom["files"] = [str(moved / os.path.basename(f)) for f in gone.images[0].dicom["files"]]
     for path in sorted(moved.iterdir())[:2]:
         path.unlink()
-    gone = Session.from_json(Session(turns=[turn]).to_json()).turns[0]
-    gone.images[0].source = str(moved)
-    with pytest.raises(ImageError, match=r"no longer holds 2 of the 8 DICOM instances the model read"):
+    with pytest.raises(ImageError, match=r"2 of the 8 DICOM instances the model read are no longer in their files"):
         dicom_report.structured_report(gone)
 
 

@@ -2,9 +2,10 @@
 
 A DICOM Structured Report joins its source study and references the exact instances the
 model read; a volume read from DICOM therefore keeps the headers (no pixels) of its
-instances. The record of an image (``ImageRecord.dicom``) keeps only their UIDs and the
-outline of what the model was shown in patient coordinates: patient identity stays in the
-DICOM files, and :func:`headers_for` reads it back from there when a report is written.
+instances. The record of an image (``ImageRecord.dicom``) keeps only their UIDs, their
+files and the outline of what the model was shown in patient coordinates: patient identity
+stays in the DICOM files, and :func:`headers_for` reads it back from there when a report
+is written.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from .geometry import LPS_TO_RAS
 
 @dataclass(frozen=True)
 class DicomSource:
-    """The headers (read without pixel data) of the instances a volume was read from, in slice-file order."""
+    """The headers (read without pixel data) of the instances a volume was read from, and their files."""
 
     headers: tuple
+    files: tuple
 
     @property
     def first(self) -> pydicom.Dataset:
@@ -44,6 +46,7 @@ class DicomSource:
             "series_instance_uid": str(self.first.SeriesInstanceUID),
             "frame_of_reference_uid": str(self.first.get("FrameOfReferenceUID", "")) or None,
             "instances": [[str(h.SOPClassUID), str(h.SOPInstanceUID)] for h in self.headers],
+            "files": list(self.files),
             "outline_lps": outline,
         }
 
@@ -65,21 +68,21 @@ def read_source(files) -> DicomSource:
         if header is None:
             raise ImageError(f"{path} was read as DICOM but its header lacks the SOP/study UIDs a record needs.")
         headers.append(header)
-    return DicomSource(tuple(headers))
+    return DicomSource(tuple(headers), tuple(os.fspath(f) for f in files))
 
 
-def headers_for(source: str, instance_uids) -> list:
-    """The headers of the instances ``instance_uids`` found at ``source`` (a DICOM file or folder), in that order.
+def headers_for(files, instance_uids) -> list:
+    """The headers of the instances ``instance_uids`` read from ``files``, in that order.
 
     A record of an answer reads patient and study identity from here, at the time it is
     written, rather than from a session file.
     """
-    wanted = set(instance_uids)
-    found = {h.SOPInstanceUID: h for h in headers_in(source) if h.SOPInstanceUID in wanted}
+    found = {h.SOPInstanceUID: h for h in map(read_header, files) if h is not None}
     missing = [uid for uid in instance_uids if uid not in found]
     if missing:
-        raise ImageError(f"{source} no longer holds {len(missing)} of the {len(wanted)} DICOM instances the model "
-                         f"read (e.g. {missing[0]}): the report needs the series as it was read.")
+        raise ImageError(f"{len(missing)} of the {len(instance_uids)} DICOM instances the model read are no longer "
+                         f"in their files (e.g. {missing[0]}, once in {os.path.dirname(files[0])}): the report "
+                         "needs the series as it was read")
     return [found[uid] for uid in instance_uids]
 
 
