@@ -22,6 +22,7 @@ import os
 import re
 
 import highdicom as hd
+import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
@@ -164,27 +165,31 @@ def _algorithm(turn: Turn) -> hd.sr.AlgorithmIdentification:
 
 
 def _region_groups(turn: Turn, algorithm) -> list:
-    """Each marked region as a TID 1411 ROI group: the close-up's outline in the frame of reference."""
+    """Each marked region as an ROI group: the outline of its close-up in the frame of reference,
+    a volume surface (its first and last slice) or, for a one-slice close-up, a planar polygon."""
     groups = []
     for image in turn.images:
         frame = (image.dicom or {}).get("frame_of_reference_uid")
         if image.role != "region" or not frame:
             continue
         faces = image.dicom["outline_lps"]
-        faces = faces[:1] if faces[0] == faces[-1] else faces  # a one-slice close-up has one face
+        common = dict(tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=image.label),
+                      algorithm_id=algorithm)
+        if faces[0] == faces[-1]:
+            region = hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POLYGON,
+                                         graphic_data=_closed(faces[0]), frame_of_reference_uid=frame)
+            groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common))
+            continue
         surface = hd.sr.VolumeSurface(
             graphic_type=hd.sr.GraphicTypeValues3D.POLYGON, graphic_data=[_closed(face) for face in faces],
             frame_of_reference_uid=frame,
             source_series=hd.sr.SourceSeriesForSegmentation(image.dicom["series_instance_uid"]))
-        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=image.label),
-            referenced_volume_surface=surface, algorithm_id=algorithm))
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(referenced_volume_surface=surface,
+                                                                               **common))
     return groups
 
 
-def _closed(face) -> "list":
-    import numpy as np
-
+def _closed(face) -> np.ndarray:
     return np.array(face + face[:1], dtype=float)  # a DICOM polygon ends where it starts
 
 

@@ -185,3 +185,22 @@ def test_radfm_ask_writes_the_report_and_refuses_what_cannot_have_one_before_the
         code, out, err = ask(*extra)
         assert code == 2 and expected in err and len(err.strip().splitlines()) == 1 and "Loading" not in err, err
     assert [p.name for p in tmp_path.iterdir() if p.suffix != ".lock"] == ["text.dcm"]  # nothing half-written
+
+
+def test_a_one_slice_region_is_a_planar_roi_group(engine, tmp_path):
+    from pydicom.data import get_testdata_file
+
+    ct = tmp_path / "ct"
+    ct.mkdir()
+    shutil.copy(get_testdata_file("CT_small.dcm"), ct / "slice1.dcm")
+    request = AskRequest(task="report", images=[ImageInput(path=str(ct))],
+                         regions=[RegionInput(name="box 1", box_ijk=[[40, 40, 0], [80, 90, 0]])])
+    request.settings.max_new_tokens = 2
+    turn = ask(engine, request)
+    path = tmp_path / "sr.dcm"
+    dicom_report.write(dicom_report.structured_report(turn), path)
+    assert dciodvfy_errors(path) == []
+    [group] = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
+    face, last = turn.images[1].dicom["outline_lps"]
+    assert group.tracking_identifier == "box 1" and face == last  # one slice: its first face is its last
+    assert np.array_equal(np.asarray(group.roi.value, dtype=np.float32), np.array(face + face[:1], dtype=np.float32))
