@@ -79,9 +79,12 @@ def structured_report(turn: Turn, sources=None, kind: str = "comprehensive3d") -
         raise RecordError("the answer is empty: there is nothing to report")
     evidence = _evidence(scans, sources)
     items = _text_items(turn)
-    if kind == "text":
-        return _basic_text_sr(turn, evidence, items)
-    return _comprehensive_3d_sr(turn, evidence, items)
+    try:
+        if kind == "text":
+            return _basic_text_sr(turn, evidence, items)
+        return _comprehensive_3d_sr(turn, evidence, items)
+    except (ValueError, AttributeError) as exc:  # highdicom's checks of the source headers and content
+        raise RecordError(f"the DICOM report could not be built from {scans[0].label}: {exc}") from None
 
 
 def _check_kind(kind: str) -> None:

@@ -155,7 +155,9 @@ class Session:
         lines = [f"# {self.title}", "", f"> {DISCLAIMER}", ""]
         for n, turn in enumerate(self.turns, 1):
             lines += [f"## {n}. {turn.task}: {turn.question}", ""]
-            lines += [turn.answer or "_(no answer)_", ""]
+            lines += [turn.text or "_(no answer)_", ""]
+            if turn.edited:
+                lines += [f"_Edited by the {turn.edits[-1]['by']}; the model's own words are kept in the JSON export._", ""]
             if turn.error:
                 lines += [f"**Error:** {turn.error}", ""]
             if turn.stop_reason and turn.stop_reason != "eos":

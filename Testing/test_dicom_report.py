@@ -118,6 +118,8 @@ def test_reader_edit_is_carried_and_said_while_the_model_text_is_kept(turn, tmp_
     assert texts["Impression"] == ["no acute abnormality."]
     assert texts["Text edited by"] == ["reader"] and texts["Answer as the model wrote it"] == [turn.answer]
     assert sr.VerificationFlag == "UNVERIFIED"  # an edit by the reader is not a signature
+    markdown = Session(turns=[edited]).to_markdown()
+    assert REPORT in markdown and turn.answer not in markdown and "Edited by the reader" in markdown
 
 
 def test_basic_text_sr_validates_with_the_narrative_as_text(turn, series, tmp_path):
