@@ -59,7 +59,7 @@ def test_image_record_names_the_dicom_instances_the_model_read(turn, series):
     assert record["study_instance_uid"] == first.StudyInstanceUID
     assert record["frame_of_reference_uid"] == first.FrameOfReferenceUID
     assert str(first.PatientName) not in str(record) and first.PatientID not in str(record)  # identity stays in DICOM
-    assert sorted(record["files"]) == sorted(map(str, series))
+    assert sorted(record["files"]) == sorted(str(p.resolve()) for p in series)
     assert turn.images[1].role == "region" and turn.images[1].dicom["series_instance_uid"] == first.SeriesInstanceUID
 
 
@@ -206,3 +206,13 @@ def test_a_one_slice_region_is_a_planar_roi_group(engine, tmp_path):
     face, last = turn.images[1].dicom["outline_lps"]
     assert group.tracking_identifier == "box 1" and face == last  # one slice: its first face is its last
     assert np.array_equal(np.asarray(group.roi.value, dtype=np.float32), np.array(face + face[:1], dtype=np.float32))
+
+
+def test_a_scan_given_by_a_relative_path_is_reported_from_another_folder(engine, series, tmp_path, monkeypatch):
+    monkeypatch.chdir(series[0].parent.parent)
+    request = AskRequest(task="vqa", question="Is it normal?", images=[ImageInput(path=series[0].parent.name)])
+    request.settings.max_new_tokens = 2
+    turn = Session.from_json(Session(turns=[ask(engine, request)]).to_json()).turns[0]
+    monkeypatch.chdir(tmp_path)  # a session reopened elsewhere
+    sr = dicom_report.structured_report(turn)
+    assert sr.StudyInstanceUID == pydicom.dcmread(series[0]).StudyInstanceUID

@@ -68,7 +68,7 @@ def read_source(files) -> DicomSource:
         if header is None:
             raise ImageError(f"{path} was read as DICOM but its header lacks the SOP/study UIDs a record needs.")
         headers.append(header)
-    return DicomSource(tuple(headers), tuple(os.fspath(f) for f in files))
+    return DicomSource(tuple(headers), tuple(os.path.abspath(f) for f in files))  # a session outlives the cwd
 
 
 def headers_for(files, instance_uids) -> list:
