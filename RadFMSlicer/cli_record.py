@@ -34,6 +34,8 @@ def before_ask(args) -> None:
     if args.store_sr and not pacs.is_dicomweb(args.store_sr):
         raise RadFMError(f"--store-sr {args.store_sr} is not a web address: give the DICOMweb endpoint, "
                          "e.g. http://pacs:8042/dicom-web")
+    if (args.attention or "").endswith(".dcm"):  # a DICOM attention map joins the current scan's study
+        check_request(args.image[:1], flag="--attention", what="attention map")
     if args.sr or args.store_sr:
         if args.store_sr:
             pacs.read_auth_file(args.dicomweb_auth_file)  # a missing credentials file is told now, not after

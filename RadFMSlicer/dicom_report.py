@@ -13,6 +13,9 @@ edited it, and the research-use notice as TEXT items. The Comprehensive 3D SR ad
 algorithm (RadFM, the checkpoint fingerprint as its version, precision and generation
 settings as parameters) and each marked region as an ROI group whose outline (the first and
 last slice of the close-up the model was shown) is in the scan's frame of reference.
+
+:func:`attention_map` writes the resampler's attention over a DICOM scan as a Parametric Map
+in the same study, labelled as attention, so a PACS viewer can overlay where the model looked.
 """
 
 from __future__ import annotations
@@ -53,15 +56,16 @@ _PROCEDURES = {"CT": codes.LN.CTUnspecifiedBodyRegion, "MR": codes.LN.MRIUnspeci
 _SECTIONS = re.compile(r"(?im)^\W*(findings|impressions?)\s*:\s*")
 
 
-def check_request(image_paths, out_path=None, kind: str = KINDS[0]) -> None:
+def check_request(image_paths, out_path=None, kind: str = KINDS[0], flag: str = "--sr",
+                  what: str = "report") -> None:
     """Before any model work: a known kind, each scan DICOM (a report joins its study), ``out_path`` writable."""
     _check_kind(kind)
     for path in image_paths:
         path = os.fspath(path)
         if os.path.isfile(path) and read_header(path) is None:
-            raise RecordError(f"{path} is not DICOM: a DICOM report joins the patient's study, and a "
-                              "NIfTI, NRRD or PNG file has none; give the DICOM series folder it came from, "
-                              "or leave out --sr")
+            raise RecordError(f"{path} is not DICOM: a DICOM {what} joins the "
+                              "patient's study, and a NIfTI, NRRD or PNG file has none; give the DICOM series "
+                              f"folder it came from, or leave out {flag}")
     if out_path is not None:
         storage.check_writable(out_path, "DICOM report")
 
@@ -229,3 +233,29 @@ def _basic_text_sr(turn: Turn, evidence, items) -> pydicom.Dataset:
     root = hd.sr.ContainerContentItem(DIAGNOSTIC_IMAGING_REPORT, template_id="2000")
     root.ContentSequence = hd.sr.ContentSequence([*_observer(turn), *items])
     return hd.sr.sop._SR(content=root, sop_class_uid=BASIC_TEXT_SR, **_document_attributes(turn, evidence))
+
+
+def attention_map(voxels_kji, volume) -> pydicom.Dataset:
+    """The attention map (``[k, j, i]`` on ``volume``'s original grid, 0..1) as a DICOM Parametric Map
+    over the instances the volume was read from: same study, a new series, labelled as attention."""
+    from .attention import LABEL
+
+    if volume.dicom is None:
+        raise RecordError(f"{volume.source} was not read from DICOM: a DICOM attention map needs the study to join; "
+                          "name the map .nii.gz instead")
+    mapping = hd.pm.RealWorldValueMapping(lut_label="ATTENTION", lut_explanation=f"RadFM {LABEL}",
+                                          unit=codes.UCUM.NoUnits, value_range=(0.0, 1.0), intercept=0, slope=1)
+    try:
+        pm = hd.pm.ParametricMap(
+            source_images=list(volume.dicom.headers), pixel_array=np.asarray(voxels_kji, np.float32),
+            series_instance_uid=generate_uid(), series_number=SERIES_NUMBER + 1, sop_instance_uid=generate_uid(),
+            instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name="RadFM",
+            software_versions=MANUFACTURER, device_serial_number="none", contains_recognizable_visual_features=False,
+            real_world_value_mappings=[mapping], content_label="ATTENTION",
+            content_description=f"RadFM {LABEL}"[:64], series_description=f"RadFM {LABEL}"[:64],
+            voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)])
+    except (ValueError, AttributeError, TypeError) as exc:
+        raise RecordError(f"the DICOM attention map could not be built from {volume.source}: {exc}") from None
+    if "Laterality" not in pm:
+        pm.Laterality = ""  # General Series, type 2C: unknown (dciodvfy asks for it)
+    return pm

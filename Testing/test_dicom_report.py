@@ -216,3 +216,33 @@ def test_a_scan_given_by_a_relative_path_is_reported_from_another_folder(engine,
     monkeypatch.chdir(tmp_path)  # a session reopened elsewhere
     sr = dicom_report.structured_report(turn)
     assert sr.StudyInstanceUID == pydicom.dcmread(series[0]).StudyInstanceUID
+
+
+def test_the_attention_map_as_a_dicom_parametric_map_in_the_study(capsys, fixture_dir, series, tmp_path):
+    import SimpleITK as sitk
+
+    from RadFMSlicer.cli import main
+
+    def ask(*extra):
+        code = main(["ask", "--checkpoint", str(fixture_dir), "--max-new-tokens", "2", "--task", "report",
+                     *map(str, extra)])
+        return code, capsys.readouterr()[1]
+
+    assert ask("--image", series[0].parent, "--attention", tmp_path / "map.nii.gz")[0] == 0
+    code, err = ask("--image", series[0].parent, "--attention", tmp_path / "map.dcm")
+    assert code == 0, err
+    assert dciodvfy_errors(tmp_path / "map.dcm") == []
+    pm = pydicom.dcmread(tmp_path / "map.dcm")
+    assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" and pm.ContentLabel == "ATTENTION"
+    assert "not an explanation" in pm.ContentDescription
+    assert pm.StudyInstanceUID == pydicom.dcmread(series[0]).StudyInstanceUID
+    # the same values as the NIfTI map of the same ask, slice for slice by position
+    nifti = sitk.ReadImage(str(tmp_path / "map.nii.gz"))
+    values = sitk.GetArrayFromImage(nifti)
+    z = [nifti.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(values.shape[0])]
+    for frame, item in zip(pm.pixel_array, pm.PerFrameFunctionalGroupsSequence):
+        k = int(np.argmin(np.abs(np.array(z) - float(item.PlanePositionSequence[0].ImagePositionPatient[2]))))
+        assert np.array_equal(frame, values[k])
+
+    code, err = ask("--image", NIFTI, "--attention", tmp_path / "nifti.dcm")
+    assert code == 2 and "is not DICOM: a DICOM attention map joins the patient's study" in err and "Loading" not in err
