@@ -19,6 +19,7 @@ from .errors import ImageError, PromptError, RequestError
 from .generation import Generation, GenerationResult, GenerationSettings
 from .image_cache import NO_CACHE, ImageCache
 from .imaging import ModelImage, Volume, parse_window, preprocess
+from .imaging.dicom_source import read_source
 from .paths import FILE, check_kind
 from .preview import render_montage
 from .prompts import ORDINALS, PromptImage, build_prompt, check_user_text, task_question
@@ -72,6 +73,7 @@ class ImageInput:
     series: str | None = None
     modality: str | None = None  # for an array ("CT", "MR"): picks the automatic window as a file's tag would
     array_file: str | None = None  # the .npy the array came in (set by from_json): names the scan cheaply
+    dicom_files: list | None = None  # for an array: the DICOM files it was loaded from (Slicer's DICOM database)
 
     def __post_init__(self):
         _require(self.path, (*_PATH, None), "an image's path", "a file or folder path")
@@ -105,8 +107,10 @@ class ImageInput:
 
         self._check_source()
         if self.array is not None:
-            return volume_from_array(np.asarray(self.array), np.asarray(self.ijk_to_ras, float),
-                                     name=self.name or "array", modality=self.modality)
+            volume = volume_from_array(np.asarray(self.array), np.asarray(self.ijk_to_ras, float),
+                                       name=self.name or "array", modality=self.modality)
+            volume.dicom = read_source(self.dicom_files) if self.dicom_files else None
+            return volume
         return load_volume(self.path, series=self.series)
 
     def check(self) -> None:
@@ -340,7 +344,7 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
         model_images.append(image)
         edges.append(_edges(volume))
         labels.append(PromptImage(label))
-        records.append(_record(image, item.role, item.name or Path(image.source).name, None))
+        records.append(_record(image, volume, item.role, item.name or Path(image.source).name, None))
     for number, region_input in enumerate(request.regions, 1):
         region = region_input.locate(volumes[region_input.image], number)
         parent = model_images[region_input.image]
@@ -349,7 +353,8 @@ def prepare(request: AskRequest, session: Session | None = None, tokens_per_imag
         model_images.append(image)
         edges.append(edges[region_input.image])  # a crop keeps its image's orientation
         labels.append(PromptImage(f'marked region "{region.name}"', facts))
-        records.append(_record(image, "region", region_input.name or region.name, facts, region.describe()))
+        records.append(_record(image, region.volume, "region", region_input.name or region.name, facts,
+                               region.describe()))
     previous = session.previous_turns() if (session and request.include_previous_turns) else None
     # The user's own words: build_prompt applies the task template itself (once).
     prompt = build_prompt(request.task, labels, request.question, request.history, previous, tokens_per_image)
@@ -366,13 +371,15 @@ def _edges(volume: Volume) -> tuple:
     return left, right, top, bottom
 
 
-def _record(image: ModelImage, role: str, label: str, facts: str | None, region: str | None = None) -> ImageRecord:
+def _record(image: ModelImage, volume: Volume, role: str, label: str, facts: str | None,
+            region: str | None = None) -> ImageRecord:
     info = image.to_dict()
     if region:
         info["notes"] = info["notes"] + [f"{REGION_NOTE}{region}"]
+    dicom = volume.dicom.record(volume.display_to_ras, volume.shape) if volume.dicom else None
     return ImageRecord(role=role, label=label, source=image.source, shape=info["tensor_shape"],
                        window=info["window"], resample=info["resample"], crop_box=info["crop_box"],
-                       notes=info["notes"], facts=facts)
+                       notes=info["notes"], facts=facts, dicom=dicom)
 
 
 def write_previews(prepared: PreparedAsk, folder, cache: ImageCache = NO_CACHE) -> None:

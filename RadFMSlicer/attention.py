@@ -41,6 +41,11 @@ def write_scan_map(path: "str | Path", voxels_kji: np.ndarray, volume) -> Path:
 
     path = Path(path)
     check_map_name(path)
+    if path.name.endswith(".dcm"):  # a DICOM Parametric Map in the scan's study, for PACS viewers
+        from . import dicom_report
+
+        dicom_report.write(dicom_report.attention_map(voxels_kji, volume), path)
+        return path
     ijk_to_lps = volume.grid.ijk_to_lps
     spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
     image = sitk.GetImageFromArray(np.asarray(voxels_kji, np.float32))
@@ -63,8 +68,9 @@ def overlay(patch_grid: np.ndarray, image) -> np.ndarray:
 
 def check_map_name(path: "str | Path") -> None:
     """Refuse, before any work, a map name no viewer would read as a volume."""
-    if not Path(path).name.endswith((".nii", ".nii.gz", ".nrrd", ".mha")):
-        raise ImageError(f"--attention {path}: name the map .nii.gz, .nii, .nrrd or .mha")
+    if not Path(path).name.endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".dcm")):
+        raise ImageError(f"--attention {path}: name the map .nii.gz, .nii, .nrrd or .mha "
+                         "(or .dcm: a DICOM Parametric Map, for a DICOM scan)")
 
 
 def write_for_ask(engine, prepared, path: "str | Path") -> dict:

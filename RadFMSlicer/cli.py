@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import __version__
+from . import __version__, cli_record
 from .errors import PromptError, RadFMError
 from .paths import check_kind
 
@@ -260,6 +260,7 @@ def cmd_ask(args) -> int:
         check_map_name(args.attention)
         check_writable(args.attention, "--attention")
     check_question_flag(args)
+    cli_record.before_ask(args)  # a DICOMweb --image fetched, --sr checked: before the model loads
     request = request_from_args(args)
     request.include_previous_turns = args.include_previous_turns
     if args.session:
@@ -312,6 +313,7 @@ def cmd_ask(args) -> int:
             append_turn(args.session, turn)  # re-read under the file's lock: a concurrent ask's turn is kept
         except RadFMError as exc:
             raise RadFMError(f"the answer above was not added to {args.session}: {exc}") from None
+    cli_record.after_ask(args, turn)
     if stdout_closed():  # the session is the record: kept whatever became of stdout
         print(f"radfm: stdout was closed before the whole answer was printed; the turn was added to {args.session}",
               file=sys.stderr)
@@ -583,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default=None, metavar="FILE.nii.gz",
                    help="write where the resampler looked in the (first) scan, on its own grid "
                         "(resampler attention, not an explanation)")
+    cli_record.add_arguments(p)
     p.set_defaults(func=cmd_ask)
 
     p = sub.add_parser("batch", help="answer a folder or CSV of scans into JSON lines (resumable)")
@@ -683,7 +686,8 @@ def report_error(message: str) -> None:
 # a missing file -> what to give instead.
 NOT_EMPTY = {"image": "give a scan file or a DICOM folder", "region": "give a label map file, MASK[:LABEL]",
              **dict.fromkeys(("checkpoint", "session", "preview_dir", "attention", "out", "series", "window", "server",
-                              "token_file", "manifest", "input"), "give a value, or leave the flag out")}
+                              "token_file", "manifest", "input", "sr", "store_sr", "dicomweb_auth_file",
+                              "dicomweb_cache"), "give a value, or leave the flag out")}
 
 
 def refuse_empty_values(args) -> None:

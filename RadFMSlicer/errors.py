@@ -39,3 +39,5 @@ class PromptError(RadFMError):
 class RequestError(RadFMError, ValueError):
     """A request names a field it does not have, or gives one the wrong type (a dict for ``settings``,
     a string for ``images``): refused at the door, naming the field and what it takes."""
+class RecordError(RadFMError):
+    """An answer cannot be written to the record as DICOM (a scan that is not DICOM, a missing source)."""

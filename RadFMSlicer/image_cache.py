@@ -21,7 +21,8 @@ def source_identity(item) -> tuple | None:
     if file is None or not os.path.exists(file):
         return None
     geometry = None if item.ijk_to_ras is None else tuple(tuple(float(v) for v in row) for row in item.ijk_to_ras)
-    return os.path.abspath(file), _file_state(file), item.series, geometry, item.name, item.modality
+    return (os.path.abspath(file), _file_state(file), item.series, geometry, item.name, item.modality,
+            tuple(item.dicom_files or ()))
 
 
 def _file_state(path) -> tuple:

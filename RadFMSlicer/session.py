@@ -37,6 +37,7 @@ class ImageRecord:
     notes: list[str] = field(default_factory=list)
     preview_png: str | None = None
     facts: str | None = None
+    dicom: dict | None = None  # a DICOM scan's UIDs and outline (``imaging.dicom_source``): what a report cites
 
 
 REGION_NOTE = "region: "  # a region's record repeats its facts as one note: for JSON readers, not shown
@@ -78,6 +79,24 @@ class Turn:
     provenance: dict = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     error: str | None = None
+    # The reader's versions of the answer, oldest first: {"by": "reader", "text", "at"}. ``answer``
+    # stays the model's words, so the record shows who wrote what.
+    edits: list[dict] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        """The answer as it stands: the reader's last edit, else the model's words."""
+        return self.edits[-1]["text"] if self.edits else self.answer
+
+    @property
+    def edited(self) -> bool:
+        """Whether the text differs from the model's: the reader changed it."""
+        return self.text != self.answer
+
+    def edit(self, text: str, by: str = "reader") -> None:
+        """Keep the reader's version of the answer (the model's stays in ``answer``); an unchanged text is no edit."""
+        if text != self.text:
+            self.edits.append({"by": by, "text": text, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     @classmethod
     def from_dict(cls, data: dict) -> "Turn":
@@ -165,7 +184,9 @@ class Session:
         lines = [f"# {self.title}", "", f"> {DISCLAIMER}", ""]
         for n, turn in enumerate(self.turns, 1):
             lines += [f"## {n}. {turn.task}: {turn.question}", ""]
-            lines += [turn.answer or "_(no answer)_", ""]
+            lines += [turn.text or "_(no answer)_", ""]
+            if turn.edited:
+                lines += [f"_Edited by the {turn.edits[-1]['by']}; the model's own words are kept in the JSON export._", ""]
             if turn.error:
                 lines += [f"**Error:** {turn.error}", ""]
             if turn.stop_reason and turn.stop_reason != "eos":

@@ -107,6 +107,12 @@ def write_bytes(path, data: bytes, timeout: float = LOCK_TIMEOUT_S) -> None:
         _replace(Path(path), data)
 
 
+def write_once(path, data: bytes) -> None:
+    """Write ``path`` atomically without a lock, for a file whose content never changes once written
+    (a DICOM instance named by its UID): two writers write the same bytes, whichever rename wins."""
+    _replace(Path(path), data)
+
+
 def write_text(path, text: str, timeout: float = LOCK_TIMEOUT_S) -> None:
     write_bytes(path, text.encode("utf-8"), timeout)
 

@@ -5,6 +5,7 @@ layout) at a width a laptop CPU runs in a second. Their answers are noise: a pip
 check, never a medical answer.
 """
 
+import contextlib
 import io
 import json
 import shutil
@@ -99,3 +100,105 @@ def make_tiny_checkpoint(folder: "str | Path", tokenizer_model: "str | Path | No
     torch.save(state, folder / OFFICIAL_WEIGHTS)
     return folder
 
+
+
+def write_ct_series(folder: "str | Path", slices: int = 8, study_uid: str | None = None, size: int | None = None) -> list:
+    """A multi-slice CT series built from pydicom's ``CT_small.dcm`` (one real 128x128 slice):
+    each slice moved 5 mm along the slice normal, with its own SOP Instance UID and the pixels
+    shifted a little, so every slice differs. ``size``: another in-plane size (pixels
+    resampled), to make a series of mixed sizes. Returns the file paths, superior slice last."""
+    import copy
+
+    import numpy as np
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    pixels = base.pixel_array
+    series_uid, paths = generate_uid(), []
+    for k in range(slices):
+        ds = copy.deepcopy(base)
+        ds.StudyInstanceUID = study_uid or base.StudyInstanceUID
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = k + 1
+        x, y, z = (float(v) for v in base.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, z + 5.0 * k]
+        ds.SliceLocation = z + 5.0 * k
+        image = np.roll(pixels, k, axis=1)
+        if size is not None:
+            image = image[np.linspace(0, 127, size).astype(int)][:, np.linspace(0, 127, size).astype(int)]
+            ds.Rows = ds.Columns = size
+        ds.PixelData = np.ascontiguousarray(image, dtype=pixels.dtype).tobytes()
+        path = folder / f"slice{k:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+@contextlib.contextmanager
+def run_orthanc(folder: "str | Path", users: dict | None = None, lua: str | None = None, start_timeout_s: float = 120):
+    """A real PACS for tests and benchmarks: Orthanc (Debian ``orthanc`` + ``orthanc-dicomweb``) on
+    127.0.0.1 at a free port, its configuration and storage in ``folder``; yields its address
+    (``http://127.0.0.1:PORT``; DICOMweb under ``/dicom-web``). ``lua``: a script, e.g. a
+    ``ReceivedInstanceFilter`` that refuses some instances. Missing Orthanc is an error, never a skip."""
+    import socket
+    import subprocess
+    import time
+
+    import requests
+
+    if not shutil.which("Orthanc") or not Path(ORTHANC_DICOMWEB_PLUGIN).is_file():
+        raise RuntimeError("Orthanc with its DICOMweb plugin is not installed: apt-get install orthanc orthanc-dicomweb")
+    folder = Path(folder)
+    (folder / "storage").mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = {"Name": "radfm-test", "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "storage"),
+              "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+              "AuthenticationEnabled": bool(users), "RegisteredUsers": users or {},
+              "Plugins": [ORTHANC_DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}
+    if lua:
+        (folder / "filter.lua").write_text(lua)
+        config["LuaScripts"] = [str(folder / "filter.lua")]
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = open(folder / "orthanc.log", "wb")
+    process = subprocess.Popen(["Orthanc", str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    auth = next(iter(users.items())) if users else None
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while True:
+            try:
+                if requests.get(f"{url}/system", auth=auth, timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Orthanc did not start: {(folder / 'orthanc.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def upload_to_orthanc(url: str, paths, auth=None) -> None:
+    """Store DICOM files in an Orthanc through its REST API (not DICOMweb: the reads under test stay separate)."""
+    import requests
+
+    for path in paths:
+        response = requests.post(f"{url}/instances", data=Path(path).read_bytes(), auth=auth, timeout=60)
+        response.raise_for_status()

@@ -22,7 +22,8 @@ import torch
 from RadFMSlicer.cli import build_parser, join_dashed_values, main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-PARSED_ONLY = ("serve", "--server")  # a server that runs until stopped; a client of a server elsewhere
+# a server that runs until stopped; a client of a server elsewhere; a PACS elsewhere
+PARSED_ONLY = ("serve", "--server", "--dicomweb-auth-file")
 
 
 def readme_commands() -> list[str]:

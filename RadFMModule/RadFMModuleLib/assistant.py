@@ -42,6 +42,7 @@ class VolumeData:
     ijk_to_ras: np.ndarray  # 4x4, world (RAS) coordinates
     window: tuple | None  # (center, width) the viewer shows now
     version: str = ""  # changes whenever voxels or geometry change
+    dicom_files: tuple = ()  # the DICOM files it was loaded from, if any: what a DICOM report of it cites
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class Scene(Protocol):
     def save_previews(self, previews: dict) -> None: ...
     def load_scan(self, path: str) -> str: ...  # a scan file into the scene, shown; returns its volume id
     def show_overlay(self, scan_id: str, array: np.ndarray, name: str) -> str: ...  # heat map over the scan; node id
+    def import_dicom(self, path: str) -> bool: ...  # a DICOM file into the application's DICOM database, if any
 
 
 @dataclass
@@ -232,7 +234,7 @@ class Assistant:
         # "center,width": the spelling every window parser in RadFMSlicer accepts for one image.
         window = f"{float(data.window[0])!r},{float(data.window[1])!r}" if (as_shown and data.window) else None
         return {"array": path, "ijk_to_ras": np.asarray(data.ijk_to_ras, float).tolist(),
-                "name": data.name, "window": window, "role": role}
+                "name": data.name, "window": window, "role": role, "dicom_files": list(data.dicom_files) or None}
 
     def _new_file(self, stem: str, folder: str | None = None) -> str:
         fd, path = tempfile.mkstemp(prefix=stem + "-", suffix=".npy", dir=folder or self._files)
@@ -332,6 +334,32 @@ class Assistant:
         self.scene.save_previews(self._preview_bytes)  # exactly the recorded turns' thumbnails (restore trims)
         self.scene.save_session_json(self.session.to_json())
         return turn
+
+    def last_answer(self):
+        """The latest turn with an answer (the draft a reader exports), or None."""
+        answered = [turn for turn in (self._session.turns if self._session else []) if turn.answer and not turn.error]
+        return answered[-1] if answered else None
+
+    def export_sr(self, path: str, text: "str | None" = None, kind: str = "comprehensive3d") -> str:
+        """The last answer as a DICOM SR at ``path``, with the reader's edit ``text`` (kept in the
+        conversation beside the model's words); imported into the DICOM database where there is one.
+        Returns what to tell the user; a problem raises RadFMError."""
+        try:
+            from RadFMSlicer import dicom_report
+        except ModuleNotFoundError as exc:  # an extra ("record"), not among the packages the panel installs
+            raise ValueError(f"DICOM SR export needs {exc.name} in this Python: install it (in Slicer's Python "
+                             "console: slicer.util.pip_install('highdicom')), then export again.") from None
+
+        turn = self.last_answer()
+        if turn is None:
+            raise ValueError("No answer to export yet: ask first.")
+        if text is not None and text != turn.text:
+            turn.edit(text)
+            self.scene.save_session_json(self.session.to_json())
+        dicom_report.write(dicom_report.structured_report(turn, kind=kind), path)
+        edited = ", edited by the reader" if turn.edited else ""
+        where = " and added to the DICOM database" if self.scene.import_dicom(path) else ""
+        return f"Draft saved as DICOM SR {os.path.basename(path)} (unverified{edited}){where}"
 
     def restore(self) -> list:
         """Reload the conversation saved in the scene (if any); returns its turns.

@@ -11,9 +11,11 @@ import queue
 import time
 
 from RadFMSlicer import storage
+from RadFMSlicer.errors import RadFMError
 
 from .assistant import WINDOW_AS_SHOWN, ConnectJob, Note, Selection
-from .qt_shim import QtCore, QtGui, QtWidgets, ask_existing_dir, ask_open_path, ask_save_path, get
+from .qt_shim import (QtCore, QtGui, QtWidgets, ask_edited_text, ask_existing_dir, ask_open_path, ask_save_path,
+                      get)
 from .settings import DEVICES, PRECISIONS, RUN_ON, ModelSettings, save_token
 from .turn_views import (STOP_NOTES, STYLE, TASK_LABELS, AnswerView, EnterSends, FlowGrid, Section, UserTurnView,
                          hrow, text_label, theme_colors)
@@ -192,6 +194,7 @@ class ChatPanel(QtWidgets.QWidget):
         menu = QtWidgets.QMenu(self.export_button)
         for text, fmt in (("As Markdown\u2026", "md"), ("As JSON\u2026", "json")):
             menu.addAction(text).triggered.connect(lambda checked=False, fmt=fmt: self._export_dialog(fmt))
+        menu.addAction("Last answer as DICOM SR\u2026").triggered.connect(lambda checked=False: self._export_sr_dialog())
         self.export_button.setMenu(menu)
         self.offer_button = QtWidgets.QPushButton()  # the GPU check's offer: a precision that fits
         self.offer_button.setVisible(False)
@@ -591,6 +594,23 @@ class ChatPanel(QtWidgets.QWidget):
         path = ask_save_path(self, "Export conversation", name)
         if path:
             self.export(path, fmt)
+
+    def export_sr(self, path: str, text: "str | None" = None):
+        """The last answer as a DICOM SR (``text``: the reader's edit of it); see ``Assistant.export_sr``."""
+        try:
+            self._set_status(self.assistant.export_sr(path, text), tooltip=path)
+        except (RadFMError, ValueError, OSError) as exc:
+            self._set_status(str(exc))
+
+    def _export_sr_dialog(self):
+        turn = self.assistant.last_answer()
+        if turn is None:
+            return self._set_status("No answer to export yet: ask first.")
+        text = ask_edited_text(self, "Export as DICOM SR", "Edit the draft; the report says what the reader changed "
+                               "and stays unverified:", turn.text)
+        path = ask_save_path(self, "Export as DICOM SR", "DICOM (*.dcm)") if text is not None else None
+        if path:
+            self.export_sr(path, text)
 
     # ------------------------------------------------------------------ closing
     def cancel_quietly(self):

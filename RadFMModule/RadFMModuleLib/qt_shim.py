@@ -40,3 +40,12 @@ def get(obj, name: str):
     else:
         value = getattr(obj, "is" + name[:1].upper() + name[1:])
     return value() if callable(value) else value
+
+
+def ask_edited_text(parent, caption: str, label: str, text: str) -> "str | None":
+    """A multi-line text to edit; None when cancelled. PySide returns ``(text, ok)``; PythonQt returns
+    the text only, empty when cancelled (an emptied draft is then taken as cancelled too)."""
+    result = QtWidgets.QInputDialog.getMultiLineText(parent, caption, label, text)
+    if isinstance(result, tuple):
+        return result[0] if result[1] else None
+    return result or None

@@ -70,7 +70,18 @@ def volume_data(node) -> VolumeData:
         ijk_to_ras=_node_to_world(node) @ _numpy(ijk_to_ras),
         window=window,
         version=str(node.GetImageData().GetMTime()),
+        dicom_files=_dicom_files(node),
     )
+
+
+def _dicom_files(node) -> tuple:
+    """The files of the DICOM instances a volume was loaded from (Slicer's DICOM module notes their UIDs)."""
+    uids = (node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(slicer, "dicomDatabase", None)
+    if not uids or database is None:
+        return ()
+    files = tuple(database.fileForInstance(uid) for uid in uids)
+    return files if all(files) else ()
 
 
 def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
@@ -335,6 +346,18 @@ class SlicerScene:
         display.SetWindowLevelMinMax(0.0, 1.0)
         slicer.util.setSliceViewerLayers(background=scan, foreground=overlay, foregroundOpacity=OVERLAY_OPACITY)
         return overlay.GetID()
+
+    def import_dicom(self, path: str) -> bool:
+        """Add a DICOM file (a report) to Slicer's DICOM database, so the DICOM browser lists it under its study."""
+        import shutil
+        import tempfile
+
+        from DICOMLib import DICOMUtils
+
+        with tempfile.TemporaryDirectory() as folder:  # importDicom takes a folder: only this file goes in
+            shutil.copy(path, folder)
+            DICOMUtils.importDicom(folder, copyFiles=True)
+        return True
 
     def save_previews(self, previews: dict) -> None:
         """Thumbnails live in a hidden text node (long text is saved as a file in the .mrb)."""

@@ -146,6 +146,7 @@ class Volume:
     # What made the voxels (see ``fingerprint``), taken once when the volume is built: model
     # images are known by it, so a follow-up never hashes pixels again. Voxels are not edited after.
     fingerprint: str | None = None
+    dicom: object = None  # the DICOM instances it was read from (``dicom_source.DicomSource``), if any
 
     @property
     def shape(self) -> tuple:
@@ -198,6 +199,7 @@ class Volume:
             default_window=resolve_window(self, None),
             grid=self.grid,
             fingerprint=None if self.fingerprint is None else f"{self.fingerprint}[{lo.tolist()}:{hi.tolist()}]",
+            dicom=self.dicom,
         )
 
 

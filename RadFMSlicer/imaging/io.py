@@ -20,6 +20,7 @@ import SimpleITK as sitk
 from ..errors import ImageError
 from .dicom_checks import (check_instance, check_series, has_pixel_size, in_scanner_units, read_header,
                            rescale_text)
+from .dicom_source import read_source
 from .geometry import LPS_TO_RAS, Grid, Volume, affine_from_itk, build_volume, check_size
 from .nifti_checks import nifti_geometry_notes, nifti_header, nifti_rescale
 from .windows import resolve_window
@@ -314,6 +315,7 @@ def load_volume(path, series=None) -> Volume:
         files, notes = _pick_series(path, series)
         files, headers, more = check_series(path, files)
         notes += more
+        dicom_files = files
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
         info = read_info(files[0])
@@ -324,6 +326,7 @@ def load_volume(path, series=None) -> Volume:
         if info.HasMetaDataKey("0028|0010"):  # DICOM (Rows): GDCM read the header
             headers = [read_header(path)]
             notes += check_instance(path, headers[0], _meta(info, "0008|0060"))
+        dicom_files = [path] if _meta(info, "0008|0018") else None  # a SOP Instance UID: one DICOM file
         size = info.GetSize()
         if len(size) > 3 and any(n != 1 for n in size[3:]):
             raise ImageError(_not_3d(path, size))  # in the file's own (i, j, k, t) order, as nibabel shows it
@@ -364,4 +367,5 @@ def load_volume(path, series=None) -> Volume:
     vol = build_volume(a, m, path, _meta(info, "0008|0060"), notes, size_known)
     if vol.modality == "CT" and not all(in_scanner_units(ds) for ds in headers):  # a Hounsfield window shows nothing
         vol.default_window = {**resolve_window(vol, "percentile"), "auto": "not Hounsfield units"}
+    vol.dicom = read_source(dicom_files, headers or None) if dicom_files else None
     return vol
