@@ -17,7 +17,7 @@ from .engine import RadFMEngine
 from .errors import ImageError, PromptError
 from .generation import Generation, GenerationResult, GenerationSettings
 from .image_cache import NO_CACHE, ImageCache
-from .imaging import ModelImage, Volume, load_volume, parse_window, preprocess, volume_from_array
+from .imaging import ModelImage, Volume, load_volume, parse_window, preprocess, split_npy_index, volume_from_array
 from .preview import render_montage
 from .prompts import ORDINALS, PromptImage, build_prompt, task_question
 from .regions import check_corner, region_from_box, region_from_mask
@@ -86,7 +86,7 @@ class ImageInput:
     def check(self) -> None:
         """What can be checked without reading pixels: the source exists, the window is spelled right."""
         self._check_source()
-        if self.array is None and not Path(self.path).exists():
+        if self.array is None and not Path(split_npy_index(self.path)[0]).exists():
             raise ImageError(f"Scan not found: {self.path}")
         parse_window(self.window)
 

@@ -452,6 +452,8 @@ def cmd_eval(args) -> int:
 
     if args.eval_command == "compare":
         return cmd_eval_compare(args)
+    if args.eval_command == "import":
+        return cmd_eval_import(args)
     missing = [flag for flag, value in (("--checkpoint", args.checkpoint or args.server),
                                         ("--manifest", args.manifest), ("--out", args.out)) if not value]
     if missing:
@@ -483,6 +485,29 @@ def cmd_eval_compare(args) -> int:
     out = Path(args.out or run_b / f"compare-{run_a.name}")
     print(format_comparison(write_comparison(run_a, run_b, out)))
     print(f"comparison: {out / 'compare.json'}\ngallery: {out / 'index.html'}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_import(args) -> int:
+    """A published benchmark file (RadFM's, CT-RATE's) as a manifest, checked as radfm eval will read it."""
+    from .evaluation.datasets import load_manifest
+    from .evaluation.imports import benchmark_rows, write_manifest
+
+    rebase = None
+    if args.rebase is not None:
+        old, sep, new = args.rebase.partition("=")
+        if not sep or not old:
+            raise RadFMError(f"--rebase needs OLD=NEW (a path prefix in the file and its place here), got {args.rebase!r}")
+        rebase = (old, new)
+    rows, fmt = benchmark_rows(args.file, args.modality_set, rebase, args.images)
+    out = write_manifest(rows, args.out)
+    print(f"{args.file}: {fmt}, {len(rows)} case(s) -> {out}", file=sys.stderr)
+    try:
+        cases = load_manifest(out)  # a missing image is named now, not when the run reaches it
+    except RadFMError as exc:
+        raise RadFMError(f"{exc} (images elsewhere? --rebase OLD=NEW or --images DIR; the manifest is written: "
+                         f"fix it, or import again)") from None
+    print(f"every case checked: run it with radfm eval --manifest {out} ({len(cases)} cases)", file=sys.stderr)
     return 0
 
 
@@ -577,10 +602,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write each case's resampler attention (RUN/attention/ID.nii.gz and an overlaid "
                         "thumbnail; resampler attention, not an explanation)")
     p.set_defaults(func=cmd_eval, eval_command=None)
-    compare = p.add_subparsers(dest="eval_command").add_parser(
+    eval_commands = p.add_subparsers(dest="eval_command")
+    compare = eval_commands.add_parser(
         "compare", help="per-case deltas and paired bootstrap intervals between two runs of one manifest")
     compare.add_argument("runs", nargs=2, metavar="RUN", help="two run folders made by radfm eval")
     compare.add_argument("--out", help="folder for compare.json (default: RUN_B/compare-<RUN_A name>)")
+    imported = eval_commands.add_parser(
+        "import", help="RadFM's test files or CT-RATE's report CSV as a manifest (README: Published benchmarks)")
+    imported.add_argument("file", help="RadFM test CSV/JSON, VQA-RAD/SLAKE/PMC-VQA CSV, or CT-RATE reports CSV")
+    imported.add_argument("--out", required=True, help="manifest to write (.jsonl)")
+    imported.add_argument("--modality-set", default=None, metavar="modality_set.json",
+                          help="RadFM's modality set: adds a yes and a no modality question per scan")
+    imported.add_argument("--rebase", default=None, metavar="OLD=NEW",
+                          help="replace the image paths' prefix OLD by NEW (the files name their authors' disks)")
+    imported.add_argument("--images", default=None, metavar="DIR", help="folder of CT-RATE's volumes")
 
     p = sub.add_parser("serve", help="serve the model over HTTP to a reading room (README: Serve a reading room)")
     add_model_arguments(p)
@@ -637,7 +672,7 @@ def report_error(message: str) -> None:
 # a missing file -> what to give instead.
 NOT_EMPTY = {"image": "give a scan file or a DICOM folder", "region": "give a label map file, MASK[:LABEL]",
              **dict.fromkeys(("checkpoint", "session", "preview_dir", "attention", "out", "series", "window", "server",
-                              "token_file", "manifest", "input"), "give a value, or leave the flag out")}
+                              "token_file", "manifest", "input", "modality_set", "rebase", "images"), "give a value, or leave the flag out")}
 
 
 def refuse_empty_values(args) -> None:

@@ -3,7 +3,7 @@
 The steps, one module each, in the order data flows:
 
 * :mod:`.io` -- arrays (Slicer's ``arrayFromVolume``) and files (NIfTI, NRRD, MHA, DICOM,
-  PNG/JPEG) are checked and read into a :class:`Volume`;
+  PNG/JPEG, RadFM's ``.npy``) are checked and read into a :class:`Volume`;
 * :mod:`.geometry` -- every volume is brought to one display orientation (axial, anterior
   up, patient right on the left, superior slice first) with its exact geometry kept;
 * :mod:`.windows` -- the display window (preset, automatic, or given) maps values to [0, 1];
@@ -33,5 +33,5 @@ __all__ = [
     "LPS_TO_RAS", "MAX_DEPTH", "MAX_INPLANE", "MAX_SLICES", "MAX_VOXELS", "MODEL_SIZE", "PERCENTILES",
     "SUPPORTED", "WINDOW_PRESETS", "Grid", "ModelImage", "Volume", "Window", "choose_depth",
     "describe_window", "load_volume", "parse_window", "preprocess", "read_info", "read_pixels", "resolve_window",
-    "volume_from_array",
+    "split_npy_index", "volume_from_array",
 ]
