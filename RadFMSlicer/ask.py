@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from . import storage
 from .engine import RadFMEngine
@@ -292,6 +293,20 @@ def write_previews(prepared: PreparedAsk, folder, cache: ImageCache = NO_CACHE) 
     """The montages of ``prepared`` into ``folder`` now: the worker draws them after the answer
     (asking with ``preview_dir=None``), so they never delay its first token."""
     _write_previews(prepared.model_images, prepared.records, prepared.edges, Path(folder), cache)
+
+
+def write_shared_previews(prepared: PreparedAsk, folder) -> None:
+    """One montage per distinct image and title in ``folder``, named by both, drawn only if not there yet:
+    an evaluation asking many questions about one scan keeps one picture of it, not one per question
+    (an image without a content key, an array from memory, gets a file of its own)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for image, record, edge in zip(prepared.model_images, prepared.records, prepared.edges):
+        name = uuid.uuid4().hex if image.key is None else xxhash.xxh64(f"{image.key}|{record.label}".encode()).hexdigest()
+        out = folder / f"{name}.png"
+        if not out.is_file():
+            render_montage([image], out, titles=[record.label], tile=64, edges=[edge])
+        record.preview_png = str(out)
 
 
 def _write_previews(images: list[ModelImage], records: list[ImageRecord], edges: list, folder: Path,

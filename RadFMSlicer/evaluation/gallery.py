@@ -1,10 +1,12 @@
 """``RUN/index.html``: one self-contained page to find and inspect failures, offline.
 
-Everything is inline (CSS, script, thumbnails as base64 JPEG), so the file can be mailed,
-archived next to the run or opened from a USB stick. The table sorts by any column and
-filters by task, by each extra manifest column and by text; a click on a case opens what
-the model received (the ``radfm preview`` montage), the answer beside the reference with
-a word-level diff (``difflib``), the scores and the provenance. A comparison page shows two
+Everything is inline (CSS, script, thumbnails as base64 JPEG, one per distinct montage), so
+the file can be mailed, archived next to the run or opened from a USB stick; a click on a
+thumbnail opens the full-size montage from the run folder. The table sorts by any column and
+filters by task, by each extra manifest column and by text, and shows :data:`PAGE_ROWS` cases
+a page, so a run of 10,000 cases opens and sorts at once; a click on a case opens what the
+model received (the ``radfm preview`` montage), the answer beside the reference with a
+word-level diff (``difflib``), the scores and the provenance. A comparison page shows two
 runs' answers side by side with their score deltas.
 """
 
@@ -13,6 +15,7 @@ import difflib
 import html
 import io
 import json
+import os
 from pathlib import Path
 
 from PIL import Image
@@ -22,8 +25,9 @@ from ..imaging import describe_window
 from ..session import DISCLAIMER
 from .metrics import case_score
 
-THUMB_WIDTH = 480  # px; the montage is downscaled to this for the page
+THUMB_WIDTH = 960  # px; the montage is downscaled to this for the page (its 64 px tiles stay near full size)
 THUMB_QUALITY = 80
+PAGE_ROWS = 200  # cases in the table at once: the browser lays out a page, not the whole run
 
 
 def word_diff(reference: str, answer: str) -> list[list[str]]:
@@ -53,14 +57,28 @@ def _thumbnail(path: Path) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _thumb_key(path: Path, thumbs: dict) -> str | None:
-    """The page's id of the thumbnail of ``path`` (identical thumbnails share one), None if it is missing."""
-    uri = _thumbnail(path)
-    return None if uri is None else thumbs.setdefault(uri, f"t{len(thumbs)}")
+class Thumbnails:
+    """The page's thumbnails: each montage file drawn once however many cases show it (a run asks
+    many questions of one scan), identical pictures sharing one id."""
+
+    def __init__(self, page_dir: Path):
+        self.page_dir = page_dir
+        self.ids: dict[str, str] = {}  # data URI -> id
+        self.of_file: dict[Path, str | None] = {}
+
+    def view(self, path: Path) -> dict:
+        """``{"thumb": id or None, "full": the montage's path from the page}``."""
+        if path not in self.of_file:
+            uri = _thumbnail(path)
+            self.of_file[path] = None if uri is None else self.ids.setdefault(uri, f"t{len(self.ids)}")
+        return {"thumb": self.of_file[path], "full": Path(os.path.relpath(path, self.page_dir)).as_posix()}
+
+    def table(self) -> dict:
+        return {key: uri for uri, key in self.ids.items()}
 
 
-def _case_view(record: dict, run_dir: Path, thumbs: dict, images: bool = True) -> dict:
-    """What the page needs of one case record; thumbnails shared by id when identical.
+def _case_view(record: dict, run_dir: Path, thumbs: Thumbnails, images: bool = True) -> dict:
+    """What the page needs of one case record; thumbnails shared by id.
 
     ``images=False`` leaves the montages out (no thumbnail made, ``images`` empty): run B of a
     comparison, whose answers the page shows but whose montages it never does.
@@ -69,12 +87,12 @@ def _case_view(record: dict, run_dir: Path, thumbs: dict, images: bool = True) -
     for seen in (record.get("seen") or []) if images else []:
         views.append({"label": seen.get("label"), "role": seen.get("role"), "source": seen.get("source"),
                       "shape": seen.get("shape"), "window": describe_window(seen["window"]) if seen.get("window") else None,
-                      "thumb": _thumb_key(run_dir / seen["preview_png"], thumbs) if seen.get("preview_png") else None})
+                      **(thumbs.view(run_dir / seen["preview_png"]) if seen.get("preview_png") else {"thumb": None})})
     provenance = record.get("provenance") or {}
     looked = provenance.get("attention")
     if images and looked and looked.get("thumbnail"):
         views.append({"label": looked["label"], "role": "attention", "source": looked["file"], "shape": None,
-                      "window": None, "thumb": _thumb_key(run_dir / looked["thumbnail"], thumbs)})
+                      "window": None, **thumbs.view(run_dir / looked["thumbnail"])})
     return {
         "id": record["id"], "task": record["task"], "question": record.get("question"),
         "reference": record.get("reference", ""), "answer": record.get("answer"), "error": record.get("error"),
@@ -94,8 +112,9 @@ def write_gallery(run_dir: "str | Path", records: list[dict], summary: dict, out
     ``other_records`` (run B's cases) turn it into the side-by-side view.
     """
     run_dir = Path(run_dir)
-    thumbs: dict[str, str] = {}
-    cases = [_case_view(r, run_dir, thumbs) for r in records]
+    out = Path(out or run_dir / "index.html")
+    thumbs = Thumbnails(out.parent.absolute())
+    cases = [_case_view(r, run_dir.absolute(), thumbs) for r in records]
     if compare is not None:
         b_dir = Path(compare["b"]["run"])
         b_cases = {r["id"]: _case_view(r, b_dir, thumbs, images=False) for r in other_records or []}
@@ -104,14 +123,13 @@ def write_gallery(run_dir: "str | Path", records: list[dict], summary: dict, out
             b = b_cases.get(case["id"])
             case["b"] = None if b is None else {k: b[k] for k in ("answer", "error", "scores", "score", "diff", "model")}
             case["delta"] = case_score(deltas.get(case["id"]))
-    data = {"summary": summary, "cases": cases, "thumbs": {key: uri for uri, key in thumbs.items()},
+    data = {"summary": summary, "cases": cases, "thumbs": thumbs.table(), "page_rows": PAGE_ROWS,
             "compare": compare and {k: compare[k] for k in ("a", "b", "cases", "metrics")},
             "disclaimer": DISCLAIMER}
     payload = json.dumps(data).replace("</", "<\\/")
     title = (f"RadFM comparison: {run_dir.name} vs {Path(compare['b']['run']).name}" if compare
              else f"RadFM evaluation: {run_dir.name}")
     page = PAGE.replace("{{title}}", html.escape(title)).replace("{{data}}", payload)
-    out = Path(out or run_dir / "index.html")
     storage.write_text(out, page)
     return out
 
@@ -140,7 +158,10 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .detail td{background:#fafbfc}
 .detail .cols{display:flex;gap:18px;flex-wrap:wrap}
 .detail .col{flex:1 1 320px;min-width:280px}
+.detail .seen{display:flex;gap:12px;flex-wrap:wrap;margin-bottom:10px}
+.detail .seen figure{margin:0;max-width:100%}
 .detail img{max-width:100%;border:1px solid #ccd;display:block;margin:4px 0}
+.pager{display:flex;gap:8px;align-items:center;margin:8px 0}
 .diff del{background:#fdd;text-decoration:line-through;color:#900}
 .diff ins{background:#dfd;text-decoration:none;color:#060}
 pre{white-space:pre-wrap;background:#f0f1f4;padding:6px;font-size:12px;margin:4px 0}
@@ -157,6 +178,7 @@ h2{font-size:15px;margin:16px 0 6px}
 <div class="controls" id="controls"><label>Task <select id="f-task"><option value="">all</option></select></label>
 <label>Search <input id="f-text" type="search" placeholder="id, answer, reference"></label></div>
 <table id="cases"><thead><tr id="head"></tr></thead><tbody id="body"></tbody></table>
+<div class="pager"><button id="prev">&larr; previous</button><span id="page" class="muted"></span><button id="next">next &rarr;</button></div>
 </main>
 <script type="application/json" id="data">{{data}}</script>
 <script>
@@ -205,7 +227,7 @@ cols.push(["answer", c => c.error ? "FAILED: " + c.error : c.answer, false]);
 let sortCol = 2, sortDir = 1;  // worst first
 const head = document.getElementById("head");
 cols.forEach(([label, , numeric], i) => { const th = el("th", {text: label, "data-col": i, class: numeric ? "num" : ""});
-  th.onclick = () => { sortDir = sortCol === i ? -sortDir : 1; sortCol = i; render(); }; head.append(th); });
+  th.onclick = () => { sortDir = sortCol === i ? -sortDir : 1; sortCol = i; pageNo = 0; render(); }; head.append(th); });
 const filters = {task: document.getElementById("f-task"), text: document.getElementById("f-text")};
 [...new Set(cases.map(c => c.task))].sort().forEach(t => filters.task.append(el("option", {value: t, text: t})));
 for (const k of extraKeys) {
@@ -213,16 +235,21 @@ for (const k of extraKeys) {
   [...new Set(cases.map(c => c.extra[k]).filter(v => v !== undefined).map(String))].sort().forEach(v => s.append(el("option", {value: v, text: v})));
   document.getElementById("controls").append(el("label", {text: k + " "}, s)); filters[k] = s;
 }
-Object.values(filters).forEach(f => f.addEventListener("input", render));
+let pageNo = 0;
+Object.values(filters).forEach(f => f.addEventListener("input", () => { pageNo = 0; render(); }));
+document.getElementById("prev").onclick = () => { pageNo--; render(); };
+document.getElementById("next").onclick = () => { pageNo++; render(); };
 const open = new Set();
 function diffView(diff) { const p = el("div", {class: "diff"});
   for (const [op, text] of diff) { p.append(op === "=" ? text : el(op === "-" ? "del" : "ins", {text}), " "); } return p; }
 function detail(c) {
   const cols = el("div", {class: "cols"});
-  const seen = el("div", {class: "col"}, el("b", {text: "What the model received"}));
-  for (const im of c.images) { seen.append(el("div", {class: "muted", text: `${im.label} (${im.role}): ${im.source}`
+  const seen = el("div", {class: "seen"});
+  for (const im of c.images) { const fig = el("figure", {}, el("figcaption", {class: "muted", text: `${im.label} (${im.role}): ${im.source}`
       + (im.shape ? `, tensor ${JSON.stringify(im.shape)}` : "") + (im.window ? `, window ${im.window}` : "")}));
-    if (im.thumb) seen.append(el("img", {src: D.thumbs[im.thumb], alt: "model input montage"})); }
+    if (im.thumb) fig.append(el("a", {href: im.full, target: "_blank", title: "open the full-size montage"},
+      el("img", {src: D.thumbs[im.thumb], alt: "model input montage"})));
+    seen.append(fig); }
   if (!c.images.length) seen.append(el("div", {class: "muted", text: "nothing: the case failed before the model ran"}));
   const text = el("div", {class: "col"});
   if (c.question) text.append(el("b", {text: "Question"}), el("pre", {text: c.question}));
@@ -238,8 +265,8 @@ function detail(c) {
   const prov = el("div", {class: "col"}, el("b", {text: "Provenance"}),
     el("pre", {text: JSON.stringify({model: c.model, settings: c.settings, timing: c.timing, case_s: c.case_s, extra: c.extra}, null, 1)}));
   if (c.prompt) prov.append(el("b", {text: "Prompt"}), el("pre", {text: c.prompt}));
-  cols.append(seen, text, prov);
-  return cols;
+  cols.append(text, prov);
+  return el("div", {}, el("b", {text: "What the model received (click a picture for the full-size montage)"}), seen, cols);
 }
 function render() {
   const q = filters.text.value.toLowerCase();
@@ -253,7 +280,13 @@ function render() {
   head.querySelectorAll("th").forEach((th, i) => { th.classList.toggle("asc", i === sortCol && sortDir > 0);
     th.classList.toggle("desc", i === sortCol && sortDir < 0); });
   const body = document.getElementById("body"); body.replaceChildren();
-  for (const c of shown) {
+  const pages = Math.max(1, Math.ceil(shown.length / D.page_rows));
+  pageNo = Math.min(Math.max(pageNo, 0), pages - 1);
+  const first = pageNo * D.page_rows, page = shown.slice(first, first + D.page_rows);
+  document.getElementById("prev").disabled = pageNo === 0;
+  document.getElementById("next").disabled = pageNo === pages - 1;
+  document.getElementById("page").textContent = shown.length ? `cases ${first + 1}-${first + page.length} of ${shown.length}, page ${pageNo + 1} of ${pages}` : "";
+  for (const c of page) {
     const tr = el("tr", {class: "case" + (c.error ? " failed" : ""), "data-id": c.id});
     cols.forEach(([label, v, numeric]) => { const x = v(c);
       const td = el("td", {class: numeric ? "num" : "", text: numeric ? fmt(x) : (x === undefined || x === null ? "" : String(x).slice(0, 120))});

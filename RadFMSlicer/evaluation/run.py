@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import storage
-from ..ask import AskRequest, ImageInput, RegionInput, ask, prepare
+from ..ask import AskRequest, ImageInput, RegionInput, ask, prepare, write_shared_previews
 from ..attention import overlay, patch_map, write_for_ask
 from ..batch import append_record, finished_ids
 from ..errors import RadFMError
@@ -40,8 +40,7 @@ TOY_WIDTH = 1024  # an LLM narrower than this is a test checkpoint: its text is 
 TOY_NOTE = "toy-size random-weight checkpoint: its answers are noise, the scores only check the pipeline"
 
 
-def request_for(case: Case, settings: GenerationSettings, window=None, interpolation: str = "nearest",
-                preview_dir: str | None = None) -> AskRequest:
+def request_for(case: Case, settings: GenerationSettings, window=None, interpolation: str = "nearest") -> AskRequest:
     """The ask request of one case: its scans (first current, later priors), region and question."""
     regions = []
     if case.region_mask:
@@ -52,7 +51,7 @@ def request_for(case: Case, settings: GenerationSettings, window=None, interpola
     return AskRequest(
         task=case.task, question=case.question, regions=regions, window=window, interpolation=interpolation,
         images=[ImageInput(path=p, role="current" if k == 0 else "prior") for k, p in enumerate(case.images)],
-        settings=settings, preview_dir=preview_dir,
+        settings=settings,
     )
 
 
@@ -139,9 +138,9 @@ def answer_case(model: "LocalModel | ServerModel", case: Case, run_dir: Path, se
     record = case.to_dict()  # a fresh dict, id first
     started = time.perf_counter()
     try:
-        previews = run_dir / "previews" / _safe_name(case.id)
-        request = request_for(case, settings, window, interpolation, str(previews))
+        request = request_for(case, settings, window, interpolation)
         prepared = prepare(request, None, model.tokens_per_image, images, model.device)
+        write_shared_previews(prepared, run_dir / "previews")  # one per scan, however many cases ask about it
         looked = _write_attention(model.engine, prepared, run_dir, _safe_name(case.id)) if attention else None
         turn = model.answer(request, prepared)
     except RadFMError as exc:
