@@ -465,12 +465,19 @@ def cmd_eval(args) -> int:
     if client is None:
         check_model_arguments(args)
     cases = load_manifest(args.manifest)  # every bad row named before the model loads or the server is asked
+    clinical = None
+    if args.metrics:
+        from .evaluation.metrics import ClinicalScorer
+
+        clinical = ClinicalScorer([name.strip() for name in args.metrics.split(",") if name.strip()])
+        for line in clinical.unavailable.values():
+            print(f"radfm: {line}", file=sys.stderr, flush=True)
     if client is not None:
         print(f"Answering on the RadFM server at {args.server} ...", file=sys.stderr, flush=True)
     engine = client or (lambda: load_engine(args))  # loaded once the run folder accepts the settings
     summary = run_eval(engine, cases, args.out, settings,
                        window=args.window, interpolation=args.interpolation, manifest=str(args.manifest),
-                       force=args.force, attention=args.attention)
+                       force=args.force, attention=args.attention, clinical=clinical)
     print(format_table(summary))
     out = Path(args.out)
     print(f"cases: {out / 'cases.jsonl'}\nsummary: {out / 'summary.json'}\ngallery: {out / 'index.html'}",
@@ -545,6 +552,8 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation.metrics import CLINICAL as CLINICAL_METRICS
+
     parser = argparse.ArgumentParser(prog="radfm", description="Ask the RadFM model about CT/MR scans (research use only).")
     parser.add_argument("--version", action="version", version=f"radfm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -601,6 +610,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", action="store_true",
                    help="also write each case's resampler attention (RUN/attention/ID.nii.gz and an overlaid "
                         "thumbnail; resampler attention, not an explanation)")
+    p.add_argument("--metrics", default=None, metavar="NAME,...",
+                   help="clinical metrics for open text, through radeval (pip install 'RadFMSlicer[metrics]'; "
+                        "models from the Hugging Face cache): " + ", ".join(CLINICAL_METRICS)
+                        + "; BLEU, ROUGE-L and accuracy are always scored")
     p.set_defaults(func=cmd_eval, eval_command=None)
     eval_commands = p.add_subparsers(dest="eval_command")
     compare = eval_commands.add_parser(
@@ -672,7 +685,7 @@ def report_error(message: str) -> None:
 # a missing file -> what to give instead.
 NOT_EMPTY = {"image": "give a scan file or a DICOM folder", "region": "give a label map file, MASK[:LABEL]",
              **dict.fromkeys(("checkpoint", "session", "preview_dir", "attention", "out", "series", "window", "server",
-                              "token_file", "manifest", "input", "modality_set", "rebase", "images"), "give a value, or leave the flag out")}
+                              "token_file", "manifest", "input", "modality_set", "rebase", "images", "metrics"), "give a value, or leave the flag out")}
 
 
 def refuse_empty_values(args) -> None:

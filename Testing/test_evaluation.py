@@ -500,6 +500,10 @@ def test_comparison_page_shows_both_answers_and_the_deltas_in_a_real_browser(bro
     row = page.locator("tr[data-id=m2] td").all_text_contents()
     assert row[:6] == ["m2", "modality", "0.000", "1.000", "1.000", "differ"]
     assert page.locator("tr[data-id=m1] td").nth(5).text_content() == "same"
+    headings = page.locator("#head th").all_text_contents()
+    assert headings[2:4] == ["score A (a)", "score B (b)"] and headings[-2:] == ["answer A (a)", "answer B (b)"]
+    assert page.locator("tr[data-id=m2] td").nth(-1).text_content() == "MRI."  # B's answer under B's name
+    assert "p (approximate randomization)" in page.locator("#summary").text_content()
     page.click("tr[data-id=m2]")
     answers = page.locator("tr.detail pre").all_text_contents()
     assert "CT." in answers and "MRI." in answers

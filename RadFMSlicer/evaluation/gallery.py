@@ -23,7 +23,7 @@ from PIL import Image
 from .. import storage
 from ..imaging import describe_window
 from ..session import DISCLAIMER
-from .metrics import case_score
+from .metrics import case_score, score_keys, table
 
 THUMB_WIDTH = 960  # px; the montage is downscaled to this for the page (its 64 px tiles stay near full size)
 THUMB_QUALITY = 80
@@ -123,7 +123,10 @@ def write_gallery(run_dir: "str | Path", records: list[dict], summary: dict, out
             b = b_cases.get(case["id"])
             case["b"] = None if b is None else {k: b[k] for k in ("answer", "error", "scores", "score", "diff", "model")}
             case["delta"] = case_score(deltas.get(case["id"]))
+    keys = list(compare["metrics"]) if compare else score_keys([c["scores"] for c in cases])
+    names = {"a": run_dir.name, "b": Path(compare["b"]["run"]).name} if compare else None
     data = {"summary": summary, "cases": cases, "thumbs": thumbs.table(), "page_rows": PAGE_ROWS,
+            "metric_table": table(), "metric_keys": keys, "names": names,
             "compare": compare and {k: compare[k] for k in ("a", "b", "cases", "metrics")},
             "disclaimer": DISCLAIMER}
     payload = json.dumps(data).replace("</", "<\\/")
@@ -189,6 +192,11 @@ const el = (tag, attrs = {}, ...kids) => { const e = document.createElement(tag)
   for (const [k, v] of Object.entries(attrs)) { if (k === "text") e.textContent = v; else e.setAttribute(k, v); }
   kids.forEach(k => e.append(k)); return e; };
 const fmt = (v, d = 3) => v === null || v === undefined ? "" : (typeof v === "number" ? v.toFixed(d) : String(v));
+// a metric's value as the table of metrics says (accuracy and ROUGE-L in %, BLEU 0-100, ...)
+const T = D.metric_table, K = D.metric_keys, label = k => T[k] ? T[k].label : k;
+const metricText = (k, v, sign = false) => v === null || v === undefined ? "" : !T[k] ? fmt(v)
+  : ((sign && v > 0) ? "+" : "") + (T[k].percent ? v * 100 : v).toFixed(T[k].digits);
+const N = D.names;
 document.getElementById("title").textContent = document.title;
 document.getElementById("disclaimer").textContent = D.disclaimer;
 const model = C ? `A: ${C.a.run} (${C.a.dtype}${C.a.quantization ? ", " + C.a.quantization : ""})  vs  B: ${C.b.run} (${C.b.dtype}${C.b.quantization ? ", " + C.b.quantization : ""})`
@@ -199,31 +207,35 @@ if (D.summary.note) { const n = document.getElementById("note"); n.hidden = fals
 (function summary() {
   const t = document.getElementById("summary");
   if (C) {
-    t.append(el("tr", {}, ...["metric", "cases", "A", "B", "B - A", "95% paired CI", "scores changed"].map((h, i) => el("th", {text: h, class: i ? "num" : ""}))));
+    t.append(el("tr", {}, ...["metric", "cases", `A (${N.a})`, `B (${N.b})`, "B - A", "95% paired CI",
+      "p (approximate randomization)", "scores changed"].map((h, i) => el("th", {text: h, class: i ? "num" : ""}))));
     for (const [m, s] of Object.entries(C.metrics))
-      t.append(el("tr", {}, el("td", {text: m}), el("td", {class: "num", text: s.n}), el("td", {class: "num", text: fmt(s.mean_a)}),
-        el("td", {class: "num", text: fmt(s.mean_b)}), el("td", {class: "num", text: fmt(s.delta)}),
-        el("td", {class: "num", text: `[${fmt(s.ci95[0])}, ${fmt(s.ci95[1])}]`}), el("td", {class: "num", text: s.changed})));
+      t.append(el("tr", {}, el("td", {text: label(m)}), el("td", {class: "num", text: s.n}), el("td", {class: "num", text: metricText(m, s.mean_a)}),
+        el("td", {class: "num", text: metricText(m, s.mean_b)}), el("td", {class: "num", text: metricText(m, s.delta, true)}),
+        el("td", {class: "num", text: `[${metricText(m, s.ci95[0], true)}, ${metricText(m, s.ci95[1], true)}]`}),
+        el("td", {class: "num", text: fmt(s.p, 4)}), el("td", {class: "num", text: s.changed})));
     return;
   }
   const groups = [["overall", D.summary.metrics.overall], ...Object.entries(D.summary.metrics.by_task)];
-  t.append(el("tr", {}, ...["group", "cases", "accuracy", "BLEU", "ROUGE-L"].map((h, i) => el("th", {text: h, class: i ? "num" : ""}))));
+  t.append(el("tr", {}, ...["group", "cases", ...K.map(label)].map((h, i) => el("th", {text: h, class: i ? "num" : ""}))));
   for (const [name, g] of groups) {
-    const cell = m => g[m] ? `${fmt(g[m].mean)} [${fmt(g[m].ci95[0])}, ${fmt(g[m].ci95[1])}]` : "";
+    const cell = m => g[m] ? `${metricText(m, g[m].mean)} [${metricText(m, g[m].ci95[0])}, ${metricText(m, g[m].ci95[1])}]` : "";
     t.append(el("tr", {}, el("td", {text: name}), el("td", {class: "num", text: g.cases}),
-      ...["accuracy", "bleu", "rougeL"].map(m => el("td", {class: "num", text: cell(m)}))));
+      ...K.map(m => el("td", {class: "num", text: cell(m)}))));
   }
-  const f = D.summary.cases; t.append(el("tr", {}, el("td", {colspan: 5, class: "muted",
+  const f = D.summary.cases; t.append(el("tr", {}, el("td", {colspan: K.length + 2, class: "muted",
     text: `${f.answered} answered, ${f.failed} failed${f.not_run ? ", " + f.not_run + " not run" : ""}`})));
+  for (const text of D.summary.metric_notes || []) t.append(el("tr", {}, el("td", {colspan: K.length + 2, class: "muted", text: "Note: " + text})));
 })();
-// columns: [label, value(case), numeric]
+// columns: [label, value(case), numeric, metric key (its values shown as the table of metrics says)]
 const cols = [["id", c => c.id, false], ["task", c => c.task, false]];
-if (C) cols.push(["score A", c => c.score, true], ["score B", c => c.b && c.b.score, true], ["B - A", c => c.delta, true],
+const answerOf = c => c.error ? "FAILED: " + c.error : c.answer;
+if (C) cols.push([`score A (${N.a})`, c => c.score, true], [`score B (${N.b})`, c => c.b && c.b.score, true], ["B - A", c => c.delta, true],
   ["answers", c => !c.b ? "" : (c.b.answer === c.answer ? "same" : "differ"), false]);
-else cols.push(["score", c => c.score, true], ["accuracy", c => c.scores.accuracy, true], ["BLEU", c => c.scores.bleu, true],
-  ["ROUGE-L", c => c.scores.rougeL, true]);
+else cols.push(["score", c => c.score, true], ...K.map(k => [label(k), c => c.scores[k], true, k]));
 extraKeys.forEach(k => cols.push([k, c => c.extra[k], false]));
-cols.push(["answer", c => c.error ? "FAILED: " + c.error : c.answer, false]);
+if (C) cols.push([`answer A (${N.a})`, answerOf, false], [`answer B (${N.b})`, c => !c.b ? "" : answerOf(c.b), false]);
+else cols.push(["answer", answerOf, false]);
 let sortCol = 2, sortDir = 1;  // worst first
 const head = document.getElementById("head");
 cols.forEach(([label, , numeric], i) => { const th = el("th", {text: label, "data-col": i, class: numeric ? "num" : ""});
@@ -255,12 +267,12 @@ function detail(c) {
   if (c.question) text.append(el("b", {text: "Question"}), el("pre", {text: c.question}));
   text.append(el("b", {text: "Reference"}), el("pre", {text: c.reference}));
   if (c.error) text.append(el("b", {text: "Error"}), el("pre", {text: c.error}));
-  const answers = C ? [["A", c], ["B", c.b || {}]] : [["", c]];
+  const answers = C ? [[`A (${N.a})`, c], [`B (${N.b})`, c.b || {}]] : [["", c]];
   for (const [name, a] of answers) {
     if (a.answer === undefined || a.answer === null) { if (name) text.append(el("b", {text: `Answer ${name}: not answered` + (a.error ? " (" + a.error + ")" : "")})); continue; }
     text.append(el("b", {text: `Answer ${name}`.trim()}), el("pre", {text: a.answer}),
       el("b", {text: "Word diff, reference to answer (struck: missing from the answer; green: added)"}), diffView(a.diff),
-      el("div", {class: "muted", text: "scores: " + Object.entries(a.scores).map(([k, v]) => `${k} ${fmt(v)}`).join(", ")}));
+      el("div", {class: "muted", text: "scores: " + Object.entries(a.scores).map(([k, v]) => `${label(k)} ${metricText(k, v)}`).join(", ")}));
   }
   const prov = el("div", {class: "col"}, el("b", {text: "Provenance"}),
     el("pre", {text: JSON.stringify({model: c.model, settings: c.settings, timing: c.timing, case_s: c.case_s, extra: c.extra}, null, 1)}));
@@ -288,9 +300,9 @@ function render() {
   document.getElementById("page").textContent = shown.length ? `cases ${first + 1}-${first + page.length} of ${shown.length}, page ${pageNo + 1} of ${pages}` : "";
   for (const c of page) {
     const tr = el("tr", {class: "case" + (c.error ? " failed" : ""), "data-id": c.id});
-    cols.forEach(([label, v, numeric]) => { const x = v(c);
-      const td = el("td", {class: numeric ? "num" : "", text: numeric ? fmt(x) : (x === undefined || x === null ? "" : String(x).slice(0, 120))});
-      if (label === "B - A" && x) td.classList.add(x < 0 ? "bad" : "good"); tr.append(td); });
+    cols.forEach(([heading, v, numeric, key]) => { const x = v(c);
+      const td = el("td", {class: numeric ? "num" : "", text: key ? metricText(key, x) : numeric ? fmt(x) : (x === undefined || x === null ? "" : String(x).slice(0, 120))});
+      if (heading === "B - A" && x) td.classList.add(x < 0 ? "bad" : "good"); tr.append(td); });
     tr.onclick = () => { open.has(c.id) ? open.delete(c.id) : open.add(c.id); render(); };
     body.append(tr);
     if (open.has(c.id)) body.append(el("tr", {class: "detail"}, el("td", {colspan: cols.length}, detail(c))));
