@@ -255,7 +255,9 @@ def bootstrap_ci(values, resamples: int = RESAMPLES, seed: int = SEED, confidenc
     if values.size == 0:
         return [float("nan"), float("nan")]
     rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
+    block = max(1, 2_000_000 // values.size)  # resamples at a time: 10,000 cases x 2,000 at once would take 320 MB
+    means = np.concatenate([values[rng.integers(0, values.size, size=(min(block, resamples - start), values.size))]
+                            .mean(axis=1) for start in range(0, resamples, block)])
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return [float(low), float(high)]
