@@ -122,6 +122,15 @@ def test_import_names_an_unknown_file_missing_images_and_empty_references(tmp_pa
     assert main(["eval", "import", str(tmp_path / "reports.csv"), "--out", str(tmp_path / "m.jsonl"),
                  "--rebase", "nothing"]) == 2
     assert "--rebase needs OLD=NEW" in capsys.readouterr().err
+    (tmp_path / "latin1.csv").write_bytes("image_path,label\nr\xf6ntgen.npy,normal\n".encode("latin-1"))
+    assert main(["eval", "import", str(tmp_path / "latin1.csv"), "--out", str(tmp_path / "m.jsonl")]) == 2
+    assert "latin1.csv is not UTF-8 text (invalid start byte at byte 18): save it as UTF-8" in capsys.readouterr().err
+
+
+def test_a_json_lines_manifest_named_json_is_still_a_manifest(tmp_path):
+    (tmp_path / "cases.json").write_text(json.dumps({"images": [CT], "task": "modality", "reference": "CT"}) + "\n")
+    (case,) = load_manifest(tmp_path / "cases.json")
+    assert case.task == "modality" and case.images == [CT]
 
 
 def test_a_benchmark_run_records_a_broken_volume_instead_of_dropping_it(tiny_engine, tmp_path):

@@ -75,8 +75,8 @@ def _split_label(spec: str) -> tuple[str, str, str]:
 
 def _rows(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed row or the reason it could not be parsed), blank lines skipped."""
-    if path.suffix.lower() == ".json":  # RadFM's caption/rationale list
-        return [(row["source_row"], row) for row in benchmark_rows(path)[0]]
+    if path.suffix.lower() == ".json" and path.read_text(encoding="utf-8-sig").lstrip().startswith("["):
+        return [(row["source_row"], row) for row in benchmark_rows(path)[0]]  # RadFM's caption/rationale list
     if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)

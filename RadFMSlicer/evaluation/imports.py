@@ -57,28 +57,35 @@ def detect_format(columns) -> str | None:
     return next((name for name, needed in FORMATS.items() if set(needed) <= columns), None)
 
 
-def _read(path: Path) -> tuple[list[dict], str]:
-    """The file's entries (CSV rows or the JSON list) and its format, or a BenchmarkError naming what it holds."""
+def _entries(path: Path) -> tuple[list[dict], set]:
+    """The entries of a JSON list (RadFM's caption/rationale file) or a CSV, and their columns."""
     if path.suffix.lower() == ".json":
         try:
-            entries = json.loads(path.read_text(encoding="utf-8"))
+            entries = json.loads(path.read_text(encoding="utf-8-sig"))
         except ValueError as exc:
             raise BenchmarkError(f"{path}: not JSON ({exc})") from None
         if isinstance(entries, dict):  # some releases key the entries by case
             entries = list(entries.values())
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
             raise BenchmarkError(f"{path}: RadFM's caption/rationale JSON is a list of objects with npy_path, "
-                                "finding, impression")
-        columns = set().union(*(e.keys() for e in entries)) if entries else set()
-    else:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            entries, columns = list(reader), set(reader.fieldnames or ())
+                                 "finding, impression")
+        return entries, set().union(*(e.keys() for e in entries)) if entries else set()
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        return list(reader), set(reader.fieldnames or ())
+
+
+def _read(path: Path) -> tuple[list[dict], str]:
+    """The file's entries (CSV rows or the JSON list) and its format, or a BenchmarkError naming what it holds."""
+    try:
+        entries, columns = _entries(path)
+    except UnicodeDecodeError as exc:
+        raise BenchmarkError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8") from None
     name = detect_format(columns)
     if name is None:
         known = "; ".join(f"{n}: {', '.join(c)}" for n, c in FORMATS.items())
         raise BenchmarkError(f"{path}: not a known benchmark file (found columns: {', '.join(sorted(columns)) or 'none'}; "
-                            f"known: {known})")
+                             f"known: {known})")
     return entries, name
 
 
