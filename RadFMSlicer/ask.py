@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import xxhash
 
 from . import storage
 from .errors import ImageError, PromptError, RequestError
@@ -20,7 +21,7 @@ from .generation import Generation, GenerationResult, GenerationSettings
 from .image_cache import NO_CACHE, ImageCache
 from .imaging import ModelImage, Volume, parse_window, preprocess
 from .imaging.dicom_source import read_source
-from .paths import FILE, check_kind
+from .paths import FILE, check_kind, split_npy_index
 from .preview import render_montage
 from .prompts import ORDINALS, PromptImage, build_prompt, check_user_text, task_question
 from .regions import check_corner, region_from_box, region_from_mask
@@ -117,8 +118,8 @@ class ImageInput:
         """What can be checked without reading pixels: the source exists, the window is spelled right."""
         self._check_source()
         if self.array is None:
-            check_kind(self.path, "scan")  # a FIFO or device would block the reader
-        if self.array is None and not Path(self.path).exists():
+            check_kind(split_npy_index(self.path)[0], "scan")  # a FIFO or device would block the reader
+        if self.array is None and not Path(split_npy_index(self.path)[0]).exists():
             raise ImageError(f"Scan not found: {self.path}")
         parse_window(self.window)
 
@@ -386,6 +387,20 @@ def write_previews(prepared: PreparedAsk, folder, cache: ImageCache = NO_CACHE) 
     """The montages of ``prepared`` into ``folder`` now: the worker draws them after the answer
     (asking with ``preview_dir=None``), so they never delay its first token."""
     _write_previews(prepared.model_images, prepared.records, prepared.edges, Path(folder), cache)
+
+
+def write_shared_previews(prepared: PreparedAsk, folder) -> None:
+    """One montage per distinct image and title in ``folder``, named by both, drawn only if not there yet:
+    an evaluation asking many questions about one scan keeps one picture of it, not one per question
+    (an image without a content key, an array from memory, gets a file of its own)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for image, record, edge in zip(prepared.model_images, prepared.records, prepared.edges):
+        name = uuid.uuid4().hex if image.key is None else xxhash.xxh64(f"{image.key}|{record.label}".encode()).hexdigest()
+        out = folder / f"{name}.png"
+        if not out.is_file():
+            render_montage([image], out, titles=[record.label], tile=64, edges=[edge])
+        record.preview_png = str(out)
 
 
 def _write_previews(images: list[ModelImage], records: list[ImageRecord], edges: list, folder: Path,

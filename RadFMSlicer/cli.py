@@ -499,6 +499,8 @@ def cmd_eval(args) -> int:
 
     if args.eval_command == "compare":
         return cmd_eval_compare(args)
+    if args.eval_command == "import":
+        return cmd_eval_import(args)
     missing = [flag for flag, value in (("--checkpoint", args.checkpoint or args.server),
                                         ("--manifest", args.manifest), ("--out", args.out)) if not value]
     if missing:
@@ -511,12 +513,20 @@ def cmd_eval(args) -> int:
         check_model_arguments(args)
     cases = load_manifest(args.manifest)  # every bad row named before the model loads or the server is asked
     check_writable(args.out, "run folder (--out)", folder=True)
+    clinical = None
+    if args.metrics:
+        from .evaluation.metrics import ClinicalScorer
+
+        clinical = ClinicalScorer([name.strip() for name in args.metrics.split(",") if name.strip()])
+        for line in clinical.unavailable.values():
+            print(f"radfm: {line}", file=sys.stderr, flush=True)
     if client is not None:
         print(f"Answering on the RadFM server at {args.server} ...", file=sys.stderr, flush=True)
     engine = client or (lambda: load_engine(args))  # loaded once the run folder accepts the settings
     with sole_writer(args.out, "radfm eval"):  # a second eval on this --out is refused, naming this one
         summary = run_eval(engine, cases, args.out, settings, window=args.window, interpolation=args.interpolation,
-                           manifest=str(args.manifest), force=args.force, attention=args.attention)
+                           manifest=str(args.manifest), force=args.force, attention=args.attention,
+                           clinical=clinical)
     print(format_table(summary))
     out = Path(args.out)
     print(f"cases: {out / 'cases.jsonl'}\nsummary: {out / 'summary.json'}\ngallery: {out / 'index.html'}",
@@ -531,6 +541,29 @@ def cmd_eval_compare(args) -> int:
     out = Path(args.out or run_b / f"compare-{run_a.name}")
     print(format_comparison(write_comparison(run_a, run_b, out)))
     print(f"comparison: {out / 'compare.json'}\ngallery: {out / 'index.html'}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_import(args) -> int:
+    """A published benchmark file (RadFM's, CT-RATE's) as a manifest, checked as radfm eval will read it."""
+    from .evaluation.datasets import load_manifest
+    from .evaluation.imports import benchmark_rows, write_manifest
+
+    rebase = None
+    if args.rebase is not None:
+        old, sep, new = args.rebase.partition("=")
+        if not sep or not old:
+            raise RadFMError(f"--rebase needs OLD=NEW (a path prefix in the file and its place here), got {args.rebase!r}")
+        rebase = (old, new)
+    rows, fmt = benchmark_rows(args.file, args.modality_set, rebase, args.images)
+    out = write_manifest(rows, args.out)
+    print(f"{args.file}: {fmt}, {len(rows)} case(s) -> {out}", file=sys.stderr)
+    try:
+        cases = load_manifest(out)  # a missing image is named now, not when the run reaches it
+    except RadFMError as exc:
+        raise RadFMError(f"{exc} (images elsewhere? --rebase OLD=NEW or --images DIR; the manifest is written: "
+                         f"fix it, or import again)") from None
+    print(f"every case checked: run it with radfm eval --manifest {out} ({len(cases)} cases)", file=sys.stderr)
     return 0
 
 
@@ -568,6 +601,8 @@ def cmd_convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluation.metrics import CLINICAL as CLINICAL_METRICS
+
     parser = argparse.ArgumentParser(prog="radfm", description="Ask the RadFM model about CT/MR scans (research use only).")
     parser.add_argument("--version", action="version", version=f"radfm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -625,11 +660,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", action="store_true",
                    help="also write each case's resampler attention (RUN/attention/ID.nii.gz and an overlaid "
                         "thumbnail; resampler attention, not an explanation)")
+    p.add_argument("--metrics", default=None, metavar="NAME,...",
+                   help="clinical metrics for open text, through radeval (pip install 'RadFMSlicer[metrics]'; "
+                        "models from the Hugging Face cache): " + ", ".join(CLINICAL_METRICS)
+                        + "; BLEU, ROUGE-L and accuracy are always scored")
     p.set_defaults(func=cmd_eval, eval_command=None)
-    compare = p.add_subparsers(dest="eval_command").add_parser(
+    eval_commands = p.add_subparsers(dest="eval_command")
+    compare = eval_commands.add_parser(
         "compare", help="per-case deltas and paired bootstrap intervals between two runs of one manifest")
     compare.add_argument("runs", nargs=2, metavar="RUN", help="two run folders made by radfm eval")
     compare.add_argument("--out", help="folder for compare.json (default: RUN_B/compare-<RUN_A name>)")
+    imported = eval_commands.add_parser(
+        "import", help="RadFM's test files or CT-RATE's report CSV as a manifest (README: Published benchmarks)")
+    imported.add_argument("file", help="RadFM test CSV/JSON, VQA-RAD/SLAKE/PMC-VQA CSV, or CT-RATE reports CSV")
+    imported.add_argument("--out", required=True, help="manifest to write (.jsonl)")
+    imported.add_argument("--modality-set", default=None, metavar="modality_set.json",
+                          help="RadFM's modality set: adds a yes and a no modality question per scan")
+    imported.add_argument("--rebase", default=None, metavar="OLD=NEW",
+                          help="replace the image paths' prefix OLD by NEW (the files name their authors' disks)")
+    imported.add_argument("--images", default=None, metavar="DIR", help="folder of CT-RATE's volumes")
 
     p = sub.add_parser("serve", help="serve the model over HTTP to a reading room (README: Serve a reading room)")
     add_model_arguments(p)
@@ -687,7 +736,8 @@ def report_error(message: str) -> None:
 NOT_EMPTY = {"image": "give a scan file or a DICOM folder", "region": "give a label map file, MASK[:LABEL]",
              **dict.fromkeys(("checkpoint", "session", "preview_dir", "attention", "out", "series", "window", "server",
                               "token_file", "manifest", "input", "sr", "store_sr", "dicomweb_auth_file",
-                              "dicomweb_cache"), "give a value, or leave the flag out")}
+                              "dicomweb_cache", "modality_set", "rebase", "images", "metrics"),
+                             "give a value, or leave the flag out")}
 
 
 def refuse_empty_values(args) -> None:
@@ -703,7 +753,8 @@ def refuse_empty_values(args) -> None:
 # it (paths.check_kind); whether a file or a folder is wanted, each command's own checks say, in its words.
 # A --region's path is checked with its region (ask.RegionInput.check): its value may end in ':LABEL'.
 PATH_FLAGS = ("image", "checkpoint", "session", "preview_dir", "attention", "token_file", "manifest", "input", "out",
-              "workdir", "cache_dir", "ssl_certfile", "ssl_keyfile", "runs")
+              "workdir", "cache_dir", "ssl_certfile", "ssl_keyfile", "runs", "sr", "dicomweb_auth_file", "dicomweb_cache",
+              "modality_set", "images")
 
 
 def check_path_flags(args) -> None:

@@ -12,16 +12,19 @@ so it is made again.
 import os
 from collections import OrderedDict
 
+from .paths import split_npy_index
+
 
 def source_identity(item) -> tuple | None:
     """What ``item`` (an :class:`~RadFMSlicer.ask.ImageInput`) will load, known without reading
     its voxels; None for an array in memory (only its pixels could tell) or a missing file
     (loading it says what is wrong)."""
     file = item.array_file if item.array is not None else item.path
-    if file is None or not os.path.exists(file):
+    on_disk = None if file is None else split_npy_index(file)[0]  # one image of a RadFM .npy: scan.npy#2
+    if on_disk is None or not os.path.exists(on_disk):
         return None
     geometry = None if item.ijk_to_ras is None else tuple(tuple(float(v) for v in row) for row in item.ijk_to_ras)
-    return (os.path.abspath(file), _file_state(file), item.series, geometry, item.name, item.modality,
+    return (os.path.abspath(file), _file_state(on_disk), item.series, geometry, item.name, item.modality,
             tuple(item.dicom_files or ()))
 
 

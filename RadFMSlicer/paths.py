@@ -39,3 +39,11 @@ def check_kind(path, what: str, kind: str = EITHER) -> None:
         return
     odd = next((name for test, name in _ODD_KINDS if test(info.st_mode)), "neither a regular file nor a folder")
     raise RadFMError(f"{what} {path} is {odd}: give a regular {kind}")
+
+
+def split_npy_index(path) -> "tuple[str, int | None]":
+    """``scan.npy#2`` -> (``scan.npy``, 2): the image of a RadFM ``.npy`` that holds several; else (path, None)."""
+    head, sep, tail = str(path).rpartition("#")
+    if sep and tail.isdigit() and head.lower().endswith(".npy"):
+        return head, int(tail)
+    return str(path), None

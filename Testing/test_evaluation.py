@@ -417,8 +417,11 @@ def test_gallery_is_one_offline_file_with_thumbnails_answers_and_failures(fresh_
     ct = by_id["ct-modality"]
     assert ct["answer"] is not None and ct["extra"] == {"site": "pydicom"}
     assert data["thumbs"][ct["images"][0]["thumb"]].startswith("data:image/jpeg;base64,")
-    # the two CT cases received the same tensor, so the page holds one thumbnail for both
+    # the two CT cases received the same tensor, so the run keeps one montage and the page one thumbnail for both
     assert ct["images"][0]["thumb"] == by_id["ct-effusion"]["images"][0]["thumb"]
+    assert ct["images"][0]["full"] == by_id["ct-effusion"]["images"][0]["full"]
+    assert sorted(p.parent.name for p in (tmp_path / "a" / "previews").rglob("*.png")) == ["previews"] * 2  # CT, MR
+    assert (tmp_path / "a" / ct["images"][0]["full"]).is_file()
     assert "noise" in data["summary"]["note"] and "Research use only" in data["disclaimer"]
 
     run_eval(fresh_engine, cases, tmp_path / "b", GenerationSettings(max_new_tokens=5), progress=False)
@@ -509,6 +512,33 @@ def test_gallery_sorts_filters_and_opens_a_case_in_a_real_browser(browser, tmp_p
     assert errors == []
 
 
+def test_a_large_run_opens_a_page_of_cases_at_a_time_with_readable_thumbnails(browser, tmp_path):
+    from bench.gallery import synthetic_run as large_run
+
+    from RadFMSlicer.evaluation.gallery import PAGE_ROWS, write_gallery
+    from RadFMSlicer.evaluation.metrics import breakdown
+
+    records = large_run(tmp_path / "run", 2 * PAGE_ROWS + 50)
+    page_file = write_gallery(tmp_path / "run", records, {"metrics": breakdown(records), "note": None,
+                                                          "cases": {"answered": len(records), "failed": 0, "not_run": 0}})
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(page_file.as_uri())
+    rows = lambda: page.locator("#body tr.case").evaluate_all("rows => rows.map(r => r.dataset.id)")
+    assert len(rows()) == PAGE_ROWS and "page 1 of 3" in page.locator("#page").text_content()
+    page.click("#next")
+    page.click("#next")
+    assert len(rows()) == 50 and page.locator("#next").is_disabled()
+    page.click("th:text-is('id')")  # a sort orders every case, then shows its first page
+    assert rows()[:2] == ["case00000", "case00001"] and "page 1 of 3" in page.locator("#page").text_content()
+    page.fill("#f-text", "case00449")
+    assert rows() == ["case00449"] and "cases 1-1 of 1" in page.locator("#page").text_content()
+    page.click("tr[data-id=case00449]")
+    image = page.locator("tr.detail img")
+    assert image.evaluate("img => img.getBoundingClientRect().width") >= 480  # the 512 px montage, not a 140 px stamp
+    link = page.locator("tr.detail a").get_attribute("href")
+    assert link == "previews/scan1.png" and (tmp_path / "run" / link).is_file()  # the full-size montage
+
+
 def test_comparison_page_shows_both_answers_and_the_deltas_in_a_real_browser(browser, tmp_path):
     from RadFMSlicer.evaluation.compare import write_comparison
     from RadFMSlicer.evaluation.metrics import score_case
@@ -524,6 +554,10 @@ def test_comparison_page_shows_both_answers_and_the_deltas_in_a_real_browser(bro
     row = page.locator("tr[data-id=m2] td").all_text_contents()
     assert row[:6] == ["m2", "modality", "0.0", "100.0", "100.0", "differ"]
     assert page.locator("tr[data-id=m1] td").nth(5).text_content() == "same"
+    headings = page.locator("#head th").all_text_contents()
+    assert headings[2:4] == ["score A (a)", "score B (b)"] and headings[-2:] == ["answer A (a)", "answer B (b)"]
+    assert page.locator("tr[data-id=m2] td").nth(-1).text_content() == "MRI."  # B's answer under B's name
+    assert "p (approximate randomization)" in page.locator("#summary").text_content()
     page.click("tr[data-id=m2]")
     answers = page.locator("tr.detail pre").all_text_contents()
     assert "CT." in answers and "MRI." in answers

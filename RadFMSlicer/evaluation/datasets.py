@@ -11,7 +11,9 @@ A manifest is JSON lines (one object a line) or CSV with the same columns:
 ``box``        optional region box in RAS mm, six numbers ``x0,y0,z0,x1,y1,z1``
 anything else  kept and carried through to the results (e.g. ``finding``, ``site``)
 
-Relative paths are relative to the manifest's folder. :func:`load_manifest` checks every
+Relative paths are relative to the manifest's folder. A RadFM ``.npy`` that holds several
+images names one as ``scan.npy#2``. RadFM's own test files and CT-RATE's report CSV are read
+as they ship (:mod:`.imports`; ``radfm eval import`` writes them as a manifest, with options). :func:`load_manifest` checks every
 row before any model work and names every bad row in one error, so a long run never
 stops at case 900 on a typo.
 """
@@ -20,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PromptError, RadFMError
+from ..paths import split_npy_index
 from ..prompts import TASKS, check_user_text
-from ..tables import csv_rows, jsonl_rows
+from ..tables import csv_rows, jsonl_rows, read_text
+from .imports import benchmark_rows, detect_format
 from .metrics import yes_no
 
 NEEDS_QUESTION = {"vqa": "the question", "diagnosis": "the finding to look for"}
@@ -70,9 +74,13 @@ def _split_label(spec: str) -> tuple[str, str, str]:
 
 def _rows(path: Path) -> list[tuple[int, object]]:
     """(line number, parsed row or the reason it could not be parsed), blank lines skipped."""
+    if path.suffix.lower() == ".json" and read_text(path).lstrip().startswith("["):
+        return [(row["source_row"], row) for row in benchmark_rows(path)[0]]  # RadFM's caption/rationale list
     if path.suffix.lower() != ".csv":
         return jsonl_rows(path)
     header, rows = csv_rows(path)
+    if "images" not in header and detect_format(header):  # one of RadFM's own test files, as it ships
+        return [(row["source_row"], row) for row in benchmark_rows(path)[0]]
     if "images" not in header:
         raise ManifestError(f"{path}: a CSV manifest needs a header row with an 'images' column "
                             f"(found: {', '.join(header) or 'nothing'})")
@@ -129,7 +137,7 @@ def _case(row: dict, line: int, base: Path) -> tuple[Case | None, list[str]]:
     except ValueError as exc:
         problems.append(str(exc))
     for image in images:
-        if not Path(image).exists():
+        if not Path(split_npy_index(image)[0]).exists():
             problems.append(f"image not found: {image}")
     region = row.get("region") or None
     if region is not None:

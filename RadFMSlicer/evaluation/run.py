@@ -21,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import storage
-from ..ask import AskRequest, ImageInput, RegionInput, ask, prepare
+from ..ask import AskRequest, ImageInput, RegionInput, ask, prepare, write_shared_previews
 from ..attention import overlay, patch_map, write_for_ask
 from ..batch import append_record, finished_ids
 from ..errors import RadFMError
@@ -40,8 +40,7 @@ TOY_WIDTH = 1024  # an LLM narrower than this is a test checkpoint: its text is 
 TOY_NOTE = "toy-size random-weight checkpoint: its answers are noise, the scores only check the pipeline"
 
 
-def request_for(case: Case, settings: GenerationSettings, window=None, interpolation: str = "nearest",
-                preview_dir: str | None = None) -> AskRequest:
+def request_for(case: Case, settings: GenerationSettings, window=None, interpolation: str = "nearest") -> AskRequest:
     """The ask request of one case: its scans (first current, later priors), region and question."""
     regions = []
     if case.region_mask:
@@ -52,7 +51,7 @@ def request_for(case: Case, settings: GenerationSettings, window=None, interpola
     return AskRequest(
         task=case.task, question=case.question, regions=regions, window=window, interpolation=interpolation,
         images=[ImageInput(path=p, role="current" if k == 0 else "prior") for k, p in enumerate(case.images)],
-        settings=settings, preview_dir=preview_dir,
+        settings=settings,
     )
 
 
@@ -130,18 +129,19 @@ class ServerModel:
 
 def answer_case(model: "LocalModel | ServerModel", case: Case, run_dir: Path, settings: GenerationSettings,
                 window=None, interpolation: str = "nearest", images: ImageCache = NO_CACHE,
-                attention: bool = False) -> dict:
+                attention: bool = False, clinical: "metrics.ClinicalScorer | None" = None) -> dict:
     """The record of one case: answered and scored, or its error (a bad scan never stops the run).
 
     ``images``: recent scans and model images, so cases on one scan read and resample it once.
     ``attention``: also write where the resampler looked (see :func:`_write_attention`).
+    ``clinical``: the clinical metrics that also score open text.
     """
     record = case.to_dict()  # a fresh dict, id first
     started = time.perf_counter()
     try:
-        previews = run_dir / "previews" / _safe_name(case.id)
-        request = request_for(case, settings, window, interpolation, str(previews))
+        request = request_for(case, settings, window, interpolation)
         prepared = prepare(request, None, model.tokens_per_image, images, model.device)
+        write_shared_previews(prepared, run_dir / "previews")  # one per scan, however many cases ask about it
         looked = _write_attention(model.engine, prepared, run_dir, _safe_name(case.id)) if attention else None
         turn = model.answer(request, prepared)
     except RadFMError as exc:
@@ -152,7 +152,7 @@ def answer_case(model: "LocalModel | ServerModel", case: Case, run_dir: Path, se
         seen = [asdict(image) | {"preview_png": os.path.relpath(image.preview_png, run_dir)}
                 for image in turn.images]
         record.update(answer=turn.answer, stop_reason=turn.stop_reason,
-                      scores=metrics.score_case(case.task, turn.answer, case.reference),
+                      scores=metrics.score_case(case.task, turn.answer, case.reference, clinical),
                       prompt=turn.prompt, seen=seen, provenance=turn.provenance)
     record["case_s"] = round(time.perf_counter() - started, 3)
     return record
@@ -191,7 +191,7 @@ def run_settings(model: "LocalModel | ServerModel", settings: GenerationSettings
 
 def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: GenerationSettings | None = None, *,
              window=None, interpolation: str = "nearest", manifest: str | None = None, progress: bool = True,
-             force: bool = False, attention: bool = False) -> dict:
+             force: bool = False, attention: bool = False, clinical: "metrics.ClinicalScorer | None" = None) -> dict:
     """Answer the cases not yet answered in ``run_dir``, then write and return the summary.
 
     ``engine``: a loaded engine, a function loading one (called once the run folder accepts the
@@ -201,6 +201,7 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
     case's error (retried on resume) and writing the summary: every later case would fail the same way.
     ``force``: resume a run folder made with other settings (each record keeps its own).
     ``attention``: write each case's resampler attention map and overlaid thumbnail.
+    ``clinical``: radeval's metrics (built before the model loads), scoring each open-text answer too.
     """
     from tqdm import tqdm
 
@@ -223,7 +224,7 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
     with open(out, "a") as f, tqdm(todo, unit="case", file=sys.stderr, disable=not progress, desc=str(run_dir),
                                    total=len(cases), initial=len(cases) - len(todo)) as bar:  # resumed: starts part-way
         for case in bar:
-            record = answer_case(model, case, run_dir, settings, window, interpolation, images, attention)
+            record = answer_case(model, case, run_dir, settings, window, interpolation, images, attention, clinical)
             record["run_settings"] = made_with
             failed += "error" in record
             bar.set_postfix(failed=failed, refresh=False)
@@ -240,7 +241,7 @@ def run_eval(engine, cases: list[Case], run_dir: "str | Path", settings: Generat
     records = manifest_records(run_dir, cases)
     summary = write_summary(run_dir, records, len(cases), {
         "manifest": manifest, "model": model.describe(), "settings": settings.to_dict(), "window": window,
-        "interpolation": interpolation, "last_run": this_run})
+        "interpolation": interpolation, "last_run": this_run}, clinical)
     write_gallery(run_dir, records, summary)
     if model.unavailable:
         raise RadFMError(f"stopped at case {case.id!r}: {model.unavailable}; the cases recorded so far (this one "
@@ -254,8 +255,10 @@ def manifest_records(run_dir: Path, cases: list[Case]) -> list[dict]:
     return sorted((r for r in read_cases(run_dir) if r["id"] in order), key=lambda r: order[r["id"]])
 
 
-def write_summary(run_dir: Path, records: list[dict], total: int, info: dict) -> dict:
-    """``RUN/summary.json``: metrics overall, per task and per extra column, failures, provenance."""
+def write_summary(run_dir: Path, records: list[dict], total: int, info: dict,
+                  clinical: "metrics.ClinicalScorer | None" = None) -> dict:
+    """``RUN/summary.json``: metrics overall, per task and per extra column, failures, provenance, and
+    what to keep in mind reading them (a metric trained on chest X-ray reports on a CT/MR run)."""
     answered = [r for r in records if "answer" in r]
     failures = [{"id": r["id"], "error": r["error"]} for r in records if "answer" not in r]
     summary = {
@@ -264,8 +267,9 @@ def write_summary(run_dir: Path, records: list[dict], total: int, info: dict) ->
         "cases": {"total": total, "answered": len(answered), "failed": len(failures),
                   "not_run": total - len(records)},
         "metrics": metrics.breakdown(answered),
+        "metric_notes": metrics.domain_notes(answered),
         "failures": failures,
-        "scoring": metrics.provenance(),
+        "scoring": metrics.provenance(clinical),
         "timing": {"mean_case_s": round(sum(r["case_s"] for r in answered) / len(answered), 3) if answered else None},
         **info,
     }
@@ -273,25 +277,27 @@ def write_summary(run_dir: Path, records: list[dict], total: int, info: dict) ->
     return summary
 
 
-def _cell(entry: dict | None) -> str:
+def _cell(key: str, entry: dict | None) -> str:
     if not entry:
         return "-"
-    low, high = entry["ci95"]
-    return f"{entry['mean']:.1f} [{low:.1f}, {high:.1f}]"
+    text = metrics.metric(key).text
+    return f"{text(entry['mean'])} [{text(entry['ci95'][0])}, {text(entry['ci95'][1])}]"
 
 
 def format_table(summary: dict) -> str:
-    """The summary as a text table, every score 0-100 as ``summary.json`` holds it, each with its 95 % CI."""
+    """The summary as a text table, each metric as :data:`~.metrics.METRICS` shows it, with its 95 % CI."""
     m = summary["metrics"]
     rows = [("overall", m["overall"])] + sorted(m["by_task"].items())
-    header = f"{'task':<12}{'cases':>6}  {'accuracy %':<22}{'BLEU':<22}{'ROUGE-L':<22}"
+    keys = metrics.ordered(k for k, v in m["overall"].items() if isinstance(v, dict))  # accuracy, BLEU, ROUGE-L, ...
+    width = 24
+    header = f"{'task':<12}{'cases':>6}  " + "".join(f"{metrics.metric(k).label:<{width}}" for k in keys)
     lines = [header, "-" * len(header)]
     for name, entry in rows:
-        lines.append(f"{name:<12}{entry['cases']:>6}  {_cell(entry.get('accuracy')):<22}{_cell(entry.get('bleu')):<22}"
-                     f"{_cell(entry.get('rougeL')):<22}")
+        lines.append(f"{name:<12}{entry['cases']:>6}  " + "".join(f"{_cell(k, entry.get(k)):<{width}}" for k in keys))
     c = summary["cases"]
     lines.append(f"{c['answered']} answered, {c['failed']} failed" + (f", {c['not_run']} not run" if c["not_run"] else "")
                  + f"; every score {metrics.SCALE}; 95% bootstrap intervals in brackets")
+    lines += [f"note: {text}" for text in summary.get("metric_notes") or []]
     if summary.get("note"):
         lines.append("NOTE: " + summary["note"])
     return "\n".join(lines)

@@ -3,7 +3,7 @@
 The steps, one module each, in the order data flows:
 
 * :mod:`.io` -- arrays (Slicer's ``arrayFromVolume``) and files (NIfTI, NRRD, MHA, DICOM,
-  PNG/JPEG) are checked and read into a :class:`Volume`; :mod:`.dicom_checks` and
+  PNG/JPEG, RadFM's ``.npy``) are checked and read into a :class:`Volume`; :mod:`.dicom_checks` and
   :mod:`.nifti_checks` hold what those headers must say first (a DICOM file's pixels
   fitting its header, one series one patient, a NIfTI voxel size ...);
 * :mod:`.geometry` -- every volume is brought to one display orientation (axial, anterior

@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import ImageError
+from ..paths import split_npy_index
 from .dicom_checks import (check_instance, check_series, has_pixel_size, in_scanner_units, read_header,
                            rescale_text)
 from .dicom_source import read_source
@@ -25,7 +26,8 @@ from .geometry import LPS_TO_RAS, Grid, Volume, affine_from_itk, build_volume, c
 from .nifti_checks import nifti_geometry_notes, nifti_header, nifti_rescale
 from .windows import resolve_window
 
-SUPPORTED = "NIfTI (.nii/.nii.gz), NRRD, MHA/MHD, a DICOM file or series folder, PNG or JPEG"
+SUPPORTED = ("NIfTI (.nii/.nii.gz), NRRD, MHA/MHD, a DICOM file or series folder, PNG or JPEG, "
+             "RadFM's own .npy volumes")
 
 
 def _to_gray(a: np.ndarray, notes: list) -> np.ndarray:
@@ -304,11 +306,55 @@ def _far_values_notes(low: float, high: float, rescale: str) -> list:
             "show all white or black"]
 
 
+def load_radfm_npy(path: str, index=None) -> Volume:
+    """One image of a RadFM ``.npy`` (its test sets ship volumes so): ``[n, 3, H, W, D]``, ``[3, H, W, D]``,
+    ``[H, W, D]`` or a 2D ``[H, W]``/``[H, W, 3]`` picture; ``index`` picks one of the ``n`` images.
+
+    RadFM's loaders stack the images of a case on the first axis, repeat the gray image on three
+    channels (channel 0 is read) and keep slices on the last axis, in the file's own intensities
+    (they rescale min-max when loading; here the window does, automatic unless given). No geometry is
+    stored: 1 mm voxels in display order.
+    """
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"Cannot read {path} as a NumPy array ({exc}); RadFM's .npy volumes are plain arrays.") from None
+    shape = a.shape
+    if a.ndim == 5:
+        if index is None and shape[0] != 1:
+            raise ImageError(f"{path} holds {shape[0]} images (RadFM's [n, 3, H, W, D]): pick one as "
+                             f"{path}#0 ... {path}#{shape[0] - 1}")
+        index = 0 if index is None else int(index)
+        if not 0 <= index < shape[0]:
+            raise ImageError(f"{path} holds {shape[0]} images: #{index} is not one of them (0 to {shape[0] - 1})")
+        a = a[index]
+    elif index not in (None, 0, "0"):
+        raise ImageError(f"{path} holds one image of shape {shape}: #{index} is not one of them")
+    if a.ndim == 4:  # [C, H, W, D]: RadFM repeats the gray image on its channels
+        a = a[0]
+    if a.ndim == 3 and a.shape[-1] in (3, 4) and min(a.shape[:2]) > 4:  # [H, W, 3]: a colour picture
+        return volume_from_array(np.asarray(a), name=path)
+    if a.ndim == 3:
+        a = np.moveaxis(a, -1, 0)  # [H, W, D] -> [k, j, i]: slices on the last axis
+    elif a.ndim != 2:
+        raise ImageError(f"{path} is an array of shape {shape}; RadFM's .npy volumes are "
+                         "[n, 3, H, W, D], [3, H, W, D], [H, W, D] or a 2D picture")
+    if not np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_:
+        raise ImageError(f"{path} holds {a.dtype} values, not intensities")
+    volume = volume_from_array(np.ascontiguousarray(a), name=f"{path}#{index}" if len(shape) == 5 else path)
+    volume.notes.append(f"RadFM .npy of shape {tuple(shape)}")
+    return volume
+
+
+
 def load_volume(path, series=None) -> Volume:
-    """Read a scan file or DICOM folder (``series``: UID or description to pick one)."""
-    path = os.fspath(path)
+    """Read a scan file or DICOM folder (``series``: UID or description to pick one; for a RadFM
+    ``.npy``, the index of its image, also spelled ``scan.npy#2``)."""
+    path, index = split_npy_index(os.fspath(path))
     if not os.path.exists(path):
         raise ImageError(f"Scan not found: {path}")
+    if path.lower().endswith(".npy"):
+        return load_radfm_npy(path, index if index is not None else series)
     notes = []
     headers = []  # DICOM only: each file's header, checked before its pixels are read
     if os.path.isdir(path):
