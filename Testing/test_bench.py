@@ -56,7 +56,7 @@ def stopped_after_its_checkpoint(monkeypatch, tmp_path, name):
     return module
 
 
-@pytest.mark.parametrize("topic, args", [("viewer", (True,)), ("evaluation", (2, 1))])  # quick; 2 cases, 1 token
+@pytest.mark.parametrize("topic, args", [("viewer", (True,)), ("evaluation", (2, 1)), ("decode_overhead", (True,))])
 def test_a_bench_run_that_stops_part_way_removes_its_checkpoint_and_scans(monkeypatch, tmp_path, topic, args):
     """bench viewer writes a checkpoint and three 150 MB scans, bench evaluation a checkpoint and run
     folders, in a temp folder of their own: removed however the run ends."""

@@ -244,3 +244,23 @@ def test_a_prompt_filling_the_context_is_refused_and_a_near_full_one_is_cut_to_f
     asked = engine.start(too_long[:, :100], [], GenerationSettings(max_new_tokens=2))
     said = list(asked.token_ids())
     assert asked.result.stop_reason == ("eos" if said[-1] == EOS_ID else "length")
+
+
+def test_each_decoded_token_costs_one_forward_and_a_bounded_amount_of_text_decoding(engine, monkeypatch):
+    """The per-token work that is ours stays constant as the answer grows: one LLM forward per
+    token (the prefill counts as the first), and the streamed text decodes a short window per
+    token rather than the whole answer again (which would grow quadratically with its length)."""
+    forwards, decoded_ids = [], []
+    lm = engine.model.lang_model
+    forward = lm.forward
+    monkeypatch.setattr(lm, "forward", lambda *a, **kw: forwards.append(1) or forward(*a, **kw))
+    decode = engine.tokenizer.decode
+    monkeypatch.setattr(engine.tokenizer, "decode", lambda ids: decoded_ids.append(len(ids)) or decode(ids))
+    new_tokens = 96
+    generation = engine.stream("Please write a radiology report for this scan.", [],
+                               GenerationSettings(max_new_tokens=new_tokens))
+    text = "".join(generation)
+    assert generation.result.stop_reason == "length" and text == generation.result.text
+    assert len(forwards) == new_tokens
+    full_decodes = 2  # the result's text and the stream's closing check, once each
+    assert sum(decoded_ids) <= 8 * new_tokens + full_decodes * new_tokens, decoded_ids

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from . import dicom_read, followup, llm, loading, viewer, vision
+from . import decode_overhead, dicom_read, followup, llm, loading, viewer, vision
 from .common import RESULTS, Recorder
 
 TOPICS = {
@@ -18,6 +18,7 @@ TOPICS = {
     "vision": vision.run,
     "prefill": llm.prefill,
     "decode": llm.decode,
+    "decode-overhead": decode_overhead.run,
     "followup": followup.run,
     "overhead": followup.overhead,
     "preprocess": viewer.preprocessing,
