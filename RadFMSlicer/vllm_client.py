@@ -23,7 +23,7 @@ import torch
 
 from .errors import RadFMError
 from .generation import GenerationResult, GenerationSettings, StreamedAnswer, token_budget
-from .remote import http_request, iter_sse, read_error
+from .http_client import http_request, iter_sse, read_error
 from .tokenizer import EOS_ID
 
 STOP_REASONS = {"stop": "eos", "length": "length", "abort": "cancelled"}
