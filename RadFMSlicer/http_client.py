@@ -56,7 +56,13 @@ def read_error(response: http.client.HTTPResponse) -> str:
         body = json.loads(raw)
     except ValueError:
         return raw.decode("utf-8", "replace").strip()[:300] or response.reason
-    error = body.get("detail") or body.get("error") or body.get("message") or body
+    return error_text(body)
+
+
+def error_text(body) -> str:
+    """The message of an error body: ours (``{"detail": ...}``) or OpenAI's (``{"error": {"message": ...}}``,
+    also what vLLM streams when an answer fails after its 200)."""
+    error = (body.get("detail") or body.get("error") or body.get("message") or body) if isinstance(body, dict) else body
     if isinstance(error, dict):
         error = error.get("message") or json.dumps(error)
     return str(error)
