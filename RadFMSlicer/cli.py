@@ -495,11 +495,14 @@ def cmd_serve(args) -> int:
     except ImportError as exc:
         raise RadFMError(f"radfm serve needs FastAPI and uvicorn: pip install 'RadFMSlicer[server]' ({exc})") from None
     locate_checkpoint(args.checkpoint)  # a wrong folder is one line, before anything listens
+    if args.vllm_max_num_seqs is not None and not vllm_url(args):
+        raise RadFMError("--vllm-max-num-seqs is how many answers vLLM writes at once: it needs --llm-backend vllm")
     config = ServeConfig(
         checkpoint=args.checkpoint, host=args.host, port=args.port, token=token_from_args(args),
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, device=args.device, dtype=args.dtype,
         quantization=args.quantization, vllm_url=vllm_url(args), cache_dir=args.cache_dir, cache_mb=args.cache_mb,
         max_upload_mb=args.max_upload_mb, queue_limit=args.queue_limit,
+        **({} if args.vllm_max_num_seqs is None else {"vllm_max_num_seqs": args.vllm_max_num_seqs}),
     )
     serve(config)
     return 0
@@ -593,6 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-mb", type=float, default=4096, help="uploads kept, in MB; least recently used go first")
     p.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload, unpacked, in MB")
     p.add_argument("--queue-limit", type=int, default=16, help="questions waiting at most; more get 'busy, N ahead'")
+    p.add_argument("--vllm-max-num-seqs", type=int, default=None, metavar="N",
+                   help="with --llm-backend vllm: answers written at once, the --max-num-seqs vLLM was started with "
+                        "(default 8; vLLM does not say); more wait in this server's fair queue")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="the official pytorch_model.bin to sharded 16-bit safetensors (faster, leaner loads)")

@@ -9,7 +9,9 @@ Real vLLM (its CPU build, in a venv of its own) is met in ``vllm_lane/``, a CI s
 import base64
 import io
 import json
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pydicom.data
@@ -97,7 +99,10 @@ class FakeVLLM(ThreadingHTTPServer):
         self.name = str(folder)
         self.max_model_len = max_model_len
         self.fail_after = self.cut_after = None
+        self.token_delay_s = 0.0  # per token: long enough answers overlap, as vLLM's do
         self.bodies = []
+        self.in_flight = self.most_in_flight = 0
+        self.lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -135,6 +140,17 @@ class VLLMHandler(BaseHTTPRequestHandler):
                                               f"However, you requested {body['max_tokens']} output tokens and your "
                                               f"prompt contains {prompt_len} input tokens.", "type": "BadRequestError",
                                               "param": None, "code": 400}})
+        with self.server.lock:
+            self.server.in_flight += 1
+            self.server.most_in_flight = max(self.server.most_in_flight, self.server.in_flight)
+        try:
+            self._stream(body, embeds)
+        finally:
+            with self.server.lock:
+                self.server.in_flight -= 1
+
+    def _stream(self, body, embeds):
+        prompt_len = embeds.shape[1]
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
@@ -147,6 +163,7 @@ class VLLMHandler(BaseHTTPRequestHandler):
                     return self.wfile.write(b"data: [DONE]\n\n")
                 if len(ids) == self.server.cut_after:
                     return  # the connection closes: no finish reason, no [DONE]
+                time.sleep(self.server.token_delay_s)
                 token = int(self.server.llama(inputs_embeds=embeds).logits[0, -1].argmax())
                 ids.append(token)
                 finish = "stop" if token in body["stop_token_ids"] else "length" if len(ids) == body["max_tokens"] else None
@@ -180,6 +197,7 @@ def vllm(fake_vllm):
     yield fake_vllm
     fake_vllm.fail_after = fake_vllm.cut_after = None
     fake_vllm.max_model_len = 2048
+    fake_vllm.token_delay_s = 0.0
 
 
 def test_answers_streamed_from_vllm_equal_our_own(fake_vllm, fixture_dir, engine, fixture_cases):
@@ -295,3 +313,46 @@ def test_the_context_limit_is_the_vllm_servers(vllm, fixture_dir, engine, fixtur
                                           rf"\(its --max-model-len\) holds {prompt}$"):
         remote.start(ids, images, GenerationSettings(max_new_tokens=24))
     assert len(vllm.bodies) == sent  # refused here: nothing went to vLLM
+
+
+def test_radfm_serve_writes_answers_together_on_vllm_and_queues_fairly_past_its_limit(vllm, fixture_dir, tmp_path):
+    """Encoding in our worker, generation in vLLM: as many answers in flight as --vllm-max-num-seqs, the next
+    reader told how many are ahead, each answer the one it gets alone, a reader who leaves stops only his."""
+    import uvicorn
+
+    from RadFMSlicer.remote import RemoteClient
+    from RadFMSlicer.worker.http import ServeConfig, create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = ServeConfig(checkpoint=str(fixture_dir), port=port, dtype="float32", vllm_url=vllm.url,
+                         vllm_max_num_seqs=2, cache_dir=str(tmp_path / "uploads"))
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "radfm serve did not start"
+            time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}"
+        questions = ["Is there fluid", "Is the heart enlarged", "Is there a nodule"]
+        solo = [RemoteClient(url).ask(q, images=[CT], max_new_tokens=6).result(300)["answer"] for q in questions]
+        vllm.token_delay_s = 0.3
+        asks = [RemoteClient(url).ask(q, images=[CT], max_new_tokens=6) for q in questions]
+        leaving = RemoteClient(url).ask("Is there fluid", images=[CT], max_new_tokens=6)
+        left = []
+        for event in leaving.events(300):
+            left.append(event)
+            if event.kind == "token":
+                leaving.cancel()
+        events = [list(a.events(300)) for a in asks]
+        assert [e[-1].data.get("answer") for e in events] == solo  # the order they were written in changes nothing
+        assert left[-1].data.get("stop_reason") == "cancelled"  # the reader who left stopped only his own
+        assert vllm.most_in_flight == 2  # two at once, never more: the other two waited in our queue
+        ahead = sorted(next(e.data["ahead"] for e in seen if "ahead" in e.data) for seen in [*events, left])
+        assert ahead == [0, 0, 2, 3]  # told as they queued: the two running ones hold the slots they wait for
+    finally:
+        server.should_exit = True
+        thread.join(60)
