@@ -246,6 +246,12 @@ def test_the_worker_and_radfm_serve_pass_the_vllm_server_on(fake_vllm, fixture_d
     assert model["llm_backend"] == "vllm" and model["vllm_url"] == fake_vllm.url
     assert radfm(["serve", "--checkpoint", str(fixture_dir), "--llm-backend", "vllm"]) == 2
     assert "--llm-backend vllm needs --vllm-url" in capsys.readouterr().err
+    assert radfm(["serve", "--checkpoint", str(fixture_dir), "--vllm-max-num-seqs", "4"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--vllm-max-num-seqs is how many answers vLLM writes at once: "
+                                                    "it needs --llm-backend vllm")
+    assert radfm(["serve", "--checkpoint", str(fixture_dir), "--llm-backend", "vllm", "--vllm-url", fake_vllm.url,
+                  "--vllm-max-num-seqs", "0"]) == 2
+    assert "--vllm-max-num-seqs must be positive" in capsys.readouterr().err
     import socket
 
     with socket.socket() as s:

@@ -99,8 +99,10 @@ class ServeConfig:
         for name in (self.ssl_certfile, self.ssl_keyfile):
             if name and not Path(name).is_file():
                 raise RadFMError(f"TLS file not found: {name}")
-        if self.queue_limit < 1 or self.cache_mb <= 0 or self.max_upload_mb <= 0 or self.vllm_max_num_seqs < 1:
-            raise RadFMError("--queue-limit, --cache-mb, --max-upload-mb and --vllm-max-num-seqs must be positive")
+        for flag, value in (("--queue-limit", self.queue_limit), ("--cache-mb", self.cache_mb),
+                            ("--max-upload-mb", self.max_upload_mb), ("--vllm-max-num-seqs", self.vllm_max_num_seqs)):
+            if value <= 0:
+                raise RadFMError(f"{flag} must be positive, got {value:g}")
         if self.max_upload_mb > self.cache_mb:
             raise RadFMError(f"--max-upload-mb {self.max_upload_mb:g} exceeds --cache-mb {self.cache_mb:g}: "
                              f"an upload must fit in the cache")
