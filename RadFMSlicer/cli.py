@@ -515,8 +515,9 @@ def cmd_convert(args) -> int:
     convert = convert_for_vllm if args.for_vllm else convert_checkpoint
     out = convert(args.checkpoint, args.out, args.dtype, args.shard_size_gb,
                   progress=lambda message: print(message, file=sys.stderr, flush=True))
-    use = (f"serve it with: vllm serve {out} --enable-prompt-embeds, then radfm serve --llm-backend vllm "
-           f"--vllm-url http://HOST:8000" if args.for_vllm else f"load it with --checkpoint {out}")
+    use = (f"serve it with: vllm serve {out} --enable-prompt-embeds --max-num-seqs 8, then radfm serve "
+           f"--llm-backend vllm --vllm-url http://HOST:8000 --vllm-max-num-seqs 8" if args.for_vllm
+           else f"load it with --checkpoint {out}")
     print(f"converted {args.checkpoint} -> {out} ({args.dtype}) in {time.perf_counter() - started:.0f} s; {use}",
           file=sys.stderr)
     return 0
