@@ -19,11 +19,11 @@ stdout carries only the protocol (anything else a library prints goes to stderr)
 (load, encode, ask, unload) is served one request at a time in arrival order; hello,
 status, cancel and shutdown are answered at once. An answer generated elsewhere (a vLLM
 server: ``runs_elsewhere``) streams on a thread of its own once its images are encoded, so
-the next request is encoded while vLLM writes, and vLLM batches the answers in flight. Nothing a request holds (wrong types,
-100,000-deep JSON, invalid UTF-8) ends the process or its work thread: it gets an error
-event naming the problem and the worker keeps serving. When the input ends or on
-shutdown, queued work is cancelled (each with its final event), the running request is
-cancelled, and the process exits. It also exits when the program that started it is gone.
+the next request is encoded while vLLM writes, and vLLM batches the answers in flight.
+Nothing a request holds (wrong types, 100,000-deep JSON, invalid UTF-8) ends the process
+or its work thread: it gets an error event naming the problem and the worker keeps
+serving. When the input ends or on shutdown, queued work is cancelled (each with its final
+event), the running requests are cancelled, and the process exits. It also exits when the program that started it is gone.
 """
 
 import json
@@ -201,15 +201,17 @@ class WorkerServer:
             if thread.is_alive():
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
         with self._state_lock:
-            unfinished = list(self._live.items()) if not self.finished else []
+            running = any(thread.is_alive() for thread in [self._work_thread, *self._streams.values()])
+            unfinished = list(self._live.items()) if running else []
         for rid, op in unfinished:
             self.emit(rid, "error", f"the worker shut down before this {op} finished", kind="shutdown")
 
     @property
     def finished(self) -> bool:
         """True once close() left no work running (else the process should exit without waiting)."""
-        with_streams = [self._work_thread, *self._streams.values()]
-        return self._stopped.is_set() and not any(thread.is_alive() for thread in with_streams)
+        with self._state_lock:  # a stream's thread removes itself as it ends
+            threads = [self._work_thread, *self._streams.values()]
+        return self._stopped.is_set() and not any(thread.is_alive() for thread in threads)
 
     def status(self) -> dict:
         import psutil
