@@ -6,14 +6,16 @@ Run: python -m bench.vllm_readers [--vllm-python .venv-vllm/bin/python] [--reade
 The model is the parity fixture with 2 attention heads of 32 (vLLM's CPU attention cannot run the
 fixture's heads of 16; ``testing.with_attention_heads``), converted by ``radfm convert --for-vllm`` at
 float32 and served by vLLM on 127.0.0.1 (``--max-num-seqs 8``). Two ``radfm serve`` run on it: our own
-worker (one answer at a time) and ``--llm-backend vllm --vllm-max-num-seqs 8``. For each number of
-readers, every reader asks its questions one after another, all readers at once: wall time, time to
+worker (one answer at a time; measured first, before vLLM starts, so neither competes with the other's
+processes) and ``--llm-backend vllm --vllm-max-num-seqs 8``. For each number of readers, every reader asks its questions one after another, all readers at once: wall time, time to
 first token p50/p95, tokens/s over the wall time, and every answer compared with the question's answer
 asked alone. Then the per-token decode cost at batch 1: our engine's ``Generation`` against vLLM, on
-the same model, one answer each. Bounded by --time-limit; every process it starts is stopped.
+the same model, one answer each; ours also with one torch thread (vLLM's CPU engine runs one thread bound
+to a core). Bounded by --time-limit; every process it starts is stopped.
 """
 
 import argparse
+import contextlib
 import json
 import socket
 import tempfile
@@ -71,19 +73,13 @@ def summary(rows: list[dict], wall_s: float, tokens: dict) -> dict:
             "errors": [r["error"] for r in rows if r["error"]][:3]}
 
 
-def decode_cost(variant: Path, vllm_url: str, new_tokens: int) -> dict:
-    """One answer at batch 1 on each: decode tokens/s after the first token, and ms per token."""
-    settings = GenerationSettings(max_new_tokens=new_tokens)
+def decode_cost(engine: RadFMEngine, new_tokens: int) -> dict:
+    """One answer at batch 1 (after a warm-up): decode tokens/s after the first token, and ms per token."""
     prompt = torch.tensor([[1] + [306] * 40])
-    out = {}
-    for name, engine in (("ours", RadFMEngine.load(variant, dtype=torch.float32)),
-                         ("vllm", RadFMEngine.load(variant, dtype=torch.float32, vllm_url=vllm_url))):
-        engine.start(prompt, [], GenerationSettings(max_new_tokens=4)).run()  # warm
-        result = engine.start(prompt, [], settings).run()
-        out[name] = {"new_tokens": len(result.token_ids), "decode_tokens_per_s": round(result.tokens_per_s, 1),
-                     "ms_per_token": round(1000 / result.tokens_per_s, 2) if result.tokens_per_s else None}
-    out["ours_over_vllm_ms_per_token"] = round(out["ours"]["ms_per_token"] / out["vllm"]["ms_per_token"], 2)
-    return out
+    engine.start(prompt, [], GenerationSettings(max_new_tokens=4)).run()
+    result = engine.start(prompt, [], GenerationSettings(max_new_tokens=new_tokens)).run()
+    return {"new_tokens": len(result.token_ids), "decode_tokens_per_s": round(result.tokens_per_s, 1),
+            "ms_per_token": round(1000 / result.tokens_per_s, 2) if result.tokens_per_s else None}
 
 
 def main() -> None:
@@ -97,53 +93,70 @@ def main() -> None:
     args = parser.parse_args()
     if not (max(args.readers) <= 16 and args.questions <= 10 and args.max_new_tokens <= 256):
         raise SystemExit("bounded: at most 16 readers, 10 questions each, 256 new tokens")
+    deadline = time.monotonic() + args.time_limit
     with tempfile.TemporaryDirectory(prefix="radfm-bench-vllm-") as work:
         work = Path(work)
         variant = with_attention_heads(FIXTURE, work / "radfm-heads-32", heads=2)
         if radfm(["convert", "--for-vllm", "--checkpoint", str(variant), "--out", str(work / "llama"),
                   "--dtype", "float32"]) != 0:
             raise SystemExit("radfm convert --for-vllm failed")
+        report = {"model": "parity fixture, 2 heads of 32, float32", "questions_each": args.questions,
+                  "max_new_tokens": args.max_new_tokens, "decode_batch_1": {}}
+        # Ours first, with no vLLM running, then vLLM's.
+        with served(variant, "--dtype", "float32") as client:
+            alone = {}  # each question asked alone on our worker: the answer every other must equal, and its tokens
+            for r in range(max(args.readers)):
+                for q in range(args.questions):
+                    row = one_answer(client, question(r, q), args.max_new_tokens, 600)
+                    alone[row["question"]] = row
+            ours = rounds(args, client.url, alone, deadline)
+        engine, threads = RadFMEngine.load(variant, dtype=torch.float32), torch.get_num_threads()
+        report["decode_batch_1"]["ours"] = {"torch_threads": threads, **decode_cost(engine, args.decode_tokens)}
+        torch.set_num_threads(1)
+        report["decode_batch_1"]["ours_1_thread"] = decode_cost(engine, args.decode_tokens)
+        torch.set_num_threads(threads)
         vllm = LocalVLLM(args.vllm_python, work / "llama", work / "vllm.log", max_model_len=512, max_num_seqs=8)
-        servers = []
         try:
-            started_s = vllm.wait_ready(900)
-            servers = [("ours", *start_server(variant, free_port(), "--dtype", "float32")),
-                       ("vllm", *start_server(variant, free_port(), "--dtype", "float32", "--llm-backend", "vllm",
-                                              "--vllm-url", vllm.url, "--vllm-max-num-seqs", "8"))]
-            report = measure(args, servers, started_s)
-            report["decode_batch_1"] = decode_cost(variant, vllm.url, args.decode_tokens)
+            report["vllm_start_s"] = round(vllm.wait_ready(900), 1)
+            with served(variant, "--dtype", "float32", "--llm-backend", "vllm", "--vllm-url", vllm.url,
+                        "--vllm-max-num-seqs", "8") as client:
+                theirs = rounds(args, client.url, alone, deadline)
+            report["decode_batch_1"]["vllm"] = decode_cost(
+                RadFMEngine.load(variant, dtype=torch.float32, vllm_url=vllm.url), args.decode_tokens)
         finally:
-            for _, proc, _ in servers:
-                proc.terminate()
-                proc.wait(30)
             vllm.stop()
+    report["rounds"] = [{"readers": n, "ours": ours[n], "vllm": theirs[n],
+                         "vllm_wall_over_ours": round(theirs[n]["wall_s"] / ours[n]["wall_s"], 2)}
+                        for n in args.readers]
+    decode = report["decode_batch_1"]
+    decode["ours_over_vllm_ms_per_token"] = round(decode["ours"]["ms_per_token"] / decode["vllm"]["ms_per_token"], 2)
+    last = report["rounds"][-1]
+    report["goal"] = {f"{last['readers']} readers on vLLM within {GOAL}x our worker's wall": last["vllm_wall_over_ours"] <= GOAL}
     print(json.dumps(report, indent=1))
 
 
-def measure(args, servers, started_s: float) -> dict:
-    deadline = time.monotonic() + args.time_limit
-    _, _, probe = servers[0]
-    alone = {}  # each question asked alone on our worker: the answer every other must equal, and its tokens
-    for r in range(max(args.readers)):
-        for q in range(args.questions):
-            row = one_answer(probe, question(r, q), args.max_new_tokens, 600)
-            alone[row["question"]] = row
+@contextlib.contextmanager
+def served(checkpoint, *flags):
+    """A ``radfm serve`` with ``flags`` for the length of the block; a client of it."""
+    proc, client = start_server(checkpoint, free_port(), *flags)
+    try:
+        yield client
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def rounds(args, url: str, alone: dict, deadline: float) -> dict:
+    """Per number of readers: the round's summary, and how many answers differ from their answer alone."""
     tokens = {q: row["tokens"] for q, row in alone.items()}
-    report = {"model": "parity fixture, 2 heads of 32, float32", "vllm_start_s": round(started_s, 1),
-              "questions_each": args.questions, "max_new_tokens": args.max_new_tokens, "rounds": []}
+    out = {}
     for readers in args.readers:
-        entry = {"readers": readers}
-        for name, _, client in servers:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"--time-limit {args.time_limit:g} s reached")
-            rows, wall = readers_round(client.url, readers, args.questions, args.max_new_tokens)
-            differ = [r["question"] for r in rows if r["answer"] != alone[r["question"]]["answer"]]
-            entry[name] = {**summary(rows, wall, tokens), "differ_from_alone": len(differ)}
-        entry["vllm_wall_over_ours"] = round(entry["vllm"]["wall_s"] / entry["ours"]["wall_s"], 2)
-        report["rounds"].append(entry)
-    last = report["rounds"][-1]
-    report["goal"] = {f"{last['readers']} readers on vLLM within {GOAL}x our worker's wall": last["vllm_wall_over_ours"] <= GOAL}
-    return report
+        if time.monotonic() > deadline:
+            raise SystemExit(f"--time-limit {args.time_limit:g} s reached")
+        rows, wall = readers_round(url, readers, args.questions, args.max_new_tokens)
+        differ = [r["question"] for r in rows if r["answer"] != alone[r["question"]]["answer"]]
+        out[readers] = {**summary(rows, wall, tokens), "differ_from_alone": len(differ)}
+    return out
 
 
 if __name__ == "__main__":
