@@ -576,11 +576,14 @@ def cmd_serve(args) -> int:
     except ImportError as exc:
         raise RadFMError(f"radfm serve needs FastAPI and uvicorn: pip install -e '.[server]' in the RadFMSlicer checkout ({exc})") from None
     locate_checkpoint(args.checkpoint)  # a wrong folder is one line, before anything listens
+    if args.vllm_max_num_seqs is not None and not vllm_url(args):
+        raise RadFMError("--vllm-max-num-seqs is how many answers vLLM writes at once: it needs --llm-backend vllm")
     config = ServeConfig(
         checkpoint=args.checkpoint, host=args.host, port=args.port, token=token_from_args(args),
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, device=args.device, dtype=args.dtype,
         quantization=args.quantization, vllm_url=vllm_url(args), cache_dir=args.cache_dir, cache_mb=args.cache_mb,
         max_upload_mb=args.max_upload_mb, queue_limit=args.queue_limit,
+        **({} if args.vllm_max_num_seqs is None else {"vllm_max_num_seqs": args.vllm_max_num_seqs}),
     )
     serve(config)
     return 0
@@ -593,8 +596,9 @@ def cmd_convert(args) -> int:
     convert = convert_for_vllm if args.for_vllm else convert_checkpoint
     out = convert(args.checkpoint, args.out, args.dtype, args.shard_size_gb,
                   progress=lambda message: print(message, file=sys.stderr, flush=True))
-    use = (f"serve it with: vllm serve {out} --enable-prompt-embeds, then radfm serve --llm-backend vllm "
-           f"--vllm-url http://HOST:8000" if args.for_vllm else f"load it with --checkpoint {out}")
+    use = (f"serve it with: vllm serve {out} --enable-prompt-embeds --max-num-seqs 8, then radfm serve "
+           f"--llm-backend vllm --vllm-url http://HOST:8000 --vllm-max-num-seqs 8" if args.for_vllm
+           else f"load it with --checkpoint {out}")
     print(f"converted {args.checkpoint} -> {out} ({args.dtype}) in {time.perf_counter() - started:.0f} s; {use}",
           file=sys.stderr)
     return 0
@@ -691,6 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-mb", type=float, default=4096, help="uploads kept, in MB; least recently used go first")
     p.add_argument("--max-upload-mb", type=float, default=1024, help="largest upload, unpacked, in MB")
     p.add_argument("--queue-limit", type=int, default=16, help="questions waiting at most; more get 'busy, N ahead'")
+    p.add_argument("--vllm-max-num-seqs", type=int, default=None, metavar="N",
+                   help="with --llm-backend vllm: answers written at once, the --max-num-seqs vLLM was started with "
+                        "(default 8; vLLM does not say); more wait in this server's fair queue")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("convert", help="the official pytorch_model.bin to sharded 16-bit safetensors (faster, leaner loads)")

@@ -116,11 +116,12 @@ def pick_token(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def token_budget(prompt_tokens: int, settings: GenerationSettings, max_positions: int) -> int:
-    """New tokens an answer may have: the setting, cut to what the context has left."""
+def token_budget(prompt_tokens: int, settings: GenerationSettings, max_positions: int,
+                 context: str = "the model's context") -> int:
+    """New tokens an answer may have: the setting, cut to what the context has left (``context`` names it)."""
     budget = min(settings.max_new_tokens, max_positions - prompt_tokens)
     if budget < 1:
-        raise PromptError(f"the prompt has {prompt_tokens} tokens; the model's context holds {max_positions}")
+        raise PromptError(f"the prompt has {prompt_tokens} tokens; {context} holds {max_positions}")
     return budget
 
 
@@ -186,7 +187,10 @@ class CompiledDecoder:
 
 class StreamedAnswer:
     """What every generation offers, local or on a vLLM server: iterate for text deltas,
-    ``result`` once finished, ``cancel()`` from any thread."""
+    ``result`` once finished, ``cancel()`` from any thread. ``runs_elsewhere``: the work is done by
+    another server, so iterating it costs this process nothing and several may stream at once."""
+
+    runs_elsewhere = False
 
     def __init__(self):
         self._cancel = threading.Event()

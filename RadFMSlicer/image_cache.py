@@ -96,17 +96,17 @@ class ImageCache:
         its source is unchanged; the source's identity is taken once (a DICOM folder: every file stat'ed),
         and not at all by a cache that keeps neither (nothing could be found again by it)."""
         identity = source_identity(item) if self.volumes.keeps or self.images.keeps else None
-        volume = _cached(self.volumes, identity, item.load)
+        volume = cached(self.volumes, identity, item.load)
         window = item.window if item.window is not None else request.window
         key = None if identity is None else (identity, repr(window), request.interpolation)
-        return volume, _cached(self.images, key, lambda: request.model_image(item, volume, device))
+        return volume, cached(self.images, key, lambda: request.model_image(item, volume, device))
 
     def clear(self) -> None:
         for cache in (self.volumes, self.images, self.previews):
             cache.clear()
 
 
-def _cached(cache: LRUCache, key, make):
+def cached(cache: LRUCache, key, make):
     """``cache``'s value for ``key``, else ``make()`` kept there (a None key: made, not kept)."""
     value = None if key is None else cache.get(key)
     if value is None:

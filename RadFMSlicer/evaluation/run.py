@@ -28,7 +28,8 @@ from ..errors import RadFMError
 from ..generation import GenerationSettings
 from ..image_cache import NO_CACHE, ImageCache
 from ..preview import render_montage
-from ..remote import RemoteClient, ServerUnavailable, ask_server
+from ..http_client import ServerUnavailable
+from ..remote import RemoteClient, ask_server
 from ..session import Turn
 from . import metrics
 from .datasets import Case

@@ -33,7 +33,8 @@ class Request:
         self.finished = False
         self.final: Event | None = None
 
-    def _push(self, event: Event) -> None:
+    def push(self, event: Event) -> None:
+        """Deliver an event to whoever reads this request (the client's reader threads call it)."""
         self._events.put(event)
 
     def poll(self) -> list[Event]:
@@ -287,7 +288,7 @@ class WorkerClient:
                 continue
             if event.kind == "done" and request.op == "ask" and event.data.get("answer"):
                 self._history.append((event.data["turn"]["question"], event.data["answer"]))
-            request._push(event)
+            request.push(event)
         self._worker_died(worker)
 
     def _read_stderr(self, worker: _Worker) -> None:
@@ -318,7 +319,7 @@ class WorkerClient:
             worker.pending.clear()
             worker.done.set()  # under the lock: a request sent now is either in orphans or told the worker ended
         for request in orphans:
-            request._push(Event("error", f"the RadFM worker {cause}. Last messages:\n{tail}".rstrip(),
+            request.push(Event("error", f"the RadFM worker {cause}. Last messages:\n{tail}".rstrip(),
                                 {"kind": "worker_died", "exit_code": code, "hung": worker.ended_by is not None}))
         with self._restart_lock:
             if worker in self._workers:
@@ -356,7 +357,7 @@ class WorkerClient:
             if not dead:
                 worker.pending[request.id] = request
         if dead:
-            request._push(Event("error", "the RadFM worker ended before this request reached it",
+            request.push(Event("error", "the RadFM worker ended before this request reached it",
                                 {"kind": "worker_died"}))
         else:
             worker.outbox.put(_line({"id": request.id, "op": op, **params}))

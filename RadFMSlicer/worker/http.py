@@ -71,6 +71,7 @@ class ServeConfig:
     dtype: str | None = None
     quantization: str | None = None
     vllm_url: str | None = None
+    vllm_max_num_seqs: int = 8
     cache_dir: str | None = None
     cache_mb: float = 4096.0
     max_upload_mb: float = 1024.0
@@ -79,6 +80,11 @@ class ServeConfig:
     @property
     def tls(self) -> bool:
         return bool(self.ssl_certfile)
+
+    @property
+    def answers_at_once(self) -> int:
+        """How many answers the backend writes at once: our worker's LLM one, vLLM as many as it batches."""
+        return self.vllm_max_num_seqs if self.vllm_url else 1
 
     def check(self) -> None:
         """Refuse to start an unsafe or impossible configuration, in one line."""
@@ -93,8 +99,10 @@ class ServeConfig:
         for name in (self.ssl_certfile, self.ssl_keyfile):
             if name and not Path(name).is_file():
                 raise RadFMError(f"TLS file not found: {name}")
-        if self.queue_limit < 1 or self.cache_mb <= 0 or self.max_upload_mb <= 0:
-            raise RadFMError("--queue-limit, --cache-mb and --max-upload-mb must be positive")
+        for flag, value in (("--queue-limit", self.queue_limit), ("--cache-mb", self.cache_mb),
+                            ("--max-upload-mb", self.max_upload_mb), ("--vllm-max-num-seqs", self.vllm_max_num_seqs)):
+            if value <= 0:
+                raise RadFMError(f"{flag} must be positive, got {value:g}")
         if self.max_upload_mb > self.cache_mb:
             raise RadFMError(f"--max-upload-mb {self.max_upload_mb:g} exceeds --cache-mb {self.cache_mb:g}: "
                              f"an upload must fit in the cache")
@@ -289,21 +297,27 @@ class FairQueue:
 
 
 class Scheduler:
-    """Feeds the worker one ask at a time, in fair order, and relays its events."""
+    """Decides who goes next (round-robin across clients) and relays the events; the backend decides how many
+    run at once (``answers_at_once``: 1 for our worker's LLM, vLLM's --max-num-seqs for vLLM, where the worker
+    encodes one question at a time and vLLM writes the answers together)."""
 
     POLL_S = 0.01
 
-    def __init__(self, worker: WorkerClient, store: ImageStore, limit: int):
+    def __init__(self, worker: WorkerClient, store: ImageStore, limit: int, answers_at_once: int = 1):
         self.worker = worker
         self.store = store
         self.queue = FairQueue(limit)
         self.asks: dict[str, Ask] = {}
-        self.current: Ask | None = None
+        self.answers_at_once = answers_at_once
+        self.running: set[Ask] = set()
+        self._slots = asyncio.Semaphore(answers_at_once)
+        self._tasks: set[asyncio.Task] = set()
         self.dispatched = 0  # asks handed to the worker so far: how many overtook an ask is checkable
 
     def submit(self, client: str, params: dict, pins: list[str]) -> tuple[Ask, int]:
         ask = Ask(uuid.uuid4().hex, client, params, pins)  # unguessable: only its asker can cancel it
-        ahead = self.queue.add(ask) + (self.current is not None)
+        full = len(self.running) >= self.answers_at_once  # then the running ones hold the slots it waits for
+        ahead = self.queue.add(ask) + (len(self.running) if full else 0)
         ask.mark = self.dispatched
         self.asks[ask.id] = ask
         self.store.pin(pins)
@@ -324,17 +338,25 @@ class Scheduler:
         self.store.unpin(ask.pins)
 
     async def run(self) -> None:
+        """Whenever a slot is free, the next ask in fair order takes it."""
         while True:
+            await self._slots.acquire()
             ask = await self.queue.next()
-            self.current = ask
+            self.running.add(ask)
             self.dispatched += 1
-            try:
-                await self._run_one(ask)
-            except Exception as exc:  # keep serving: the ask gets the reason, the server goes on
-                log.exception("ask %s failed in the server", ask.id)
-                self._finish(ask, Event("error", f"internal server error: {type(exc).__name__}", {"kind": "internal"}))
-            finally:
-                self.current = None
+            task = asyncio.create_task(self._serve(ask))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, ask: Ask) -> None:
+        try:
+            await self._run_one(ask)
+        except Exception as exc:  # keep serving: the ask gets the reason, the server goes on
+            log.exception("ask %s failed in the server", ask.id)
+            self._finish(ask, Event("error", f"internal server error: {type(exc).__name__}", {"kind": "internal"}))
+        finally:
+            self.running.discard(ask)
+            self._slots.release()
 
     async def _run_one(self, ask: Ask) -> None:
         ask.push(Event("status", "starting", {"ask_id": ask.id, "ahead": 0,
@@ -466,7 +488,7 @@ def create_app(config: ServeConfig, worker_factory=None):
                 yield
                 return
             app.state.worker, app.state.store = worker, store
-            app.state.scheduler = Scheduler(worker, store, config.queue_limit)
+            app.state.scheduler = Scheduler(worker, store, config.queue_limit, config.answers_at_once)
             task = asyncio.create_task(app.state.scheduler.run())
             yield
             task.cancel()
@@ -509,7 +531,8 @@ def create_app(config: ServeConfig, worker_factory=None):
         return {"loaded": status.get("loaded"), "busy": status.get("busy"), "model": described,
                 "memory": {**status.get("memory", {}),
                            "free_ram_mb": round(psutil.virtual_memory().available / 2**20, 1)},
-                "pid": status.get("pid"), "queue": len(app.state.scheduler.queue), "queue_limit": config.queue_limit}
+                "pid": status.get("pid"), "queue": len(app.state.scheduler.queue), "queue_limit": config.queue_limit,
+                "answering": len(app.state.scheduler.running), "answers_at_once": config.answers_at_once}
 
     @app.get(API + "/images/{upload_id}")
     async def has_image(upload_id: str, request: Request):

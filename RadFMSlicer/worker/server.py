@@ -17,11 +17,13 @@ requests to :meth:`WorkerServer.handle` and calls :meth:`WorkerServer.close` at 
 
 stdout carries only the protocol (anything else a library prints goes to stderr). Work
 (load, encode, ask, unload) is served one request at a time in arrival order; hello,
-status, cancel and shutdown are answered at once. Nothing a request holds (wrong types,
-100,000-deep JSON, invalid UTF-8) ends the process or its work thread: it gets an error
-event naming the problem and the worker keeps serving. When the input ends or on
-shutdown, queued work is cancelled (each with its final event), the running request is
-cancelled, and the process exits. It also exits when the program that started it is gone.
+status, cancel and shutdown are answered at once. An answer generated elsewhere (a vLLM
+server: ``runs_elsewhere``) streams on a thread of its own once its images are encoded, so
+the next request is encoded while vLLM writes, and vLLM batches the answers in flight.
+Nothing a request holds (wrong types, 100,000-deep JSON, invalid UTF-8) ends the process
+or its work thread: it gets an error event naming the problem and the worker keeps
+serving. When the input ends or on shutdown, queued work is cancelled (each with its final
+event), the running requests are cancelled, and the process exits. It also exits when the program that started it is gone.
 """
 
 import json
@@ -65,8 +67,9 @@ class WorkerServer:
         self._jobs: "queue.Queue[tuple[dict, object] | None]" = queue.Queue()  # (request, its AskRequest or None)
         self._live: dict = {}  # id -> op of every queued or running work request
         self._cancelled: set = set()  # live ids cancelled before they could stop themselves
-        self._current_id = None
-        self._current_generation = None
+        self._current_id = None  # the request on the work thread
+        self._generations: dict = {}  # id -> generation of every answer being written
+        self._streams: dict = {}  # id -> thread streaming an answer generated elsewhere (vLLM)
         self._state_lock = threading.Lock()
         self._stopped = threading.Event()
         self._work_thread = threading.Thread(target=self._work_loop, name="radfm-work", daemon=True)
@@ -168,8 +171,8 @@ class WorkerServer:
         with self._state_lock:
             if target not in self._live:
                 return False
-            if target == self._current_id and self._current_generation is not None:
-                self._current_generation.cancel()
+            if target in self._generations:
+                self._generations[target].cancel()
             else:
                 self._cancelled.add(target)  # checked when it starts, or when its generation starts
             return True
@@ -186,23 +189,29 @@ class WorkerServer:
                     break
                 queued.append(request)
                 self._live.pop(request.get("id"), None)
-            if self._current_generation is not None:
-                self._current_generation.cancel()
+            for generation in self._generations.values():
+                generation.cancel()
+            streams = list(self._streams.values())
         for request in queued:
             self.emit(request.get("id"), "done", "cancelled: the worker is shutting down", answer="",
                       stop_reason="cancelled")
         self._jobs.put(None)
-        if self._work_thread.is_alive():
-            self._work_thread.join(timeout=self.SHUTDOWN_WAIT_S)
+        deadline = time.monotonic() + self.SHUTDOWN_WAIT_S
+        for thread in [self._work_thread, *streams]:
+            if thread.is_alive():
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
         with self._state_lock:
-            unfinished = list(self._live.items()) if self._work_thread.is_alive() else []
+            running = any(thread.is_alive() for thread in [self._work_thread, *self._streams.values()])
+            unfinished = list(self._live.items()) if running else []
         for rid, op in unfinished:
             self.emit(rid, "error", f"the worker shut down before this {op} finished", kind="shutdown")
 
     @property
     def finished(self) -> bool:
         """True once close() left no work running (else the process should exit without waiting)."""
-        return self._stopped.is_set() and not self._work_thread.is_alive()
+        with self._state_lock:  # a stream's thread removes itself as it ends
+            threads = [self._work_thread, *self._streams.values()]
+        return self._stopped.is_set() and not any(thread.is_alive() for thread in threads)
 
     def status(self) -> dict:
         import psutil
@@ -213,7 +222,8 @@ class WorkerServer:
             memory["cuda_allocated_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
             memory["cuda_reserved_mb"] = round(torch.cuda.memory_reserved() / 2**20, 1)
         return {"loaded": self.engine is not None, "model": self.engine.describe() if self.engine else None,
-                "busy": self._current_id is not None, "memory": memory, "pid": os.getpid()}
+                "busy": self._current_id is not None or bool(self._generations),
+                "answering": len(self._generations), "memory": memory, "pid": os.getpid()}
 
     # --- work -----------------------------------------------------------------------------
     def _work_loop(self) -> None:
@@ -227,9 +237,16 @@ class WorkerServer:
                 traceback.print_exc(file=sys.stderr)
             finally:
                 with self._state_lock:
-                    self._current_id, self._current_generation = None, None
-                    self._live.pop(rid, None)
-                    self._cancelled.discard(rid)
+                    self._current_id = None
+                    if rid not in self._streams:  # a streaming answer is forgotten when its stream ends
+                        self._forget(rid)
+
+    def _forget(self, rid) -> None:
+        """The request has had its final event (call under the state lock)."""
+        self._live.pop(rid, None)
+        self._cancelled.discard(rid)
+        self._generations.pop(rid, None)
+        self._streams.pop(rid, None)
 
     def _run(self, rid, request, ask_request=None) -> None:
         with self._state_lock:
@@ -237,12 +254,13 @@ class WorkerServer:
                 self.emit(rid, "done", "", answer="", stop_reason="cancelled")
                 return
             self._current_id = rid
+        op = getattr(self, "op_" + request["op"])
+        self._reporting_errors(rid, op, rid, request, *([] if ask_request is None else [ask_request]))
+
+    def _reporting_errors(self, rid, work, *args) -> None:
+        """Run ``work(*args)``; a failure becomes the request's error event, and serving goes on."""
         try:
-            op = getattr(self, "op_" + request["op"])
-            if ask_request is None:
-                op(rid, request)
-            else:
-                op(rid, request, ask_request)
+            work(*args)
         except RadFMError as exc:
             self.emit(rid, "error", str(exc), kind=type(exc).__name__)
         except Exception as exc:  # keep serving: report the bug with its traceback on stderr
@@ -305,7 +323,7 @@ class WorkerServer:
 
     def op_ask(self, rid, request, ask_request=None) -> None:
         """Answer a question; ``ask_request`` as in :meth:`op_encode`."""
-        from ..ask import make_turn, prepare, start, write_previews
+        from ..ask import prepare, start, write_previews
         from ..session import Session
 
         engine = self._require_engine()
@@ -326,9 +344,25 @@ class WorkerServer:
         prepared, generation = start(engine, ask_request, session, self.images, prepared=prepared)
         prepare_s = time.perf_counter() - t0
         with self._state_lock:
-            self._current_generation = generation
+            self._generations[rid] = generation
             if rid in self._cancelled:
                 generation.cancel()
+        if generation.runs_elsewhere:  # vLLM writes it: the work thread goes on to the next request
+            if preview_dir:  # the image cache is the work thread's: drawn here, before the answer
+                write_previews(prepared, preview_dir, self.images)
+            answer = (rid, engine, ask_request, prepared, generation, prepare_s, attention)
+            stream = threading.Thread(target=self._stream_elsewhere, args=answer, name="radfm-answer", daemon=True)
+            with self._state_lock:
+                self._streams[rid] = stream
+            stream.start()
+            return
+        self._write_answer(rid, engine, ask_request, prepared, generation, prepare_s, attention, preview_dir)
+
+    def _write_answer(self, rid, engine, ask_request, prepared, generation, prepare_s, attention,
+                      preview_dir=None) -> None:
+        """Stream the answer's tokens, then its done event with the turn (previews drawn in between)."""
+        from ..ask import make_turn, write_previews
+
         self.emit(rid, "status", "generating")
         for delta in generation:
             self.emit(rid, "token", delta)
@@ -339,6 +373,16 @@ class WorkerServer:
         if attention:
             turn.provenance["attention"] = attention
         self.emit(rid, "done", result.text, answer=result.text, stop_reason=result.stop_reason, turn=turn.to_dict())
+
+    def _stream_elsewhere(self, rid, *answer) -> None:
+        """An answer generated elsewhere, on its own thread: :meth:`_write_answer`, then forgotten."""
+        try:
+            self._reporting_errors(rid, self._write_answer, rid, *answer)
+        except Exception:  # the sink itself failed (stdout gone): nothing left to tell
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            with self._state_lock:
+                self._forget(rid)
 
 
 def request_lines(stream, limit: int = MAX_LINE_BYTES):

