@@ -78,6 +78,18 @@ def thumbnails(view: AnswerView) -> list:
     return [widget for widget in items if widget is not None]
 
 
+# ---------------------------------------------------------------------------------- the Qt binding
+def test_waiting_on_qt_events_keeps_python_alive(qtbot):
+    """The panel and the module wait for answers in processEvents loops (``slicer.app.processEvents``,
+    ``qtbot.waitUntil``). PySide6 6.12.0 dropped a reference to None on each call: a few thousand calls
+    later Python 3.11 aborted with 'Fatal Python error: none_dealloc' mid-answer (None is immortal
+    only from Python 3.12). The gui extra leaves that release out."""
+    before = sys.getrefcount(None)
+    for _ in range(200):
+        QtWidgets.QApplication.processEvents()
+    assert sys.getrefcount(None) >= before - 20  # other objects may let go of a few Nones meanwhile
+
+
 # ---------------------------------------------------------------------------------- asking
 def test_ask_button_streams_the_answer_token_by_token(open_panel, qtbot, monkeypatch):
     answer = "No pleural effusion. The lungs are clear."
