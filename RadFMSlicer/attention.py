@@ -44,7 +44,7 @@ def write_scan_map(path: "str | Path", voxels_kji: np.ndarray, volume) -> Path:
     if path.name.endswith(".dcm"):  # a DICOM Parametric Map in the scan's study, for PACS viewers
         from . import dicom_report
 
-        dicom_report.write(dicom_report.attention_map(voxels_kji, volume), path)
+        dicom_report.write(dicom_report.attention_map(voxels_kji, volume, LABEL), path)
         return path
     ijk_to_lps = volume.grid.ijk_to_lps
     spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)

@@ -235,15 +235,14 @@ def _basic_text_sr(turn: Turn, evidence, items) -> pydicom.Dataset:
     return hd.sr.sop._SR(content=root, sop_class_uid=BASIC_TEXT_SR, **_document_attributes(turn, evidence))
 
 
-def attention_map(voxels_kji, volume) -> pydicom.Dataset:
+def attention_map(voxels_kji, volume, label: str) -> pydicom.Dataset:
     """The attention map (``[k, j, i]`` on ``volume``'s original grid, 0..1) as a DICOM Parametric Map
-    over the instances the volume was read from: same study, a new series, labelled as attention."""
-    from .attention import LABEL
-
+    over the instances the volume was read from: same study, a new series, labelled as attention
+    (``label``: what the map is, :data:`~RadFMSlicer.attention.LABEL`)."""
     if volume.dicom is None:
         raise RecordError(f"{volume.source} was not read from DICOM: a DICOM attention map needs the study to join; "
                           "name the map .nii.gz instead")
-    mapping = hd.pm.RealWorldValueMapping(lut_label="ATTENTION", lut_explanation=f"RadFM {LABEL}",
+    mapping = hd.pm.RealWorldValueMapping(lut_label="ATTENTION", lut_explanation=f"RadFM {label}",
                                           unit=codes.UCUM.NoUnits, value_range=(0.0, 1.0), intercept=0, slope=1)
     try:
         pm = hd.pm.ParametricMap(
@@ -252,7 +251,7 @@ def attention_map(voxels_kji, volume) -> pydicom.Dataset:
             instance_number=1, manufacturer=MANUFACTURER, manufacturer_model_name="RadFM",
             software_versions=MANUFACTURER, device_serial_number="none", contains_recognizable_visual_features=False,
             real_world_value_mappings=[mapping], content_label="ATTENTION",
-            content_description=f"RadFM {LABEL}"[:64], series_description=f"RadFM {LABEL}"[:64],
+            content_description=f"RadFM {label}"[:64], series_description=f"RadFM {label}"[:64],
             voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)])
     except (ValueError, AttributeError, TypeError) as exc:
         raise RecordError(f"the DICOM attention map could not be built from {volume.source}: {exc}") from None

@@ -145,6 +145,36 @@ def write_ct_series(folder: "str | Path", slices: int = 8, study_uid: str | None
     return paths
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a server a test or a benchmark starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(app, port: int, start_timeout_s: float = 120):
+    """``app`` (``radfm serve``'s, from ``worker.http.create_app``) served by uvicorn on 127.0.0.1:``port``
+    in a thread of this process, from when it accepts connections to the end of the block."""
+    import threading
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"radfm serve did not start on port {port} within {start_timeout_s:g} s")
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
 ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
@@ -154,19 +184,13 @@ def run_orthanc(folder: "str | Path", users: dict | None = None, lua: str | None
     127.0.0.1 at a free port, its configuration and storage in ``folder``; yields its address
     (``http://127.0.0.1:PORT``; DICOMweb under ``/dicom-web``). ``lua``: a script, e.g. a
     ``ReceivedInstanceFilter`` that refuses some instances. Missing Orthanc is an error, never a skip."""
-    import socket
-    import subprocess
-    import time
-
     import requests
 
     if not shutil.which("Orthanc") or not Path(ORTHANC_DICOMWEB_PLUGIN).is_file():
         raise RuntimeError("Orthanc with its DICOMweb plugin is not installed: apt-get install orthanc orthanc-dicomweb")
     folder = Path(folder)
     (folder / "storage").mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = {"Name": "radfm-test", "StorageDirectory": str(folder / "storage"), "IndexDirectory": str(folder / "storage"),
               "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
               "AuthenticationEnabled": bool(users), "RegisteredUsers": users or {},
@@ -236,9 +260,7 @@ class LocalVLLM:
 
     def __init__(self, python: "str | Path", folder: "str | Path", log: "str | Path", max_model_len: int = 512,
                  max_num_seqs: int = 8):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log = Path(log)
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": ""}

@@ -13,7 +13,6 @@ loads the same variant, so both compute the same model). vLLM starts with a smal
 
 import json
 import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from RadFMSlicer.cli import main as radfm
 from RadFMSlicer.engine import RadFMEngine
 from RadFMSlicer.errors import PromptError
 from RadFMSlicer.prompts import TASKS
-from RadFMSlicer.testing import LocalVLLM, with_attention_heads
+from RadFMSlicer.testing import LocalVLLM, free_port, serving, with_attention_heads
 
 PROJECT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("RADFM_VLLM_PYTHON", PROJECT / ".venv-vllm" / "bin" / "python"))
@@ -36,12 +35,6 @@ MAX_NUM_SEQS = 4
 START_TIMEOUT_S = 900  # vLLM imports and compiles for minutes on a loaded 2-core machine
 CT = pydicom.data.get_testdata_file("CT_small.dcm")
 QUESTIONS = {"vqa": "Is there fluid", "diagnosis": "pneumonia"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -108,23 +101,13 @@ def test_a_prompt_over_vllms_context_is_refused_before_it_is_sent(engines):
 @pytest.fixture(scope="module")
 def radfm_serve(variant, vllm, tmp_path_factory):
     """``radfm serve --llm-backend vllm --vllm-max-num-seqs 4`` on the variant (in this process)."""
-    import uvicorn
-
     from RadFMSlicer.worker.http import ServeConfig, create_app
 
     port = free_port()
     config = ServeConfig(checkpoint=str(variant), port=port, dtype="float32", vllm_url=vllm.url,
                          vllm_max_num_seqs=MAX_NUM_SEQS, cache_dir=str(tmp_path_factory.mktemp("uploads")))
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 300
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "radfm serve did not start"
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(60)
+    with serving(create_app(config), port, start_timeout_s=300):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.parametrize("readers", [2, MAX_NUM_SEQS])

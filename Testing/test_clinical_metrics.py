@@ -95,14 +95,27 @@ def test_compare_prints_a_p_value_beside_each_paired_interval(capsys, tmp_path):
 
 
 # --- through radeval ----------------------------------------------------------------------
+def radeval_or_skip():
+    """radeval, where RadFMSlicer[metrics] is installed. The README's test command runs without it (it is no
+    part of the test extra) and says why each test is skipped; CI's metrics step installs it and sets
+    RADFM_METRICS_LANE=1, where its absence fails instead."""
+    try:
+        import radeval
+    except ImportError:
+        if os.environ.get("RADFM_METRICS_LANE") == "1":
+            pytest.fail("radeval is not installed in the metrics lane: pip install 'RadFMSlicer[metrics]'", pytrace=False)
+        pytest.skip("radeval not installed: pip install 'RadFMSlicer[metrics]'")
+    return radeval
+
+
 def test_radeval_rouge_l_agrees_with_our_own_per_case_scores():
-    radeval = pytest.importorskip("radeval", reason="radeval not installed: pip install 'RadFMSlicer[metrics]'")
+    radeval = radeval_or_skip()
     from RadFMSlicer.evaluation.metrics import score_case
 
     references, answers = [r for _, r in PAIRS], [a for a, _ in PAIRS]
     theirs = radeval.RadEval(metrics=["rouge"], per_sample=True, show_progress=False)(references, answers)
     ours = [score_case("report", a, r)["rougeL"] for a, r in PAIRS]
-    assert theirs["rougeL"] == pytest.approx(ours, abs=1e-12)
+    assert [100 * v for v in theirs["rougeL"]] == pytest.approx(ours, abs=1e-10)  # ours: F1 x 100, one scale
     # radeval's BLEU is another definition (pycocoevalcap, 0-1, unsmoothed) than our sacrebleu sentence BLEU:
     # the table keeps ours under "bleu", and --metrics offers none of radeval's weight-free scores
 
@@ -125,7 +138,7 @@ def tiny_distilbert_cache(home: Path) -> None:
 
 
 def test_a_model_based_metric_scores_every_report_and_a_missing_one_is_named(tmp_path, tiny_checkpoint):
-    pytest.importorskip("radeval", reason="radeval not installed: pip install 'RadFMSlicer[metrics]'")
+    radeval_or_skip()
     tiny_distilbert_cache(tmp_path / "hf")
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps({"id": f"r{k}", "images": [CT], "task": "report", "reference": r}) + "\n"

@@ -24,18 +24,13 @@ from RadFMSlicer.ask import AskRequest, ImageInput, ask  # noqa: E402
 from RadFMSlicer.cli import main as radfm  # noqa: E402
 from RadFMSlicer.generation import GenerationSettings  # noqa: E402
 from RadFMSlicer.remote import RemoteClient, image_id, upload_body  # noqa: E402
+from RadFMSlicer.testing import free_port, serving  # noqa: E402
 from RadFMSlicer.worker import WorkerError  # noqa: E402
 from RadFMSlicer.worker.http import Ask, FairQueue, HTTPError, ServeConfig, create_app  # noqa: E402
 from RadFMSlicer.worker.client import previous_turns_param  # noqa: E402
 
 TOKEN = "reading-room-token-0123456789"
 CT = pydicom.data.get_testdata_file("CT_small.dcm")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +40,8 @@ def server(tiny_checkpoint, tmp_path_factory):
     config = ServeConfig(checkpoint=str(tiny_checkpoint), port=port, token=TOKEN, cache_dir=str(cache),
                          cache_mb=24, max_upload_mb=8, queue_limit=3)
     app = create_app(config)
-    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not uv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, app=app, cache=cache)
-    uv.should_exit = True
-    thread.join(30)
+    with serving(app, port):
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port, app=app, cache=cache)
 
 
 def call(server, method, path, body=None, token=TOKEN, headers=None):
