@@ -9,7 +9,6 @@ Real vLLM (its CPU build, in a venv of its own) is met in ``vllm_lane/``, a CI s
 import base64
 import io
 import json
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,6 +22,7 @@ from RadFMSlicer.cli import main as radfm
 from RadFMSlicer.engine import RadFMEngine
 from RadFMSlicer.errors import PromptError, RadFMError
 from RadFMSlicer.generation import GenerationSettings
+from RadFMSlicer.testing import free_port, serving
 from RadFMSlicer.vllm_client import prompt_embeds_field
 
 
@@ -324,24 +324,13 @@ def test_the_context_limit_is_the_vllm_servers(vllm, fixture_dir, engine, fixtur
 def test_radfm_serve_writes_answers_together_on_vllm_and_queues_fairly_past_its_limit(vllm, fixture_dir, tmp_path):
     """Encoding in our worker, generation in vLLM: as many answers in flight as --vllm-max-num-seqs, the next
     reader told how many are ahead, each answer the one it gets alone, a reader who leaves stops only his."""
-    import uvicorn
-
     from RadFMSlicer.remote import RemoteClient
     from RadFMSlicer.worker.http import ServeConfig, create_app
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     config = ServeConfig(checkpoint=str(fixture_dir), port=port, dtype="float32", vllm_url=vllm.url,
                          vllm_max_num_seqs=2, cache_dir=str(tmp_path / "uploads"))
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 300
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "radfm serve did not start"
-            time.sleep(0.1)
+    with serving(create_app(config), port, start_timeout_s=300):
         url = f"http://127.0.0.1:{port}"
         questions = ["Is there fluid", "Is the heart enlarged", "Is there a nodule"]
         solo = [RemoteClient(url).ask(q, images=[CT], max_new_tokens=6).result(300)["answer"] for q in questions]
@@ -359,6 +348,3 @@ def test_radfm_serve_writes_answers_together_on_vllm_and_queues_fairly_past_its_
         assert vllm.most_in_flight == 2  # two at once, never more: the other two waited in our queue
         ahead = sorted(next(e.data["ahead"] for e in seen if "ahead" in e.data) for seen in [*events, left])
         assert ahead == [0, 0, 2, 3]  # told as they queued: the two running ones hold the slots they wait for
-    finally:
-        server.should_exit = True
-        thread.join(60)

@@ -316,8 +316,10 @@ class Scheduler:
 
     def submit(self, client: str, params: dict, pins: list[str]) -> tuple[Ask, int]:
         ask = Ask(uuid.uuid4().hex, client, params, pins)  # unguessable: only its asker can cancel it
-        full = len(self.running) >= self.answers_at_once  # then the running ones hold the slots it waits for
-        ahead = self.queue.add(ask) + (len(self.running) if full else 0)
+        # It waits behind the asks queued before it and the running ones, unless a slot is left for it anyway
+        # (however far the scheduler has got in taking those queued asks into slots).
+        waits_behind = self.queue.add(ask) + len(self.running)
+        ahead = waits_behind if waits_behind >= self.answers_at_once else 0
         ask.mark = self.dispatched
         self.asks[ask.id] = ask
         self.store.pin(pins)
