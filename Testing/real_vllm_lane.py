@@ -11,8 +11,10 @@ loads the same variant, so both compute the same model). vLLM starts with a smal
 (``--max-model-len``) and a small batch (``--max-num-seqs``) to stay light on a 2-core machine.
 """
 
+import contextlib
 import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -98,54 +100,124 @@ def test_a_prompt_over_vllms_context_is_refused_before_it_is_sent(engines):
         start(remote, request)
 
 
-@pytest.fixture(scope="module")
-def radfm_serve(variant, vllm, tmp_path_factory):
+@contextlib.contextmanager
+def serve_on(variant, vllm_url: str, uploads: Path):
     """``radfm serve --llm-backend vllm --vllm-max-num-seqs 4`` on the variant (in this process)."""
     from RadFMSlicer.worker.http import ServeConfig, create_app
 
     port = free_port()
-    config = ServeConfig(checkpoint=str(variant), port=port, dtype="float32", vllm_url=vllm.url,
-                         vllm_max_num_seqs=MAX_NUM_SEQS, cache_dir=str(tmp_path_factory.mktemp("uploads")))
+    config = ServeConfig(checkpoint=str(variant), port=port, dtype="float32", vllm_url=vllm_url,
+                         vllm_max_num_seqs=MAX_NUM_SEQS, cache_dir=str(uploads))
     with serving(create_app(config), port, start_timeout_s=300):
         yield f"http://127.0.0.1:{port}"
 
 
+@pytest.fixture(scope="module")
+def radfm_serve(variant, vllm, tmp_path_factory):
+    with serve_on(variant, vllm.url, tmp_path_factory.mktemp("uploads")) as url:
+        yield url
+
+
+class VLLMTap:
+    """A TCP relay between radfm serve and vLLM that makes what the lane shows independent of the machine's
+    speed. ``hold``: the first that many completion requests are held until all have come, then sent to vLLM
+    together (as readers who ask at once; our worker encodes one question at a time, so on a fast machine an
+    answer could end before the next is sent); when each completion's first token and its end passed are
+    recorded, so answers whose streams overlap were in vLLM's running batch together. ``kill_after_first_token``:
+    vLLM is killed (SIGKILL) right after an answer's first token is relayed: vLLM dies mid-answer at a
+    known point, not after a race with how fast it writes."""
+
+    def __init__(self, vllm, hold: int = 1, kill_after_first_token: bool = False):
+        self.vllm, self.hold, self.kill = vllm, hold, kill_after_first_token
+        self.streams: list[tuple[float, float, bool]] = []  # (first token, end, held) per completion, as relayed
+        self._arrived, self._all_here = 0, threading.Condition()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client):
+        host, port = self.vllm.url.rsplit("/", 1)[-1].split(":")
+        with client, socket.create_connection((host, int(port))) as upstream:
+            request = client.recv(1 << 20)
+            completion = request.startswith(b"POST /v1/completions")
+            held = False
+            if completion:  # the first `hold` answers asked for are sent to vLLM together
+                with self._all_here:
+                    self._arrived += 1
+                    held = self._arrived <= self.hold
+                    self._all_here.notify_all()
+                    if held:
+                        assert self._all_here.wait_for(lambda: self._arrived >= self.hold, timeout=300)
+            upstream.sendall(request)
+            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()  # the rest of it
+            first = None
+            while data := upstream.recv(1 << 16):
+                if completion and first is None and b'"text"' in data:
+                    first = time.monotonic()
+                    if self.kill:
+                        client.sendall(data)
+                        self.vllm.stop()
+                        client.shutdown(socket.SHUT_RDWR)  # closes it under the relay thread's blocked recv too
+                        return
+                client.sendall(data)
+                if completion and b"data: [DONE]" in data:
+                    break
+            if first is not None:
+                self.streams.append((first, time.monotonic(), held))
+
+    @staticmethod
+    def _pipe(source, sink):
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+
+    def close(self):
+        self._listener.close()
+
+
 @pytest.mark.parametrize("readers", [2, MAX_NUM_SEQS])
-def test_readers_asking_together_are_answered_together_each_as_alone(radfm_serve, vllm, readers):
+def test_readers_asking_together_are_answered_together_each_as_alone(radfm_serve, variant, vllm, tmp_path, readers):
     from RadFMSlicer.remote import RemoteClient
 
     questions = [f"Is there {finding}" for finding in ("fluid", "a nodule", "an effusion", "a fracture")][:readers]
-    ask = dict(images=[CT], max_new_tokens=MAX_MODEL_LEN - 120)  # seconds long: vLLM's gauge is polled
+    ask = dict(images=[CT], max_new_tokens=MAX_MODEL_LEN - 120)
     solo = [RemoteClient(radfm_serve).ask(q, **ask).result(600)["answer"] for q in questions]
-    most, stop = [0.0], threading.Event()
-
-    def watch():  # vLLM's own gauge of requests in its running batch
-        while not stop.is_set():
-            most[0] = max(most[0], vllm.running())
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    asks = [RemoteClient(radfm_serve).ask(q, **ask) for q in questions]
-    answers = [a.result(600)["answer"] for a in asks]
-    stop.set()
-    watcher.join(30)
+    tap = VLLMTap(vllm, hold=2)
+    try:
+        with serve_on(variant, tap.url, tmp_path / "uploads") as url:
+            asks = [RemoteClient(url).ask(q, **ask) for q in questions]
+            answers = [a.result(600)["answer"] for a in asks]
+    finally:
+        tap.close()
     assert answers == solo
-    assert most[0] > 1, f"vLLM never ran more than {most[0]:g} answer at once"
+    assert len(tap.streams) == readers
+    held = [(first, end) for first, end, was_held in tap.streams if was_held]
+    # vLLM wrote each of the two answers sent together while the other was still being written: both in its
+    # running batch at once
+    assert len(held) == 2 and max(first for first, _ in held) < min(end for _, end in held), tap.streams
 
 
-def test_vllm_killed_mid_answer_is_an_error_and_the_words_so_far_are_kept(radfm_serve, vllm, tmp_path, capsys):
-    """Last: it kills the module's vLLM (SIGKILL to its process group)."""
+def test_vllm_killed_mid_answer_is_an_error_and_the_words_so_far_are_kept(radfm_serve, variant, vllm, tmp_path,
+                                                                         capsys):
+    """Last: it kills the module's vLLM (SIGKILL to its process group), right after the first token."""
     from RadFMSlicer.remote import RemoteClient
 
-    pending = RemoteClient(radfm_serve).ask("Is there fluid", images=[CT], max_new_tokens=MAX_MODEL_LEN - 120)
-    words = []
-    for event in pending.events(600):
-        if event.kind == "token":
-            words.append(event.text)
-            if len(words) == 1:
-                vllm.stop()
-    final = pending.final
+    tap = VLLMTap(vllm, kill_after_first_token=True)
+    try:
+        with serve_on(variant, tap.url, tmp_path / "uploads") as url:
+            pending = RemoteClient(url).ask("Is there fluid", images=[CT], max_new_tokens=MAX_MODEL_LEN - 120)
+            words = [event.text for event in pending.events(600) if event.kind == "token"]
+            final = pending.final
+    finally:
+        tap.close()
     assert final.kind == "error" and "the vLLM server" in final.text, final
     assert "went away mid-answer" in final.text or "without finishing it" in final.text, final.text
     assert words  # streamed before vLLM died: the reader keeps them
