@@ -6,7 +6,7 @@ import numpy as np
 import pydicom.data
 import pytest
 
-from RadFMSlicer.evaluation.datasets import ManifestError, load_manifest
+from RadFMSlicer.evaluation.datasets import load_manifest
 
 CT = pydicom.data.get_testdata_file("CT_small.dcm")
 

@@ -2,7 +2,6 @@
 address into a cache, answered about, and the DICOM report stored back into its study.
 Orthanc is required: without it these tests fail, they do not skip."""
 
-import copy
 import json
 import os
 import signal

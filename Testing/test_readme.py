@@ -13,7 +13,6 @@ import shlex
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pydicom.data
 import pytest
 import SimpleITK as sitk
