@@ -124,7 +124,11 @@ def test_import_names_an_unknown_file_missing_images_and_empty_references(tmp_pa
     assert "--rebase needs OLD=NEW" in capsys.readouterr().err
     (tmp_path / "latin1.csv").write_bytes("image_path,label\nr\xf6ntgen.npy,normal\n".encode("latin-1"))
     assert main(["eval", "import", str(tmp_path / "latin1.csv"), "--out", str(tmp_path / "m.jsonl")]) == 2
-    assert "latin1.csv is not UTF-8 text (invalid start byte at byte 18): save it as UTF-8" in capsys.readouterr().err
+    assert "latin1.csv line 2 is not UTF-8 text (byte 0xf6 at column 2; Latin-1 or a Windows code page?): save it " \
+           "as UTF-8" in capsys.readouterr().err  # as a manifest is told
+    (tmp_path / "twice.csv").write_text("image_path,label,label\nct.npy,normal,pneumonia\n")
+    assert main(["eval", "import", str(tmp_path / "twice.csv"), "--out", str(tmp_path / "m.jsonl")]) == 2
+    assert "twice.csv line 1: the column 'label' appears twice (columns 2 and 3)" in capsys.readouterr().err
 
 
 def test_a_json_lines_manifest_named_json_is_still_a_manifest(tmp_path):

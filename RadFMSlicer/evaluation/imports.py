@@ -24,7 +24,6 @@ several images gives them all, as ``scan.npy#0``, ``scan.npy#1`` ... (the first 
 current study, the others as priors).
 """
 
-import csv
 import json
 import zlib
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 
 from ..errors import RadFMError
 from ..prompts import TEMPLATES
+from ..tables import csv_rows, read_text
 
 OPEN_DIAGNOSIS = "What is the diagnosis for this image?"
 MODALITY_YES_NO = "Was this image taken with {modality}?"
@@ -58,10 +58,11 @@ def detect_format(columns) -> str | None:
 
 
 def _entries(path: Path) -> tuple[list[dict], set]:
-    """The entries of a JSON list (RadFM's caption/rationale file) or a CSV, and their columns."""
+    """The entries of a JSON list (RadFM's caption/rationale file) or a CSV, and their columns; read as
+    manifests are (:mod:`~RadFMSlicer.tables`: UTF-8 with or without a byte-order mark, no column twice)."""
     if path.suffix.lower() == ".json":
         try:
-            entries = json.loads(path.read_text(encoding="utf-8-sig"))
+            entries = json.loads(read_text(path))
         except ValueError as exc:
             raise BenchmarkError(f"{path}: not JSON ({exc})") from None
         if isinstance(entries, dict):  # some releases key the entries by case
@@ -70,17 +71,16 @@ def _entries(path: Path) -> tuple[list[dict], set]:
             raise BenchmarkError(f"{path}: RadFM's caption/rationale JSON is a list of objects with npy_path, "
                                  "finding, impression")
         return entries, set().union(*(e.keys() for e in entries)) if entries else set()
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        return list(reader), set(reader.fieldnames or ())
+    header, rows = csv_rows(path)
+    for line, row in rows:
+        if isinstance(row, str):
+            raise BenchmarkError(f"{path} line {line}: {row}")
+    return [{column: row.get(column, "") for column in header} for _, row in rows], set(header)
 
 
 def _read(path: Path) -> tuple[list[dict], str]:
     """The file's entries (CSV rows or the JSON list) and its format, or a BenchmarkError naming what it holds."""
-    try:
-        entries, columns = _entries(path)
-    except UnicodeDecodeError as exc:
-        raise BenchmarkError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): save it as UTF-8") from None
+    entries, columns = _entries(path)
     name = detect_format(columns)
     if name is None:
         known = "; ".join(f"{n}: {', '.join(c)}" for n, c in FORMATS.items())
