@@ -9,6 +9,8 @@ Real vLLM (its CPU build, in a venv of its own) is met in ``vllm_lane/``, a CI s
 import base64
 import io
 import json
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -84,6 +86,16 @@ ENGINE_DEAD = {"message": "EngineCore encountered an issue. See stack trace (abo
                "type": "InternalServerError", "param": None, "code": 500}
 
 
+def closed_by_client(connection: socket.socket) -> bool:
+    """Whether the client closed its side: readable with nothing to read (it sends nothing after its request)."""
+    if not select.select([connection], [], [], 0)[0]:
+        return False
+    try:
+        return connection.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 class FakeVLLM(ThreadingHTTPServer):
     """vLLM's Completions protocol on 127.0.0.1, greedy on the exported folder, streamed as vLLM 0.32 streams
     it (the finish reason on the last token's chunk, id/created/logprobs/stop_reason/prompt_token_ids, usage with
@@ -101,8 +113,20 @@ class FakeVLLM(ThreadingHTTPServer):
         self.fail_after = self.cut_after = None
         self.token_delay_s = 0.0  # per token: long enough answers overlap, as vLLM's do
         self.bodies = []
-        self.in_flight = self.most_in_flight = 0
+        self.open_answers = set()  # the connections of answers being written that the client has not closed
+        self.most_in_flight = 0
         self.lock = threading.Lock()
+
+    def count_in(self, connection) -> None:
+        """An answer starts: the most ever in flight, counting only answers whose reader is still connected (one
+        cancelled or finished may not have been noticed yet by its thread, as vLLM notices an abort a little late)."""
+        with self.lock:
+            self.open_answers = {c for c in self.open_answers if not closed_by_client(c)} | {connection}
+            self.most_in_flight = max(self.most_in_flight, len(self.open_answers))
+
+    def count_out(self, connection) -> None:
+        with self.lock:
+            self.open_answers.discard(connection)
 
     @property
     def url(self) -> str:
@@ -140,14 +164,11 @@ class VLLMHandler(BaseHTTPRequestHandler):
                                               f"However, you requested {body['max_tokens']} output tokens and your "
                                               f"prompt contains {prompt_len} input tokens.", "type": "BadRequestError",
                                               "param": None, "code": 400}})
-        with self.server.lock:
-            self.server.in_flight += 1
-            self.server.most_in_flight = max(self.server.most_in_flight, self.server.in_flight)
+        self.server.count_in(self.connection)
         try:
             self._stream(body, embeds)
         finally:
-            with self.server.lock:
-                self.server.in_flight -= 1
+            self.server.count_out(self.connection)
 
     def _stream(self, body, embeds):
         prompt_len = embeds.shape[1]
@@ -198,6 +219,7 @@ def vllm(fake_vllm):
     fake_vllm.fail_after = fake_vllm.cut_after = None
     fake_vllm.max_model_len = 2048
     fake_vllm.token_delay_s = 0.0
+    fake_vllm.most_in_flight = 0
 
 
 def test_answers_streamed_from_vllm_equal_our_own(fake_vllm, fixture_dir, engine, fixture_cases):
