@@ -287,13 +287,20 @@ class LocalVLLM:
         except OSError:
             return False
 
-    def running(self) -> float:
-        """vLLM's own count of the requests in its running batch right now (``/metrics``)."""
+    def steps_by_tokens(self) -> dict:
+        """vLLM's engine steps so far by the tokens each carried (its ``iteration_tokens_total`` histogram):
+        ``one`` (a lone answer's next token), ``two_to_eight`` (the next tokens of several answers in one
+        batch, or a short prompt) and ``more`` (prompts). Steps of two to eight show answers written together."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
-            for line in response.read().decode().splitlines():
-                if line.startswith("vllm:num_requests_running"):
-                    return float(line.rsplit(" ", 1)[1])
-        raise RuntimeError("vLLM's /metrics has no vllm:num_requests_running")
+            text = response.read().decode()
+        upto = {}
+        for line in text.splitlines():
+            if line.startswith("vllm:iteration_tokens_total_bucket"):
+                upto[line.split('le="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+        if not {"1.0", "8.0", "+Inf"} <= upto.keys():
+            raise RuntimeError("vLLM's /metrics has no vllm:iteration_tokens_total histogram with buckets 1 and 8")
+        return {"one": int(upto["1.0"]), "two_to_eight": int(upto["8.0"] - upto["1.0"]),
+                "more": int(upto["+Inf"] - upto["8.0"])}
 
     def stop(self) -> None:
         """SIGKILL to its whole process group: a vLLM killed mid-answer, and nothing left behind."""

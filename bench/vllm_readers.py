@@ -9,7 +9,8 @@ float32 and served by vLLM on 127.0.0.1 (``--max-num-seqs 8``). Two ``radfm serv
 worker (one answer at a time; measured first, before vLLM starts, so neither competes with the other's
 processes) and ``--llm-backend vllm --vllm-max-num-seqs 8``. For each number of readers, every reader asks its questions one after another, all readers at once: wall time, time to
 first token p50/p95, tokens/s over the wall time, and every answer compared with the question's answer
-asked alone. Then the per-token decode cost at batch 1: our engine's ``Generation`` against vLLM, on
+asked alone, and on vLLM its engine steps by tokens carried (a step of two to eight tokens wrote several
+answers' next tokens at once). Then the per-token decode cost at batch 1: our engine's ``Generation`` against vLLM, on
 the same model, one answer each; ours also with one torch thread (vLLM's CPU engine runs one thread bound
 to a core). Bounded by --time-limit; every process it starts is stopped.
 """
@@ -17,7 +18,6 @@ to a core). Bounded by --time-limit; every process it starts is stopped.
 import argparse
 import contextlib
 import json
-import socket
 import tempfile
 import threading
 import time
@@ -29,18 +29,12 @@ from RadFMSlicer.cli import main as radfm
 from RadFMSlicer.engine import RadFMEngine
 from RadFMSlicer.generation import GenerationSettings
 from RadFMSlicer.remote import RemoteClient
-from RadFMSlicer.testing import LocalVLLM, with_attention_heads
+from RadFMSlicer.testing import LocalVLLM, free_port, with_attention_heads
 
 from .common import FIXTURE, PROJECT
 from .server_load import one_answer, percentile, start_server
 
 GOAL = 0.4  # 8 readers on vLLM finish in at most this share of our one-at-a-time worker's wall time
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def readers_round(url: str, readers: int, questions: int, max_new_tokens: int) -> tuple[list[dict], float]:
@@ -120,7 +114,7 @@ def main() -> None:
             report["vllm_start_s"] = round(vllm.wait_ready(900), 1)
             with served(variant, "--dtype", "float32", "--llm-backend", "vllm", "--vllm-url", vllm.url,
                         "--vllm-max-num-seqs", "8") as client:
-                theirs = rounds(args, client.url, alone, deadline)
+                theirs = rounds(args, client.url, alone, deadline, vllm)
             report["decode_batch_1"]["vllm"] = decode_cost(
                 RadFMEngine.load(variant, dtype=torch.float32, vllm_url=vllm.url), args.decode_tokens)
         finally:
@@ -146,16 +140,20 @@ def served(checkpoint, *flags):
         proc.wait(30)
 
 
-def rounds(args, url: str, alone: dict, deadline: float) -> dict:
-    """Per number of readers: the round's summary, and how many answers differ from their answer alone."""
+def rounds(args, url: str, alone: dict, deadline: float, vllm: LocalVLLM | None = None) -> dict:
+    """Per number of readers: the round's summary, and how many answers differ from their answer alone; on
+    vLLM also its engine steps in the round by tokens carried (steps of two to eight: answers batched)."""
     tokens = {q: row["tokens"] for q, row in alone.items()}
     out = {}
     for readers in args.readers:
         if time.monotonic() > deadline:
             raise SystemExit(f"--time-limit {args.time_limit:g} s reached")
+        before = vllm.steps_by_tokens() if vllm else None
         rows, wall = readers_round(url, readers, args.questions, args.max_new_tokens)
         differ = [r["question"] for r in rows if r["answer"] != alone[r["question"]]["answer"]]
         out[readers] = {**summary(rows, wall, tokens), "differ_from_alone": len(differ)}
+        if vllm:
+            out[readers]["vllm_steps"] = {k: n - before[k] for k, n in vllm.steps_by_tokens().items()}
     return out
 
 
