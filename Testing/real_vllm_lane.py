@@ -32,7 +32,7 @@ from RadFMSlicer.testing import LocalVLLM, free_port, serving, with_attention_he
 PROJECT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = Path(os.environ.get("RADFM_VLLM_PYTHON", PROJECT / ".venv-vllm" / "bin" / "python"))
 MAX_MODEL_LEN = 1536  # below the checkpoint's 2048, so vLLM's limit is the one that binds
-MAX_NUM_SEQS = 4
+MAX_NUM_SEQS = 8
 START_TIMEOUT_S = 900  # vLLM imports and compiles for minutes on a loaded 2-core machine
 HOLD_TIMEOUT_S = 300  # the relay's wait for every reader's request, far above our worker's encoding of them
 CT = pydicom.data.get_testdata_file("CT_small.dcm")
@@ -102,7 +102,7 @@ def test_a_prompt_over_vllms_context_is_refused_before_it_is_sent(engines):
 
 @contextlib.contextmanager
 def serve_on(variant, vllm_url: str, uploads: Path):
-    """``radfm serve --llm-backend vllm --vllm-max-num-seqs 4`` on the variant (in this process)."""
+    """``radfm serve --llm-backend vllm --vllm-max-num-seqs 8`` on the variant (in this process)."""
     from RadFMSlicer.worker.http import ServeConfig, create_app
 
     port = free_port()
@@ -181,11 +181,12 @@ class VLLMTap:
         self._listener.close()
 
 
-@pytest.mark.parametrize("readers", [2, MAX_NUM_SEQS])
+@pytest.mark.parametrize("readers", [2, 4, MAX_NUM_SEQS])
 def test_readers_asking_together_are_answered_together_each_as_alone(radfm_serve, variant, vllm, tmp_path, readers):
     from RadFMSlicer.remote import RemoteClient
 
-    questions = [f"Is there {finding}" for finding in ("fluid", "a nodule", "an effusion", "a fracture")][:readers]
+    findings = ("fluid", "a nodule", "an effusion", "a fracture", "a mass", "air", "a stone", "a cyst")
+    questions = [f"Is there {finding}" for finding in findings][:readers]
     ask = dict(images=[CT], max_new_tokens=MAX_MODEL_LEN - 120)
     solo = [RemoteClient(radfm_serve).ask(q, **ask).result(600)["answer"] for q in questions]
     tap = VLLMTap(vllm, hold=readers)

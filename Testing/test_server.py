@@ -100,6 +100,65 @@ def bad_upload(voxels, matrix=np.eye(4)) -> bytes:
     return buffer.getvalue()
 
 
+def test_readers_uploading_the_same_scan_at_once_all_get_it(tmp_path):
+    """Readers who open one study send the same scan together: each upload gets its id and the scan, never a
+    half-written file (the real vLLM lane met a 500 from reading the other upload's geometry mid-write)."""
+    from RadFMSlicer.worker.http import ImageStore
+
+    voxels = np.arange(40 * 64 * 64, dtype=np.int16).reshape(40, 64, 64)
+    body = upload_body(voxels, np.diag([0.7, 0.7, 2.5, 1.0]))
+    for attempt in range(10):
+        store = ImageStore(str(tmp_path / f"cache{attempt}"), limit_bytes=1 << 30, max_upload_bytes=1 << 30)
+        start, ids, failures = threading.Barrier(6), [], []
+
+        def upload():
+            start.wait()
+            try:
+                ids.append(store.put(body))
+                assert store.geometry(ids[-1]) is not None
+            except Exception as exc:  # noqa: BLE001 - any failure is what the test is about
+                failures.append(repr(exc))
+
+        threads = [threading.Thread(target=upload) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == [] and len(set(ids)) == 1
+        assert np.array_equal(np.load(store.voxels_path(ids[0])), voxels)
+        assert store.geometry(ids[0]) == {"ijk_to_ras": np.diag([0.7, 0.7, 2.5, 1.0]).tolist()}
+        assert sorted(p.name for p in store.folder.iterdir()) == [f"{ids[0]}.json", f"{ids[0]}.npy"]  # no leftovers
+
+
+def test_a_scan_evicted_while_it_is_looked_up_is_simply_not_there(tmp_path):
+    """The upload cache evicts the least recently used scan while another reader asks whether it is there: the
+    answer is "not here" (it is sent again), never an error."""
+    from RadFMSlicer.worker.http import ImageStore
+
+    bodies = [upload_body(np.full((8, 32, 32), n, np.int16), np.eye(4)) for n in range(6)]
+    store = ImageStore(str(tmp_path / "cache"), limit_bytes=3 * 8 * 32 * 32 * 2, max_upload_bytes=1 << 30)
+    ids, failures, stop = [store.put(b) for b in bodies], [], threading.Event()
+
+    def look():
+        while not stop.is_set():
+            for upload_id in ids:
+                try:
+                    store.geometry(upload_id)
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(repr(exc))
+
+    lookers = [threading.Thread(target=look) for _ in range(3)]
+    for thread in lookers:
+        thread.start()
+    for _ in range(60):
+        for body in bodies:
+            store.put(body)
+    stop.set()
+    for thread in lookers:
+        thread.join()
+    assert failures == []
+
+
 def test_bad_uploads_and_asks_get_one_line_refusals(server):
     good = upload_body(np.arange(64, dtype=np.int16).reshape(4, 4, 4), np.eye(4))
     status, body = call(server, "POST", "/images", good)

@@ -34,6 +34,7 @@ import re
 import shutil
 import stat
 import tempfile
+import threading
 import time
 import uuid
 import zipfile
@@ -150,6 +151,7 @@ class ImageStore:
         self.limit = limit_bytes
         self.max_upload = max_upload_bytes
         self.pinned: collections.Counter = collections.Counter()  # ids that queued or running asks need
+        self._evicting = threading.Lock()
 
     def pin(self, ids: list[str]) -> None:
         self.pinned.update(ids)
@@ -162,28 +164,41 @@ class ImageStore:
         return self.folder / f"{upload_id}.npy"
 
     def geometry(self, upload_id: str) -> dict | None:
-        """The stored matrix of ``upload_id``, or None if the server does not have it."""
+        """The stored matrix of ``upload_id``, or None if the server does not have it (never stored, or evicted
+        while we looked: the client then sends it again)."""
         if not ID_PATTERN.fullmatch(upload_id or ""):
             return None
         meta = self.folder / f"{upload_id}.json"
-        if not meta.is_file() or not self.voxels_path(upload_id).is_file():
-            return None
         now = time.time()
-        for path in (meta, self.voxels_path(upload_id)):
-            os.utime(path, (now, now))  # recently used: evicted last
-        return json.loads(meta.read_text())
+        try:
+            for path in (meta, self.voxels_path(upload_id)):
+                os.utime(path, (now, now))  # recently used: evicted last
+            return json.loads(meta.read_text())
+        except FileNotFoundError:
+            return None
 
     def put(self, body: bytes) -> str:
-        """Validate an upload and store it; the id is the hash of voxels and geometry."""
+        """Validate an upload and store it; the id is the hash of voxels and geometry. Readers who open one
+        study upload the same scan at once: each writes a file of its own and renames it into place, voxels
+        before geometry, so a file is seen whole or not at all."""
         voxels, matrix = self._read(body)
         upload_id = image_id(voxels, matrix)
         if self.geometry(upload_id) is None:
-            tmp = self.folder / f".{upload_id}.tmp.npy"
-            np.save(tmp, voxels, allow_pickle=False)
-            os.replace(tmp, self.voxels_path(upload_id))
-            (self.folder / f"{upload_id}.json").write_text(json.dumps({"ijk_to_ras": matrix.tolist()}))
+            self._write_whole(self.voxels_path(upload_id), lambda out: np.save(out, voxels, allow_pickle=False))
+            self._write_whole(self.folder / f"{upload_id}.json",
+                              lambda out: out.write(json.dumps({"ijk_to_ras": matrix.tolist()}).encode()))
             self.evict()
         return upload_id
+
+    def _write_whole(self, path: Path, write) -> None:
+        fd, part = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                write(out)
+            os.replace(part, path)
+        except BaseException:
+            Path(part).unlink(missing_ok=True)
+            raise
 
     def _read(self, body: bytes) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -212,17 +227,22 @@ class ImageStore:
         return voxels, matrix
 
     def evict(self) -> None:
-        """Drop the least recently used uploads until the folder fits its limit (pinned ones stay)."""
-        files = sorted(self.folder.glob("*.npy"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
-        for path in files:
-            if total <= self.limit:
-                break
-            if path.stem in self.pinned or path.name.startswith("."):
-                continue
-            total -= path.stat().st_size
-            path.unlink(missing_ok=True)
-            (self.folder / f"{path.stem}.json").unlink(missing_ok=True)
+        """Drop the least recently used uploads until the folder fits its limit (pinned ones stay); one eviction
+        at a time, and a file another has just removed is passed over."""
+        with self._evicting:
+            found = {}
+            for path in self.folder.glob("*.npy"):
+                with contextlib.suppress(FileNotFoundError):
+                    found[path] = path.stat()
+            total = sum(info.st_size for info in found.values())
+            for path in sorted(found, key=lambda p: found[p].st_mtime):
+                if total <= self.limit:
+                    break
+                if path.stem in self.pinned:
+                    continue
+                total -= found[path].st_size
+                (self.folder / f"{path.stem}.json").unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
 
     def close(self) -> None:
         if self.owned:
