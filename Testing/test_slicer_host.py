@@ -81,9 +81,24 @@ def write_scan(path, array, vector=False):
     return str(path)
 
 
+def write_dwi(path, gradients: int = 3):
+    """A diffusion-weighted NRRD as DWIConvert writes one: a list axis of gradients, a b-value and a direction
+    per gradient (the first a b0)."""
+    data = np.arange(4 * 5 * 6 * gradients, dtype=np.int16).reshape(4, 5, 6, gradients)
+    header = ["NRRD0005", "type: short", "dimension: 4", "space: right-anterior-superior",
+              f"sizes: {gradients} 6 5 4", "kinds: list domain domain domain", "endian: little", "encoding: raw",
+              "space origin: (0,0,0)", "space directions: none (2,0,0) (0,2,0) (0,0,2)",
+              "measurement frame: (1,0,0) (0,1,0) (0,0,1)", "modality:=DWMRI", "DWMRI_b-value:=1000"]
+    header += [f"DWMRI_gradient_{g:04d}:=" + " ".join("1" if axis == g - 1 else "0" for axis in range(3))
+               for g in range(gradients)]
+    path.write_bytes(("\n".join(header) + "\n\n").encode() + data.astype("<i2").tobytes())
+    return str(path)
+
+
 def test_files_load_as_slicers_own_node_classes_and_only_a_scan_is_offered(slicer, tmp_path):
-    """The volumes logic decides the node class: an RGB file is a vector volume (refused, with why), a
-    label map file asked as one is a label-map node (not listed), a 4D NIfTI does not load at all."""
+    """The volumes logic decides the node class: an RGB file is a vector volume and a diffusion-weighted file a
+    DWI volume (both refused, with why), a label map file asked as one is a label-map node (not listed), a 4D
+    NIfTI does not load at all."""
     import nibabel
 
     from RadFMModuleLib.scene_adapters import SlicerScene
@@ -91,14 +106,18 @@ def test_files_load_as_slicers_own_node_classes_and_only_a_scan_is_offered(slice
     ct = slicer.util.loadVolume(write_scan(tmp_path / "ct.nrrd", np.full(SHAPE, 40, np.int16)))
     photo = slicer.util.loadVolume(write_scan(tmp_path / "photo.nrrd", np.zeros((1, 6, 8, 3), np.uint8), vector=True))
     labels = slicer.util.loadVolume(write_scan(tmp_path / "labels.nrrd", np.ones(SHAPE, np.uint8)), {"labelmap": True})
-    assert (ct.GetClassName(), photo.GetClassName(), labels.GetClassName()) == (
-        "vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode", "vtkMRMLLabelMapVolumeNode")
+    dwi = slicer.util.loadVolume(write_dwi(tmp_path / "dwi.nrrd"))
+    assert (ct.GetClassName(), photo.GetClassName(), labels.GetClassName(), dwi.GetClassName()) == (
+        "vtkMRMLScalarVolumeNode", "vtkMRMLVectorVolumeNode", "vtkMRMLLabelMapVolumeNode",
+        "vtkMRMLDiffusionWeightedVolumeNode")
     nibabel.save(nibabel.Nifti1Image(np.zeros((4, 5, 6, 3), np.int16), np.eye(4)), tmp_path / "fmri.nii.gz")
     with pytest.raises(RuntimeError, match="Failed to load"):
         slicer.util.loadVolume(str(tmp_path / "fmri.nii.gz"))
     items = {item.name: item for item in SlicerScene().volumes()}
-    assert {name: item.kind for name, item in items.items()} == {"ct": "volume", "photo": "unsupported"}
+    assert {name: item.kind for name, item in items.items()} == {"ct": "volume", "photo": "unsupported",
+                                                                  "dwi": "unsupported"}
     assert "colour or vector volume" in items["photo"].detail
+    assert items["dwi"].detail == "a diffusion-weighted volume (one image per gradient)"
     display = ct.GetDisplayNode()  # loaded: Slicer computed its window, which "as shown" sends
     assert display.GetAutoWindowLevel() and SlicerScene().volume(ct.GetID()).window == (display.GetLevel(),
                                                                                           display.GetWindow())
