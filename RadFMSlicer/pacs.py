@@ -29,7 +29,6 @@ from .imaging.geometry import MAX_SLICES
 
 DEFAULT_CACHE = Path(os.environ.get("RADFM_DICOMWEB_CACHE", Path.home() / ".cache" / "radfm" / "dicomweb"))
 COMPLETE = ".complete"
-UNFINISHED = ".*.tmp"  # storage's temporary files: what a killed fetch may leave
 _URL = re.compile(r"^(?P<base>https?://.+?)/studies/(?P<study>[0-9.]+)(?:/series/(?P<series>[0-9.]+))?/?$")
 _NOT_IMAGES = {"SR", "SEG", "PR", "KO", "DOC", "RTSTRUCT", "RTPLAN", "REG"}  # series that hold no pixels to read
 
@@ -153,8 +152,7 @@ def fetch_series(url: str, cache: "str | Path" = DEFAULT_CACHE, session: request
         raise PacsError(f"series {series} at {address.base} has {len(wanted)} instances; the limit is "
                         f"{max_instances} slices: pick a smaller series (its address ends in /series/<UID>)")
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(UNFINISHED):  # left by a fetch that was killed: never read, never kept
-        stale.unlink()
+    storage.remove_abandoned(folder)  # what a killed fetch left: never read, never kept
     have = {p.stem for p in folder.glob("*.dcm")}
     missing = [uid for uid in wanted if uid not in have]
     with _speaking(address.base, f"the download of series {series}"):

@@ -29,6 +29,7 @@ from .errors import RadFMError
 from .paths import FILE, check_kind
 
 LOCK_TIMEOUT_S = 120.0  # another writer of the same file holds the lock at most this long
+UNFINISHED = ".*.tmp"  # the temporary files of writes under way, or of writers killed mid-write
 
 
 class StorageError(RadFMError):
@@ -150,9 +151,20 @@ def _locked(path, timeout: float):
         file_lock.release()
 
 
+def remove_abandoned(folder) -> None:
+    """Delete the temporary files in ``folder`` whose writer is gone (killed mid-write); those of a writer
+    still running (another process fetching into the same cache) are left to it."""
+    import psutil
+
+    for part in Path(folder).glob(UNFINISHED):
+        writer = part.name.rsplit(".", 2)[-2].split("-", 1)[0]  # .<name>.<pid>-<random>.tmp
+        if not (writer.isdigit() and psutil.pid_exists(int(writer))):
+            part.unlink(missing_ok=True)
+
+
 def _replace(path: Path, data: bytes) -> None:
     kept = "the previous version is kept unchanged" if path.exists() else "nothing was written"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")  # see remove_abandoned
     fd = None
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from dicomweb_client import DICOMwebClient
 
-from RadFMSlicer import pacs
+from RadFMSlicer import pacs, storage
 from RadFMSlicer.cli import main
 from RadFMSlicer.testing import run_orthanc, upload_to_orthanc, write_ct_series
 from test_dicom_report import dciodvfy_errors, text_items
@@ -149,7 +149,7 @@ def test_bad_pacs_inputs_are_one_line_each_and_leave_nothing(capsys, orthanc, ct
         assert expected in line, (url, line)
     line = bad_input(capsys, fixture_dir, cache, f"{web}/studies/{study}", "--dicomweb-auth-file", wrong)
     assert "(HTTP 401): check the user and password or token in --dicomweb-auth-file" in line
-    assert not list(cache.rglob(pacs.COMPLETE)) and not list(cache.rglob(pacs.UNFINISHED))
+    assert not list(cache.rglob(pacs.COMPLETE)) and not list(cache.rglob(storage.UNFINISHED))
 
     with pytest.raises(pacs.PacsError, match=f"series {series} at .* has 8 instances; the limit is 4 slices"):
         pacs.fetch_series(f"{web}/studies/{study}/series/{series}", cache, pacs.read_auth_file(auth_file),
@@ -201,10 +201,12 @@ def test_a_fetch_killed_mid_series_resumes_without_a_corrupt_cache(orthanc, ct, 
     kept = sorted(folder.glob("*.dcm"))
     assert 3 <= len(kept) < len(instances) and not (folder / pacs.COMPLETE).exists()
     before = {p.name: p.stat().st_mtime_ns for p in kept}
-    (folder / f".{instances[-1]}.dcm.123-abcd.tmp").write_bytes(b"DICM half")  # a write the kill cut short
+    (folder / f".{instances[-1]}.dcm.{child.pid}-abcd.tmp").write_bytes(b"DICM half")  # a write the kill cut short
+    under_way = folder / f".{instances[-1]}.dcm.{os.getpid()}-beef.tmp"  # another fetch of it, still writing
+    under_way.write_bytes(b"DICM half")
 
     assert pacs.fetch_series(url, cache, pacs.read_auth_file(auth_file)) == folder
     assert sorted(p.stem for p in folder.glob("*.dcm")) == sorted(instances)
-    assert not list(folder.glob(pacs.UNFINISHED)) and (folder / pacs.COMPLETE).is_file()
+    assert list(folder.glob(storage.UNFINISHED)) == [under_way] and (folder / pacs.COMPLETE).is_file()
     assert all(folder.joinpath(name).stat().st_mtime_ns == t for name, t in before.items())  # only the rest fetched
     assert all(pydicom.dcmread(p).pixel_array.shape == (128, 128) for p in folder.glob("*.dcm"))

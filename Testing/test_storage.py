@@ -88,6 +88,17 @@ def test_a_file_size_limit_keeps_the_old_session_and_says_so(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["session.json"]
 
 
+def test_a_killed_writers_leftovers_go_and_a_running_writers_stay(tmp_path):
+    """Two programs fetching one series into one cache: the second clears what a killed fetch left, never the
+    temporary file the first is writing at that moment (before, it deleted it and the first failed to rename)."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(gone.stdout), os.getpid()
+    for name in (f".a.dcm.{dead}-0f0f.tmp", f".b.dcm.{alive}-0f0f.tmp", ".c.dcm.tmp", "d.dcm"):
+        (tmp_path / name).write_bytes(b"DICM")
+    storage.remove_abandoned(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".b.dcm.{alive}-0f0f.tmp", "d.dcm"]
+
+
 def test_a_full_disk_keeps_the_old_file_and_says_so(tmp_path, monkeypatch):
     path = tmp_path / "report.md"
     storage.write_text(path, "the old report")

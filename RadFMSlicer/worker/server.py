@@ -402,30 +402,18 @@ def watch_parent(parent_pid: int | None) -> None:
     Polled, not a Linux parent-death signal: PR_SET_PDEATHSIG fires when the *thread* that
     started the worker ends, and the Slicer panel starts it from a short-lived thread.
     """
+    import psutil
+
     first_ppid = os.getppid()
 
     def poll():
         while True:
             time.sleep(PARENT_POLL_S)
-            if os.getppid() != first_ppid or (parent_pid and not _process_exists(parent_pid)):
+            if os.getppid() != first_ppid or (parent_pid and not psutil.pid_exists(parent_pid)):
                 print("RadFM worker: the program that started it is gone; exiting", file=sys.stderr, flush=True)
                 os._exit(0)
 
     threading.Thread(target=poll, name="radfm-parent-watch", daemon=True).start()
-
-
-def _process_exists(pid: int) -> bool:
-    if os.name == "nt":
-        import psutil
-
-        return psutil.pid_exists(pid)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(argv=None) -> int:
