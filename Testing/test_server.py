@@ -130,6 +130,24 @@ def test_readers_uploading_the_same_scan_at_once_all_get_it(tmp_path):
         assert sorted(p.name for p in store.folder.iterdir()) == [f"{ids[0]}.json", f"{ids[0]}.npy"]  # no leftovers
 
 
+def test_an_upload_the_servers_full_disk_cannot_keep_is_a_507_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from RadFMSlicer import storage
+    from RadFMSlicer.worker.http import ImageStore
+
+    store = ImageStore(str(tmp_path / "cache"), limit_bytes=1 << 30, max_upload_bytes=1 << 30)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage.os, "fsync", disk_full)
+    with pytest.raises(HTTPError) as refused:
+        store.put(upload_body(np.zeros((4, 8, 8), np.int16), np.eye(4)))
+    assert refused.value.status == 507 and "No space left on device" in refused.value.detail
+    assert list(store.folder.iterdir()) == []
+
+
 def test_a_scan_evicted_while_it_is_looked_up_is_simply_not_there(tmp_path):
     """The upload cache evicts the least recently used scan while another reader asks whether it is there: the
     answer is "not here" (it is sent again), never an error."""

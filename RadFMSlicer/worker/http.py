@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import storage
 from ..errors import RadFMError
 from ..remote import API, CLIENT_HEADER, UPLOAD_FIELDS, image_id
 from .client import WorkerClient, WorkerError
@@ -148,6 +149,7 @@ class ImageStore:
         self.folder = Path(folder or tempfile.mkdtemp(prefix="radfm-uploads-")).expanduser()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.folder.chmod(0o700)
+        storage.remove_abandoned(self.folder)  # what a server killed mid-upload left
         self.limit = limit_bytes
         self.max_upload = max_upload_bytes
         self.pinned: collections.Counter = collections.Counter()  # ids that queued or running asks need
@@ -179,26 +181,21 @@ class ImageStore:
 
     def put(self, body: bytes) -> str:
         """Validate an upload and store it; the id is the hash of voxels and geometry. Readers who open one
-        study upload the same scan at once: each writes a file of its own and renames it into place, voxels
+        study upload the same scan at once: each file is written whole (``storage.write_once``), voxels
         before geometry, so a file is seen whole or not at all."""
         voxels, matrix = self._read(body)
         upload_id = image_id(voxels, matrix)
         if self.geometry(upload_id) is None:
-            self._write_whole(self.voxels_path(upload_id), lambda out: np.save(out, voxels, allow_pickle=False))
-            self._write_whole(self.folder / f"{upload_id}.json",
-                              lambda out: out.write(json.dumps({"ijk_to_ras": matrix.tolist()}).encode()))
+            voxels_file = io.BytesIO()
+            np.save(voxels_file, voxels, allow_pickle=False)
+            try:
+                storage.write_once(self.voxels_path(upload_id), voxels_file.getvalue())
+                storage.write_once(self.folder / f"{upload_id}.json",
+                                   json.dumps({"ijk_to_ras": matrix.tolist()}).encode())
+            except storage.StorageError as exc:  # a full disk is the server's trouble, told to the reader as such
+                raise HTTPError(507, f"the server cannot keep the scan: {exc}") from None
             self.evict()
         return upload_id
-
-    def _write_whole(self, path: Path, write) -> None:
-        fd, part = tempfile.mkstemp(dir=self.folder, prefix=f".{path.name}.", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                write(out)
-            os.replace(part, path)
-        except BaseException:
-            Path(part).unlink(missing_ok=True)
-            raise
 
     def _read(self, body: bytes) -> tuple[np.ndarray, np.ndarray]:
         try:
