@@ -131,6 +131,30 @@ def test_import_names_an_unknown_file_missing_images_and_empty_references(tmp_pa
     assert "twice.csv line 1: the column 'label' appears twice (columns 2 and 3)" in capsys.readouterr().err
 
 
+def test_a_manifest_that_cannot_be_written_is_one_line_and_no_cut_file(tmp_path, capsys, monkeypatch):
+    """--out a folder, under a file, or on a full disk: one line each (a traceback before), nothing half-written."""
+    import errno
+    import os
+
+    from RadFMSlicer import storage
+    from RadFMSlicer.cli import main
+
+    np.save(tmp_path / "ct.npy", np.zeros((3, 8, 8, 4), np.float32))
+    write_csv(tmp_path / "diagnosis.csv", ["image_path", "label"], ["ct.npy", "normal"])
+    for out, said in [(tmp_path, f"output {tmp_path} is a folder: give a file"),
+                      (tmp_path / "diagnosis.csv" / "m.jsonl", f"{tmp_path / 'diagnosis.csv'} is a file; give a folder")]:
+        assert main(["eval", "import", str(tmp_path / "diagnosis.csv"), "--out", str(out)]) == 2
+        assert said in capsys.readouterr().err
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage.os, "fsync", disk_full)
+    assert main(["eval", "import", str(tmp_path / "diagnosis.csv"), "--out", str(tmp_path / "m.jsonl")]) == 2
+    assert "No space left on device, " in capsys.readouterr().err
+    assert not (tmp_path / "m.jsonl").exists() and not list(tmp_path.glob(storage.UNFINISHED))
+
+
 def test_a_json_lines_manifest_named_json_is_still_a_manifest(tmp_path):
     (tmp_path / "cases.json").write_text(json.dumps({"images": [CT], "task": "modality", "reference": "CT"}) + "\n")
     (case,) = load_manifest(tmp_path / "cases.json")

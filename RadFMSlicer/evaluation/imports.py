@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import storage
 from ..errors import RadFMError
 from ..prompts import TEMPLATES
 from ..tables import csv_rows, read_text
@@ -210,8 +211,8 @@ def benchmark_rows(path: "str | Path", modality_set: "str | Path | None" = None,
 
 
 def write_manifest(rows: list[dict], out: "str | Path") -> Path:
-    """``out`` as JSON lines, one row a line."""
+    """``out`` as JSON lines, one row a line, written whole (a folder, a full disk: one line, no cut file)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    storage.check_writable(out.parent, "the manifest's folder", folder=True)  # made if missing
+    storage.write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
     return out
