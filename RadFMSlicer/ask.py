@@ -418,7 +418,7 @@ def _write_previews(images: list[ModelImage], records: list[ImageRecord], edges:
             if key is not None:
                 cache.previews.put(key, out.read_bytes())
         else:
-            out.write_bytes(png)
+            storage.write_once(out, png)  # as a drawn one: whole or not at all
         record.preview_png = str(out)
 
 

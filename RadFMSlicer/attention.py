@@ -12,10 +12,12 @@ sums to 1. On the scan (:func:`scan_map`) it is divided by its maximum: 1 marks 
 most-attended patch, 0 a patch the latents ignored.
 """
 
+import io
 from pathlib import Path
 
 import numpy as np
 
+from . import storage
 from .errors import ImageError
 
 LABEL = "resampler attention, not an explanation"
@@ -87,7 +89,9 @@ def write_npy_for_ask(engine, prepared, folder: "str | Path") -> dict:
 
     path = Path(folder) / f"attention-{uuid.uuid4().hex[:12]}.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, _current_scan_map(engine, prepared).astype(np.float32))
+    array = io.BytesIO()
+    np.save(array, _current_scan_map(engine, prepared).astype(np.float32))
+    storage.write_once(path, array.getvalue())  # whole or not at all: the viewer never reads a cut map
     return _provenance(path)
 
 

@@ -172,3 +172,28 @@ def test_attention_bad_inputs_are_one_line_errors(capsys, tiny_checkpoint, tmp_p
     assert "name the map .nii.gz" in capsys.readouterr().err
     assert main(["preview", "--image", CT, "--out", str(tmp_path / "p.png"), "--attention"]) == 2
     assert "preview --attention needs --checkpoint" in capsys.readouterr().err
+
+
+def test_an_attention_map_the_disk_cannot_hold_is_one_line_and_leaves_no_cut_file(tmp_path, monkeypatch):
+    """The worker's map for the viewer, on a full disk: a StorageError saying so (the panel shows it), and no
+    half-written .npy for the viewer to read as a map."""
+    import errno
+    import os
+
+    from scripted_worker import _PeakedAttention
+
+    from RadFMSlicer import storage
+    from RadFMSlicer.ask import AskRequest, prepare
+    from RadFMSlicer.attention import write_npy_for_ask
+
+    prepared = prepare(AskRequest.from_dict({"question": "Is there fluid", "images": [{"path": CT}]}))
+    assert np.load(write_npy_for_ask(_PeakedAttention(), prepared, tmp_path)["file"]).ndim == 3
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage.os, "fsync", disk_full)
+    before = set(tmp_path.iterdir())
+    with pytest.raises(storage.StorageError, match="No space left on device.*nothing was written"):
+        write_npy_for_ask(_PeakedAttention(), prepared, tmp_path)
+    assert set(tmp_path.iterdir()) == before
