@@ -167,7 +167,7 @@ def fetch_series(url: str, cache: "str | Path" = DEFAULT_CACHE, session: request
         raise PacsError(f"the PACS at {address.base} sent {len(wanted) - len(still)} of the {len(wanted)} instances "
                         f"of series {series}: run again to fetch the rest")
     _check_one_volume(folder, series)
-    (folder / COMPLETE).write_text(f"{len(wanted)}\n")
+    storage.write_once(folder / COMPLETE, f"{len(wanted)}\n".encode())
     return folder
 
 
