@@ -154,12 +154,25 @@ def _locked(path, timeout: float):
 def remove_abandoned(folder) -> None:
     """Delete the temporary files in ``folder`` whose writer is gone (killed mid-write); those of a writer
     still running (another process fetching into the same cache) are left to it."""
-    import psutil
-
     for part in Path(folder).glob(UNFINISHED):
         writer = part.name.rsplit(".", 2)[-2].split("-", 1)[0]  # .<name>.<pid>-<random>.tmp
-        if not (writer.isdigit() and psutil.pid_exists(int(writer))):
+        if not (writer.isdigit() and process_exists(int(writer))):
             part.unlink(missing_ok=True)
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process with this id runs; without psutil on POSIX (a worker's Python in Slicer may lack it)."""
+    if os.name == "nt":
+        import psutil
+
+        return psutil.pid_exists(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def _replace(path: Path, data: bytes) -> None:

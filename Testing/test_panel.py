@@ -490,7 +490,8 @@ def test_log_pane_shows_worker_messages_and_install_output(open_panel, qtbot):
 
 
 # ---------------------------------------------------------------------------------- the real worker
-# Loaded by the worker's Python at start-up: psutil is a test extra, so a plain install has none.
+# Loaded by the worker's Python at start-up: a worker Python chosen in Slicer may lack psutil, so the worker
+# must start and answer without it.
 WITHOUT_PSUTIL = """
 import sys
 from importlib.machinery import PathFinder

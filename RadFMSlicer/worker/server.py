@@ -402,14 +402,14 @@ def watch_parent(parent_pid: int | None) -> None:
     Polled, not a Linux parent-death signal: PR_SET_PDEATHSIG fires when the *thread* that
     started the worker ends, and the Slicer panel starts it from a short-lived thread.
     """
-    import psutil
+    from ..storage import process_exists
 
     first_ppid = os.getppid()
 
     def poll():
         while True:
             time.sleep(PARENT_POLL_S)
-            if os.getppid() != first_ppid or (parent_pid and not psutil.pid_exists(parent_pid)):
+            if os.getppid() != first_ppid or (parent_pid and not process_exists(parent_pid)):
                 print("RadFM worker: the program that started it is gone; exiting", file=sys.stderr, flush=True)
                 os._exit(0)
 
